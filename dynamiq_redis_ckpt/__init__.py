@@ -1,0 +1,28 @@
+"""Redis-backed, distributed checkpoint store for Dynamiq workflows."""
+
+from dynamiq_redis_ckpt.backend import RedisCheckpointBackend
+from dynamiq_redis_ckpt.errors import (
+    CheckpointCorruptedError,
+    CheckpointEncodeError,
+    CheckpointNotFoundError,
+    CheckpointStoreError,
+    CheckpointTooLargeError,
+    ConfigurationError,
+    StoreUnavailableError,
+    UnsupportedFormatError,
+    WrongKeyTypeError,
+)
+
+__all__ = [
+    "CheckpointCorruptedError",
+    "CheckpointEncodeError",
+    "CheckpointNotFoundError",
+    "CheckpointStoreError",
+    "CheckpointTooLargeError",
+    "ConfigurationError",
+    "RedisCheckpointBackend",
+    "StoreUnavailableError",
+    "UnsupportedFormatError",
+    "WrongKeyTypeError",
+]
+__version__ = "0.1.0"

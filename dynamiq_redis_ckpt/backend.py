@@ -1,0 +1,245 @@
+"""RedisCheckpointBackend: Dynamiq's CheckpointBackend contract on Redis."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import redis
+import redis.asyncio
+from dynamiq.checkpoints.backends.base import CheckpointBackend
+from dynamiq.checkpoints.checkpoint import FlowCheckpoint
+from dynamiq.checkpoints.types import CheckpointStatus
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator
+
+from dynamiq_redis_ckpt import config
+from dynamiq_redis_ckpt.driver import AsyncDriver, RetryPolicy, SyncDriver
+from dynamiq_redis_ckpt.errors import ConfigurationError
+from dynamiq_redis_ckpt.keys import Keys
+from dynamiq_redis_ckpt.store import StoreCore
+
+
+class RedisCheckpointBackend(CheckpointBackend):
+    """Stores Dynamiq checkpoints in Redis: deduplicated, compressed, indexed, safe to share between pods.
+
+    One instance is thread-safe and serves every flow of a process on one connection pool; its async methods use
+    ``redis.asyncio`` natively, with one client per event loop.
+
+    Example::
+
+        backend = RedisCheckpointBackend(url="redis://redis:6379/0", prefix="billing", ttl_seconds=7 * 86400)
+        flow = Flow(nodes=[...], checkpoint=CheckpointConfig(enabled=True, backend=backend))
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    name: str = Field(default="RedisCheckpoint")
+    url: str | None = Field(default=None, description="redis:// url; default $DYNAMIQ_REDIS_CKPT_URL or localhost")
+    prefix: str = Field(default=config.DEFAULT_PREFIX, description="Namespace of every key (per app or tenant)")
+    ttl_seconds: float | None = Field(default=None, description="Expire checkpoints this long after their last save")
+    socket_timeout: float = Field(default=2.0, description="Seconds to wait for a Redis reply")
+    socket_connect_timeout: float = Field(default=2.0, description="Seconds to wait for a connection")
+    max_connections: int = Field(default=32, description="Connection pool size (per event loop for async calls)")
+    max_checkpoint_bytes: int = Field(default=64 << 20, description="Largest encoded checkpoint accepted")
+    retries: int = Field(default=3, description="Retries of a request that could not reach Redis")
+    retry_backoff_seconds: float = Field(default=0.05, description="First retry delay; doubles per retry (cap 1 s)")
+    client: Any = Field(default=None, exclude=True, description="An existing redis.Redis to use instead of url")
+
+    _core: StoreCore = PrivateAttr()
+    _sync: SyncDriver = PrivateAttr()
+    _async: AsyncDriver = PrivateAttr()
+
+    @field_validator("ttl_seconds")
+    @classmethod
+    def _positive_ttl(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ConfigurationError(f"ttl_seconds must be positive or None, got {value}")
+        return value
+
+    @field_validator("retries", "max_connections", "max_checkpoint_bytes")
+    @classmethod
+    def _non_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ConfigurationError(f"must not be negative, got {value}")
+        return value
+
+    def model_post_init(self, __context: Any) -> None:
+        policy = RetryPolicy(self.retries, self.retry_backoff_seconds)
+        options = config.client_options(self.socket_timeout, self.socket_connect_timeout, self.max_connections)
+        if self.client is not None:
+            config.check_client(self.client)
+            sync_client = self.client
+            make_async = lambda: config.async_twin(sync_client)  # noqa: E731
+        else:
+            url = config.resolve_url(self.url)
+            sync_client = redis.Redis.from_url(url, **options)
+            make_async = lambda: redis.asyncio.Redis.from_url(url, **options)  # noqa: E731
+        ttl_ms = int(self.ttl_seconds * 1000) if self.ttl_seconds else 0
+        self._core = StoreCore(Keys(self.prefix), ttl_ms=ttl_ms, max_checkpoint_bytes=self.max_checkpoint_bytes)
+        self._sync = SyncDriver(sync_client, policy)
+        self._async = AsyncDriver(make_async, policy)
+
+    @property
+    def to_dict_exclude_params(self) -> dict[str, bool]:
+        return {"client": True}
+
+    def to_dict(self, include_secure_params: bool = False, for_tracing: bool = False, **kwargs) -> dict[str, Any]:
+        """Serializable settings; the url's password is always masked."""
+        data = super().to_dict(include_secure_params=include_secure_params, **kwargs)
+        data["url"] = config.mask_url(data.get("url"))
+        return data
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The synchronous client this backend uses."""
+        return self._sync.client
+
+    # ---- sync contract ----------------------------------------------------------------------------------------
+
+    def save(self, checkpoint: FlowCheckpoint) -> str:
+        """Save (insert or overwrite) a checkpoint; returns its id. The checkpoint object is not modified."""
+        return self._sync.run(self._core.save(checkpoint))
+
+    def load(self, checkpoint_id: str) -> FlowCheckpoint | None:
+        """Load a checkpoint by id; None when it is not stored (or has expired)."""
+        return self._sync.run(self._core.load(checkpoint_id))
+
+    def update(self, checkpoint: FlowCheckpoint) -> None:
+        """Overwrite a stored checkpoint; raises CheckpointNotFoundError (a FileNotFoundError) when absent."""
+        self._sync.run(self._core.update(checkpoint))
+
+    def delete(self, checkpoint_id: str) -> bool:
+        """Delete a checkpoint; True when it existed."""
+        return self._sync.run(self._core.delete(checkpoint_id))
+
+    def get_list_by_flow(
+        self,
+        flow_id: str,
+        *,
+        status: CheckpointStatus | None = None,
+        limit: int | None = None,
+        before: datetime | None = None,
+    ) -> list[FlowCheckpoint]:
+        """Checkpoints of a flow, newest first (``limit=None`` for all)."""
+        return self._sync.run(self._core.list_by_flow(flow_id, status, limit, before))
+
+    def get_latest_by_flow(self, flow_id: str, *, status: CheckpointStatus | None = None) -> FlowCheckpoint | None:
+        """The newest checkpoint of a flow."""
+        found = self.get_list_by_flow(flow_id, status=status, limit=1)
+        return found[0] if found else None
+
+    def get_list_by_run(self, run_id: str, *, limit: int | None = None) -> list[FlowCheckpoint]:
+        """Checkpoints whose run_id or wf_run_id is ``run_id``, across flows, newest first."""
+        return self._sync.run(self._core.list_by_run(run_id, limit))
+
+    def get_list_by_flow_and_run(
+        self,
+        flow_id: str,
+        run_id: str,
+        *,
+        wf_run_id: str | None = None,
+        status: CheckpointStatus | None = None,
+        limit: int | None = None,
+    ) -> list[FlowCheckpoint]:
+        """Checkpoints of a flow matching ``run_id`` or ``wf_run_id`` (in either field), newest first."""
+        return self._sync.run(self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, limit))
+
+    def cleanup_by_flow(self, flow_id: str, *, keep_count: int = 10, max_ttl_minutes: int | None = None) -> int:
+        """Dynamiq's retention rule; never deletes the head of a chain that is active, paused or pending input."""
+        return self._sync.run(
+            self._core.cleanup_by_flow(flow_id, keep_count, max_ttl_minutes, self.max_cleanup_results)
+        )
+
+    def clear(self) -> None:
+        """Delete every key of this backend's namespace (``prefix``), and nothing else."""
+        self._sync.run(self._core.clear())
+
+    # ---- async contract ---------------------------------------------------------------------------------------
+
+    async def save_async(self, checkpoint: FlowCheckpoint) -> str:
+        """Async :meth:`save`."""
+        return await self._async.run(self._core.save(checkpoint))
+
+    async def load_async(self, checkpoint_id: str) -> FlowCheckpoint | None:
+        """Async :meth:`load`."""
+        return await self._async.run(self._core.load(checkpoint_id))
+
+    async def update_async(self, checkpoint: FlowCheckpoint) -> None:
+        """Async :meth:`update`."""
+        await self._async.run(self._core.update(checkpoint))
+
+    async def delete_async(self, checkpoint_id: str) -> bool:
+        """Async :meth:`delete`."""
+        return await self._async.run(self._core.delete(checkpoint_id))
+
+    async def get_list_by_flow_async(
+        self,
+        flow_id: str,
+        *,
+        status: CheckpointStatus | None = None,
+        limit: int | None = None,
+        before: datetime | None = None,
+    ) -> list[FlowCheckpoint]:
+        """Async :meth:`get_list_by_flow`."""
+        return await self._async.run(self._core.list_by_flow(flow_id, status, limit, before))
+
+    async def get_latest_by_flow_async(
+        self, flow_id: str, *, status: CheckpointStatus | None = None
+    ) -> FlowCheckpoint | None:
+        """Async :meth:`get_latest_by_flow`."""
+        found = await self.get_list_by_flow_async(flow_id, status=status, limit=1)
+        return found[0] if found else None
+
+    async def get_list_by_run_async(self, run_id: str, *, limit: int | None = None) -> list[FlowCheckpoint]:
+        """Async :meth:`get_list_by_run`."""
+        return await self._async.run(self._core.list_by_run(run_id, limit))
+
+    async def get_list_by_flow_and_run_async(
+        self,
+        flow_id: str,
+        run_id: str,
+        *,
+        wf_run_id: str | None = None,
+        status: CheckpointStatus | None = None,
+        limit: int | None = None,
+    ) -> list[FlowCheckpoint]:
+        """Async :meth:`get_list_by_flow_and_run`."""
+        return await self._async.run(self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, limit))
+
+    async def get_latest_by_flow_and_run_async(
+        self,
+        flow_id: str,
+        run_id: str,
+        *,
+        wf_run_id: str | None = None,
+        status: CheckpointStatus | None = None,
+    ) -> FlowCheckpoint | None:
+        """Async :meth:`get_latest_by_flow_and_run`."""
+        found = await self.get_list_by_flow_and_run_async(flow_id, run_id, wf_run_id=wf_run_id, status=status, limit=1)
+        return found[0] if found else None
+
+    async def get_chain_async(self, checkpoint_id: str) -> list[FlowCheckpoint]:
+        """Async :meth:`get_chain`."""
+        chain: list[FlowCheckpoint] = []
+        current: str | None = checkpoint_id
+        seen: set[str] = set()
+        while current and current not in seen:
+            seen.add(current)
+            found = await self.load_async(current)
+            if not found:
+                break
+            chain.append(found)
+            current = found.parent_checkpoint_id
+        return chain
+
+    async def cleanup_by_flow_async(
+        self, flow_id: str, *, keep_count: int = 10, max_ttl_minutes: int | None = None
+    ) -> int:
+        """Async :meth:`cleanup_by_flow`."""
+        return await self._async.run(
+            self._core.cleanup_by_flow(flow_id, keep_count, max_ttl_minutes, self.max_cleanup_results)
+        )
+
+    async def clear_async(self) -> None:
+        """Async :meth:`clear`."""
+        await self._async.run(self._core.clear())

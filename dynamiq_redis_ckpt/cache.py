@@ -1,0 +1,91 @@
+"""Process-local knowledge that saves round trips and bytes; never needed for correctness.
+
+* :class:`StoredState` remembers, per checkpoint id, what this process last wrote or read: the fields the save
+  script checks before it overwrites (so the common save needs no read first) and which pack holds each content
+  chunk (so an APPEND snapshot sends only the chunks its parent does not already have).
+* Packs are immutable (their id is a digest of their content), so decoded packs are kept by id.
+
+The save script verifies every assumption taken from here and answers RETRY or MISSING when one is stale.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """A checkpoint as stored, as far as the save and delete scripts compare it."""
+
+    flow: str
+    status: str
+    run: str
+    wf: str
+    parent: str
+    packs: str
+    chunk_packs: dict[bytes, str] = field(default_factory=dict, compare=False)
+
+
+class Cache:
+    """Thread-safe, bounded LRU maps of stored states and decoded packs."""
+
+    def __init__(self, max_states: int = 4096, max_pack_bytes: int = 64 << 20):
+        self._lock = threading.Lock()
+        self._states: OrderedDict[str, StoredState] = OrderedDict()
+        self._packs: OrderedDict[tuple[str, str], tuple[dict[bytes, bytes], int]] = OrderedDict()
+        self._pack_bytes = 0
+        self._max_states = max_states
+        self._max_pack_bytes = max_pack_bytes
+
+    def state(self, checkpoint_id: str | None) -> StoredState | None:
+        """What this process last knew of a checkpoint, if anything."""
+        if checkpoint_id is None:
+            return None
+        with self._lock:
+            found = self._states.get(checkpoint_id)
+            if found is not None:
+                self._states.move_to_end(checkpoint_id)
+            return found
+
+    def remember(self, checkpoint_id: str, state: StoredState) -> None:
+        """Record the stored state of a checkpoint."""
+        with self._lock:
+            self._states[checkpoint_id] = state
+            self._states.move_to_end(checkpoint_id)
+            while len(self._states) > self._max_states:
+                self._states.popitem(last=False)
+
+    def forget(self, checkpoint_id: str) -> None:
+        """Drop what is known of a checkpoint (after a delete, or when it proved stale)."""
+        with self._lock:
+            self._states.pop(checkpoint_id, None)
+
+    def pack(self, flow: str, pack_id: str) -> dict[bytes, bytes] | None:
+        """A decoded pack, if this process holds it."""
+        with self._lock:
+            found = self._packs.get((flow, pack_id))
+            if found is None:
+                return None
+            self._packs.move_to_end((flow, pack_id))
+            return found[0]
+
+    def add_pack(self, flow: str, pack_id: str, chunks: dict[bytes, bytes]) -> None:
+        """Keep a decoded pack; evicts the least recently used ones past the byte budget."""
+        size = sum(len(c) for c in chunks.values())
+        with self._lock:
+            if (flow, pack_id) in self._packs:
+                return
+            self._packs[(flow, pack_id)] = (chunks, size)
+            self._pack_bytes += size
+            while self._pack_bytes > self._max_pack_bytes and len(self._packs) > 1:
+                _, (_, dropped) = self._packs.popitem(last=False)
+                self._pack_bytes -= dropped
+
+    def clear(self) -> None:
+        """Forget everything."""
+        with self._lock:
+            self._states.clear()
+            self._packs.clear()
+            self._pack_bytes = 0

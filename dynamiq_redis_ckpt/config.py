@@ -1,0 +1,76 @@
+"""Connection options and the clients built from them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.asyncio
+
+from dynamiq_redis_ckpt.errors import ConfigurationError
+
+URL_ENV = "DYNAMIQ_REDIS_CKPT_URL"
+DEFAULT_URL = "redis://localhost:6379/0"
+DEFAULT_PREFIX = "dynamiq:ckpt"
+
+
+def resolve_url(url: str | None) -> str:
+    """The url given, else ``$DYNAMIQ_REDIS_CKPT_URL``, else ``redis://localhost:6379/0``."""
+    url = url or os.environ.get(URL_ENV) or DEFAULT_URL
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigurationError(f"url must start with redis://, rediss:// or unix://, got {mask_url(url)!r}")
+    return url
+
+
+def mask_url(url: str | None) -> str | None:
+    """The url with any password replaced by ``***``."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def client_options(socket_timeout: float, socket_connect_timeout: float, max_connections: int) -> dict[str, Any]:
+    """Keyword arguments for ``Redis.from_url`` shared by the sync and async clients."""
+    return {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_connect_timeout,
+        "max_connections": max_connections,
+        "decode_responses": False,
+        "health_check_interval": 30,
+    }
+
+
+def check_client(client: Any) -> None:
+    """Refuse a client that decodes replies: checkpoints are binary."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None and pool.connection_kwargs.get("decode_responses"):
+        raise ConfigurationError("the redis client must be created with decode_responses=False")
+
+
+def async_twin(client: Any) -> Any:
+    """An asyncio client talking to the same server as a given sync client (fakeredis included)."""
+    kwargs = dict(client.connection_pool.connection_kwargs)
+    if "server" in kwargs:  # fakeredis: share the in-process server
+        import fakeredis
+
+        return fakeredis.FakeAsyncRedis(server=kwargs["server"])
+    classes = {
+        redis.SSLConnection: redis.asyncio.SSLConnection,
+        redis.UnixDomainSocketConnection: redis.asyncio.UnixDomainSocketConnection,
+    }
+    connection_class = classes.get(client.connection_pool.connection_class, redis.asyncio.Connection)
+    for sync_only in ("retry", "redis_connect_func", "credential_provider"):
+        kwargs.pop(sync_only, None)
+    pool = redis.asyncio.ConnectionPool(
+        connection_class=connection_class, max_connections=client.connection_pool.max_connections, **kwargs
+    )
+    return redis.asyncio.Redis(connection_pool=pool)

@@ -1,0 +1,84 @@
+"""Exceptions raised by dynamiq-redis-ckpt.
+
+Every exception derives from :class:`CheckpointStoreError`. Where Dynamiq's own backends raise a builtin type
+(``FileNotFoundError`` for an update of a missing checkpoint), ours subclasses that type too, so code written
+against Dynamiq's backends keeps catching what it caught.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointStoreError(Exception):
+    """Root of every error this package raises."""
+
+
+class ConfigurationError(CheckpointStoreError, ValueError):
+    """An option given to the backend is invalid (bad url, prefix with braces, negative ttl, ...)."""
+
+
+class CheckpointNotFoundError(CheckpointStoreError, FileNotFoundError):
+    """``update`` was called for a checkpoint id that is not stored."""
+
+    def __init__(self, checkpoint_id: str):
+        super().__init__(f"Checkpoint {checkpoint_id} not found")
+        self.checkpoint_id = checkpoint_id
+
+
+class CheckpointTooLargeError(CheckpointStoreError, ValueError):
+    """The encoded checkpoint exceeds ``max_checkpoint_bytes``; nothing was written."""
+
+    def __init__(self, checkpoint_id: str, size: int, limit: int):
+        super().__init__(f"Checkpoint {checkpoint_id} encodes to {size} bytes, above max_checkpoint_bytes={limit}")
+        self.checkpoint_id = checkpoint_id
+        self.size = size
+        self.limit = limit
+
+
+class CheckpointEncodeError(CheckpointStoreError, TypeError):
+    """A value in the checkpoint cannot be represented; names the node and field that hold it."""
+
+    def __init__(self, checkpoint_id: str, path: tuple, value: object):
+        self.checkpoint_id = checkpoint_id
+        self.path = tuple(path)
+        self.node_id = path[1] if len(path) > 1 and path[0] == "node_states" else None
+        self.field = path[2] if self.node_id is not None and len(path) > 2 else (path[0] if path else None)
+        where = f"node {self.node_id!r} field {self.field!r}" if self.node_id is not None else f"field {self.field!r}"
+        dotted = ".".join(str(p) for p in path)
+        super().__init__(
+            f"Checkpoint {checkpoint_id}: {where} holds a value of type {type(value).__qualname__} "
+            f"that cannot be stored (at {dotted})"
+        )
+
+
+class CheckpointCorruptedError(CheckpointStoreError):
+    """A stored checkpoint cannot be decoded: truncated or corrupted data, or a checksum mismatch."""
+
+    def __init__(self, checkpoint_id: str, reason: str, key: str | None = None):
+        super().__init__(f"Checkpoint {checkpoint_id} is corrupted: {reason}" + (f" (key {key})" if key else ""))
+        self.checkpoint_id = checkpoint_id
+        self.reason = reason
+        self.key = key
+
+
+class UnsupportedFormatError(CheckpointStoreError):
+    """The checkpoint was written in a storage format newer than this reader understands."""
+
+    def __init__(self, checkpoint_id: str, version: str, supported: int):
+        super().__init__(
+            f"Checkpoint {checkpoint_id} uses storage format {version}; this version of dynamiq-redis-ckpt reads "
+            f"formats up to {supported}. Upgrade dynamiq-redis-ckpt to read it."
+        )
+        self.checkpoint_id = checkpoint_id
+        self.version = version
+
+
+class WrongKeyTypeError(CheckpointStoreError):
+    """A key in this backend's namespace holds a value of the wrong Redis type (written by something else)."""
+
+    def __init__(self, detail: str, keys: tuple[str, ...] = ()):
+        super().__init__(f"A key in the checkpoint namespace holds the wrong Redis type: {detail}; keys: {keys}")
+        self.keys = keys
+
+
+class StoreUnavailableError(CheckpointStoreError, ConnectionError):
+    """Redis could not be reached, or timed out, after the configured retries."""

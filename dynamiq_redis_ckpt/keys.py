@@ -1,0 +1,77 @@
+"""Key layout: the only code that knows separators and hash tags.
+
+Everything belonging to one flow shares the hash tag ``{<flow_id>}``, so every Lua script touches keys of one
+Redis Cluster slot. Two small lookup keys live in slots of their own and are written before the script:
+
+==============================  ======  ======================================================
+key                             type    holds
+==============================  ======  ======================================================
+``P:cp:{F}:<id>``               hash    one checkpoint: root document and metadata fields
+``P:flow:{F}``                  zset    every checkpoint of flow F, score = created_at (µs)
+``P:flow:{F}:st:<status>``      zset    checkpoints of flow F with that status
+``P:flow:{F}:run:<run>``        zset    checkpoints of flow F whose run_id or wf_run_id is <run>
+``P:pack:{F}:<pack>``           hash    content pack shared by snapshots: ``d`` data, ``n`` refs
+``P:id:{<id>}``                 string  flow id of checkpoint <id> (so load needs only the id)
+``P:runflows:{<run>}``          set     flows that hold checkpoints of run <run>
+==============================  ======  ======================================================
+
+Ids are escaped inside hash tags (``%`` → ``%25``, ``{`` → ``%7B``, ``}`` → ``%7D``, empty → ``%``) so an id
+containing braces can neither end its tag early nor move keys of one flow to different slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dynamiq_redis_ckpt.errors import ConfigurationError
+
+
+def tag(value: str) -> str:
+    """Return ``value`` as a hash tag: braces around an escaped, never-empty id."""
+    if not value:
+        return "{%}"
+    return "{" + value.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Builds every key of one namespace (``prefix``)."""
+
+    prefix: str
+
+    def __post_init__(self) -> None:
+        if not self.prefix or "{" in self.prefix or "}" in self.prefix:
+            raise ConfigurationError(f"prefix must be non-empty and free of braces, got {self.prefix!r}")
+
+    def checkpoint(self, flow_id: str, checkpoint_id: str) -> str:
+        """Hash holding one checkpoint."""
+        return f"{self.prefix}:cp:{tag(flow_id)}:{checkpoint_id}"
+
+    def flow_index(self, flow_id: str) -> str:
+        """Sorted set of all checkpoints of a flow."""
+        return f"{self.prefix}:flow:{tag(flow_id)}"
+
+    def status_index(self, flow_id: str, status: str) -> str:
+        """Sorted set of a flow's checkpoints in one status."""
+        return f"{self.prefix}:flow:{tag(flow_id)}:st:{status}"
+
+    def run_index(self, flow_id: str, run_id: str) -> str:
+        """Sorted set of a flow's checkpoints labelled with a run id (run_id or wf_run_id)."""
+        return f"{self.prefix}:flow:{tag(flow_id)}:run:{run_id}"
+
+    def pack(self, flow_id: str, pack_id: str) -> str:
+        """Hash holding one content pack of a flow."""
+        return f"{self.prefix}:pack:{tag(flow_id)}:{pack_id}"
+
+    def locator(self, checkpoint_id: str) -> str:
+        """String naming the flow a checkpoint id belongs to."""
+        return f"{self.prefix}:id:{tag(checkpoint_id)}"
+
+    def run_flows(self, run_id: str) -> str:
+        """Set of flows holding checkpoints of a run."""
+        return f"{self.prefix}:runflows:{tag(run_id)}"
+
+    def namespace_pattern(self) -> str:
+        """SCAN pattern matching every key of this namespace (used only by ``clear``)."""
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
+        return escaped + ":*"

@@ -1,0 +1,110 @@
+-- save.lua: write one checkpoint with its indexes and content packs, atomically, in one hash slot.
+--
+-- KEYS[1]  checkpoint hash              KEYS[6]  new parent's hash (KEYS[1] when there is no parent)
+-- KEYS[2]  flow index (zset)            KEYS[7]  old status index  (what the caller believes is stored)
+-- KEYS[3]  new status index             KEYS[8]  old run_id index
+-- KEYS[4]  new run_id index             KEYS[9]  old wf_run_id index
+-- KEYS[5]  new wf_run_id index          KEYS[10] old parent's hash
+-- KEYS[11 .. 10+ARGV[20]]  packs the new version references (the new pack first when ARGV[19] ~= '')
+-- KEYS[11+ARGV[20] .. ]    packs the old version references
+--
+-- ARGV[1] must_exist '1'|'0'          ARGV[2] ttl in ms, '0' = keep forever
+-- ARGV[3] '1' if the caller believes the checkpoint is stored; ARGV[4..8] the stored st, run, wf, par, pk it expects
+-- ARGV[9] checkpoint id   ARGV[10] flow id   ARGV[11] status   ARGV[12] run_id   ARGV[13] wf_run_id ('' = none)
+-- ARGV[14] parent id ('' = none)   ARGV[15] created_at (µs, the index score)   ARGV[16] root document blob
+-- ARGV[17] root checksum   ARGV[18] format version   ARGV[19] new pack blob ('' = none)   ARGV[20] pack count
+-- ARGV[21] pack ids, comma separated (same order as the keys)   ARGV[22] raw size   ARGV[23] stored size
+--
+-- Reply: {'OK', server_time_us}
+--      | {'NOTFOUND'}                                   must_exist and the checkpoint is absent
+--      | {'RETRY', present, st, run, wf, par, pk}       the stored version is not the one the caller expected
+--      | {'MISSING', pack_id}                           a referenced pack is gone; resend with the content
+
+local cp = KEYS[1]
+local ttl = tonumber(ARGV[2])
+local stored = redis.call('HMGET', cp, 'st', 'run', 'wf', 'par', 'pk')
+local present = stored[1] ~= false
+
+if ARGV[1] == '1' and not present then
+  return {'NOTFOUND'}
+end
+local expected_present = ARGV[3] == '1'
+if present ~= expected_present or (present and (stored[1] ~= ARGV[4] or stored[2] ~= ARGV[5]
+    or (stored[3] or '') ~= ARGV[6] or (stored[4] or '') ~= ARGV[7] or (stored[5] or '') ~= ARGV[8])) then
+  if not present then
+    return {'RETRY', '0', '', '', '', '', ''}
+  end
+  return {'RETRY', '1', stored[1], stored[2], stored[3] or '', stored[4] or '', stored[5] or ''}
+end
+
+local npacks = tonumber(ARGV[20])
+local first_old = 11 + npacks
+local has_new_pack = ARGV[19] ~= ''
+for i = (has_new_pack and 12 or 11), 10 + npacks do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local ids = {}
+    for id in string.gmatch(ARGV[21], '[^,]+') do ids[#ids + 1] = id end
+    return {'MISSING', ids[i - 10]}
+  end
+end
+
+local function extend(key)
+  if ttl > 0 then
+    local left = redis.call('PTTL', key)
+    if left >= 0 and left < ttl then
+      redis.call('PEXPIRE', key, ttl)
+    end
+  else
+    redis.call('PERSIST', key)
+  end
+end
+
+-- References are taken before old ones are dropped, so a pack both versions use never reaches zero.
+if has_new_pack and redis.call('EXISTS', KEYS[11]) == 0 then
+  redis.call('HSET', KEYS[11], 'd', ARGV[19], 'n', 0)
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[11], ttl) end
+end
+for i = 11, 10 + npacks do
+  redis.call('HINCRBY', KEYS[i], 'n', 1)
+  extend(KEYS[i])
+end
+if present then
+  for i = first_old, #KEYS do
+    if redis.call('HINCRBY', KEYS[i], 'n', -1) <= 0 then
+      redis.call('DEL', KEYS[i])
+    end
+  end
+  redis.call('ZREM', KEYS[7], ARGV[9])
+  redis.call('ZREM', KEYS[8], ARGV[9])
+  redis.call('ZREM', KEYS[9], ARGV[9])
+end
+
+local id = ARGV[9]
+local parent = ARGV[14]
+local old_parent = present and (stored[4] or '') or ''
+if old_parent ~= parent then
+  if old_parent ~= '' and redis.call('EXISTS', KEYS[10]) == 1 then
+    redis.call('HINCRBY', KEYS[10], 'kids', -1)
+  end
+  if parent ~= '' and parent ~= id and redis.call('EXISTS', KEYS[6]) == 1 then
+    redis.call('HINCRBY', KEYS[6], 'kids', 1)
+  end
+end
+
+local score = ARGV[15]
+for i = 2, 5 do
+  redis.call('ZADD', KEYS[i], score, id)
+  extend(KEYS[i])
+end
+
+local now = redis.call('TIME')
+local server_us = string.format('%.0f', tonumber(now[1]) * 1000000 + tonumber(now[2]))
+redis.call('HSET', cp, 'id', id, 'flow', ARGV[10], 'st', ARGV[11], 'run', ARGV[12], 'wf', ARGV[13], 'par', parent,
+  'ts', score, 'sv', server_us, 'doc', ARGV[16], 'sum', ARGV[17], 'fmt', ARGV[18], 'pk', ARGV[21],
+  'raw', ARGV[22], 'size', ARGV[23])
+if ttl > 0 then
+  redis.call('PEXPIRE', cp, ttl)
+else
+  redis.call('PERSIST', cp)
+end
+return {'OK', server_us}

@@ -1,0 +1,401 @@
+"""Checkpoint store operations, written once for sync and async.
+
+Each operation is a generator: it yields :mod:`requests <dynamiq_redis_ckpt.requests>` and receives their replies,
+and returns its result. :mod:`dynamiq_redis_ckpt.driver` runs them on a ``redis.Redis`` or a ``redis.asyncio.Redis``.
+Nothing here does I/O or imports redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Generator, Iterable
+
+from dynamiq.checkpoints.checkpoint import FlowCheckpoint
+from dynamiq.checkpoints.types import CheckpointStatus
+
+from dynamiq_redis_ckpt import codec
+from dynamiq_redis_ckpt.cache import Cache, StoredState
+from dynamiq_redis_ckpt.errors import (
+    CheckpointCorruptedError,
+    CheckpointNotFoundError,
+    CheckpointStoreError,
+    CheckpointTooLargeError,
+    UnsupportedFormatError,
+)
+from dynamiq_redis_ckpt.keys import Keys
+from dynamiq_redis_ckpt.requests import Batch, Command, Script, cmd
+
+Op = Generator[Any, Any, Any]
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_PAGE = 100
+_SAVE_ATTEMPTS = 8
+_DELETE_BATCH = 100
+
+
+def micros(moment: datetime) -> int:
+    """Microseconds since the epoch, exactly (naive datetimes are taken as UTC)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _text(value: bytes | str | int | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _status(value: CheckpointStatus | str) -> str:
+    return value.value if isinstance(value, CheckpointStatus) else str(value)
+
+
+@dataclass
+class Record:
+    """One checkpoint hash as read from Redis (fields decoded to str, the blobs left as bytes)."""
+
+    flow: str
+    id: str
+    fields: dict[str, bytes]
+
+    def get(self, name: str) -> str:
+        return _text(self.fields.get(name))
+
+    @property
+    def packs(self) -> list[str]:
+        return [p for p in self.get("pk").split(",") if p]
+
+    def state(self, chunk_packs: dict[bytes, str] | None = None) -> StoredState:
+        return StoredState(
+            self.flow, self.get("st"), self.get("run"), self.get("wf"), self.get("par"), self.get("pk"),
+            chunk_packs or {},
+        )  # fmt: skip
+
+
+class StoreCore:
+    """Every checkpoint operation of one namespace, as request generators."""
+
+    def __init__(self, keys: Keys, *, ttl_ms: int, max_checkpoint_bytes: int, cache: Cache | None = None):
+        self.keys = keys
+        self.ttl_ms = ttl_ms
+        self.max_checkpoint_bytes = max_checkpoint_bytes
+        self.cache = cache or Cache()
+
+    # ---- save -------------------------------------------------------------------------------------------------
+
+    def save(self, checkpoint: FlowCheckpoint, *, must_exist: bool = False) -> Op:
+        """Store ``checkpoint`` (insert, or overwrite the same id); with ``must_exist`` only overwrite."""
+        encoded = codec.encode_checkpoint(checkpoint)
+        if encoded.raw_size > self.max_checkpoint_bytes:
+            raise CheckpointTooLargeError(checkpoint.id, encoded.raw_size, self.max_checkpoint_bytes)
+        cp_id, flow = checkpoint.id, checkpoint.flow_id
+        status = _status(checkpoint.status)
+        run, wf, parent = checkpoint.run_id, checkpoint.wf_run_id or "", checkpoint.parent_checkpoint_id or ""
+        root = codec.wrap(encoded.root)
+        root_sum = codec.short_sum(encoded.root)
+        base = self._delta_base(flow, cp_id, parent)
+        stored = self.cache.state(cp_id)
+        if stored is not None and stored.flow != flow:
+            stored = None
+        yield Batch(self._locator_writes(cp_id, flow, (run, wf)))
+        for _ in range(_SAVE_ATTEMPTS):
+            pack_id, pack_blob, pack_ids, chunk_packs = self._plan_packs(encoded.chunks, base)
+            stored_size = len(root) + len(pack_blob)
+            keys, args = self._save_call(
+                checkpoint, status, stored, root, root_sum, pack_id, pack_blob, pack_ids,
+                encoded.raw_size, stored_size,
+            )  # fmt: skip
+            reply = yield Script("save", keys, args)
+            verdict = _text(reply[0])
+            if verdict == "OK":
+                self.cache.remember(cp_id, StoredState(flow, status, run, wf, parent, ",".join(pack_ids), chunk_packs))
+                if pack_id:
+                    self.cache.add_pack(flow, pack_id, {d: encoded.chunks[d] for d, p in chunk_packs.items() if p == pack_id})
+                return cp_id
+            if verdict == "NOTFOUND":
+                raise CheckpointNotFoundError(cp_id)
+            if verdict == "RETRY":
+                present, *fields = [_text(v) for v in reply[1:]]
+                stored = StoredState(flow, *fields) if present == "1" else None
+            elif verdict == "MISSING":
+                base = {}
+            else:
+                raise CheckpointStoreError(f"unexpected reply from save script: {reply!r}")
+        raise CheckpointStoreError(f"Checkpoint {cp_id}: save kept racing with concurrent writers; gave up")
+
+    def _delta_base(self, flow: str, cp_id: str, parent: str) -> dict[bytes, str]:
+        """Chunks already stored in packs this save may reference: those of its parent or of its own id."""
+        base: dict[bytes, str] = {}
+        for known in (self.cache.state(parent or None), self.cache.state(cp_id)):
+            if known is not None and known.flow == flow:
+                base.update(known.chunk_packs)
+        return base
+
+    @staticmethod
+    def _plan_packs(chunks: dict[bytes, bytes], base: dict[bytes, str]):
+        new = {d: c for d, c in chunks.items() if d not in base}
+        pack_id, blob = codec.build_pack(new) if new else ("", b"")
+        chunk_packs = {d: base.get(d, pack_id) for d in chunks}
+        reused = sorted({p for p in chunk_packs.values() if p != pack_id})
+        return pack_id, blob, ([pack_id] if pack_id else []) + reused, chunk_packs
+
+    def _locator_writes(self, cp_id: str, flow: str, runs: Iterable[str]) -> tuple[Command, ...]:
+        px = ("PX", self.ttl_ms) if self.ttl_ms else ()
+        writes = [cmd("SET", self.keys.locator(cp_id), flow, *px)]
+        for run in dict.fromkeys(r for r in runs if r):
+            key = self.keys.run_flows(run)
+            writes.append(cmd("SADD", key, flow))
+            writes.append(cmd("PEXPIRE", key, self.ttl_ms) if self.ttl_ms else cmd("PERSIST", key))
+        return tuple(writes)
+
+    def _save_call(self, cp, status, stored, root, root_sum, pack_id, pack_blob, pack_ids, raw_size, stored_size):
+        k, flow, cp_id = self.keys, cp.flow_id, cp.id
+        run, wf, parent = cp.run_id, cp.wf_run_id or cp.run_id, cp.parent_checkpoint_id or ""
+        old = stored or StoredState(flow, status, run, wf, parent, "")
+        keys = [
+            k.checkpoint(flow, cp_id), k.flow_index(flow), k.status_index(flow, status),
+            k.run_index(flow, run), k.run_index(flow, wf),
+            k.checkpoint(flow, parent) if parent else k.checkpoint(flow, cp_id),
+            k.status_index(flow, old.status), k.run_index(flow, old.run), k.run_index(flow, old.wf or old.run),
+            k.checkpoint(flow, old.parent) if old.parent else k.checkpoint(flow, cp_id),
+        ]  # fmt: skip
+        keys += [k.pack(flow, p) for p in pack_ids]
+        keys += [k.pack(flow, p) for p in old.packs.split(",") if p and stored is not None]
+        args = [
+            "0", self.ttl_ms, "1" if stored is not None else "0",
+            old.status, old.run, old.wf, old.parent, old.packs,
+            cp_id, flow, status, cp.run_id, cp.wf_run_id or "", parent, micros(cp.created_at),
+            root, root_sum, codec.FORMAT_VERSION, pack_blob, len(pack_ids), ",".join(pack_ids),
+            raw_size, stored_size,
+        ]  # fmt: skip
+        return tuple(keys), tuple(args)
+
+    def update(self, checkpoint: FlowCheckpoint) -> Op:
+        """Overwrite a stored checkpoint; raises :class:`CheckpointNotFoundError` when it is absent."""
+        return self.save(checkpoint, must_exist=True)
+
+    # ---- load -------------------------------------------------------------------------------------------------
+
+    def load(self, checkpoint_id: str) -> Op:
+        """The checkpoint with this id, or None."""
+        flow = yield cmd("GET", self.keys.locator(checkpoint_id))
+        if flow is None:
+            return None
+        flow = _text(flow)
+        fields = yield cmd("HGETALL", self.keys.checkpoint(flow, checkpoint_id))
+        if not fields:
+            return None
+        found = yield from self._decode([Record(flow, checkpoint_id, _fields(fields))])
+        return found[0] if found else None
+
+    def _decode(self, records: list[Record]) -> Op:
+        """Checkpoints from records, fetching the packs this process does not hold in one round trip."""
+        wanted = {}
+        for rec in records:
+            self._check_format(rec)
+            for pack_id in rec.packs:
+                if self.cache.pack(rec.flow, pack_id) is None:
+                    wanted.setdefault((rec.flow, pack_id), rec)
+        if wanted:
+            order = list(wanted)
+            blobs = yield Batch(tuple(cmd("HGET", self.keys.pack(f, p), "d") for f, p in order))
+            gone = []
+            for (flow, pack_id), blob in zip(order, blobs):
+                rec = wanted[(flow, pack_id)]
+                if blob is None:
+                    gone.append(rec)
+                    continue
+                chunks = codec.read_pack(blob, rec.id, self.keys.pack(flow, pack_id))
+                if codec.short_sum(codec.unwrap(blob, rec.id)) != pack_id:
+                    raise CheckpointCorruptedError(rec.id, "pack fails its checksum", self.keys.pack(flow, pack_id))
+                self.cache.add_pack(flow, pack_id, chunks)
+            if gone:
+                still = yield Batch(tuple(cmd("EXISTS", self.keys.checkpoint(r.flow, r.id)) for r in gone))
+                for rec, exists in zip(gone, still):
+                    if exists:
+                        raise CheckpointCorruptedError(rec.id, "a content pack it references is missing")
+                dropped = {id(r) for r in gone}
+                records = [r for r in records if id(r) not in dropped]
+        return [self._decode_one(rec) for rec in records]
+
+    @staticmethod
+    def _check_format(rec: Record) -> None:
+        version = rec.get("fmt")
+        if not version.isdigit():
+            raise CheckpointCorruptedError(rec.id, f"format version field is {version!r}")
+        if int(version) > codec.FORMAT_VERSION:
+            raise UnsupportedFormatError(rec.id, version, codec.FORMAT_VERSION)
+
+    def _decode_one(self, rec: Record) -> FlowCheckpoint:
+        key = self.keys.checkpoint(rec.flow, rec.id)
+        blob = rec.fields.get("doc")
+        if blob is None:
+            raise CheckpointCorruptedError(rec.id, "root document field is missing", key)
+        root = codec.unwrap(blob, rec.id, key)
+        if codec.short_sum(root) != rec.get("sum"):
+            raise CheckpointCorruptedError(rec.id, "root document fails its checksum", key)
+        packs = [self.cache.pack(rec.flow, p) or {} for p in rec.packs]
+        chunk_packs: dict[bytes, str] = {}
+        for pack_id, chunks in zip(rec.packs, packs):
+            for ref in chunks:
+                chunk_packs.setdefault(ref, pack_id)
+
+        def chunk_of(ref: bytes) -> bytes | None:
+            for chunks in packs:
+                if ref in chunks:
+                    return chunks[ref]
+            return None
+
+        checkpoint = codec.decode_checkpoint(rec.id, root, chunk_of)
+        self.cache.remember(rec.id, rec.state(chunk_packs))
+        return checkpoint
+
+    # ---- lists ------------------------------------------------------------------------------------------------
+
+    def list_by_flow(self, flow_id: str, status: CheckpointStatus | None, limit: int | None, before: datetime | None) -> Op:
+        """Checkpoints of a flow, newest first, optionally of one status and created before a moment."""
+        index = self.keys.status_index(flow_id, _status(status)) if status else self.keys.flow_index(flow_id)
+        top = f"({micros(before)}" if before is not None else "+inf"
+        records = yield from self._walk([(flow_id, index)], limit, top=top)
+        return (yield from self._decode(records))
+
+    def list_by_flow_and_run(
+        self, flow_id: str, run_id: str, wf_run_id: str | None, status: CheckpointStatus | None, limit: int | None
+    ) -> Op:
+        """Checkpoints of a flow labelled with ``run_id`` or ``wf_run_id`` (either field), newest first."""
+        sources = [(flow_id, self.keys.run_index(flow_id, r)) for r in dict.fromkeys(x for x in (run_id, wf_run_id) if x)]
+        records = yield from self._walk(sources, limit, status=_status(status) if status else None)
+        return (yield from self._decode(records))
+
+    def list_by_run(self, run_id: str, limit: int | None) -> Op:
+        """Checkpoints of every flow whose run_id or wf_run_id is ``run_id``, newest first."""
+        flows = yield cmd("SMEMBERS", self.keys.run_flows(run_id))
+        sources = [(f, self.keys.run_index(f, run_id)) for f in sorted(_text(x) for x in flows)]
+        records = yield from self._walk(sources, limit)
+        return (yield from self._decode(records))
+
+    def _walk(self, sources: list[tuple[str, str]], limit: int | None, *, top: str = "+inf", status: str | None = None) -> Op:
+        """Merge several indexes newest first, keeping live entries (pruning expired ones) until ``limit``."""
+        if limit is not None and limit <= 0 or not sources:
+            return []
+        page = min(limit, _PAGE) if limit else _PAGE
+        heads: list[list[tuple[float, str]]] = [[] for _ in sources]
+        offsets = [0] * len(sources)
+        done = [False] * len(sources)
+        found: list[Record] = []
+        seen: set[tuple[str, str]] = set()
+        dead: dict[int, list[str]] = {}
+        while limit is None or len(found) < limit:
+            refill = [i for i, h in enumerate(heads) if not h and not done[i]]
+            if refill:
+                replies = yield Batch(tuple(
+                    cmd("ZREVRANGEBYSCORE", sources[i][1], top, "-inf", "WITHSCORES", "LIMIT", offsets[i], page)
+                    for i in refill
+                ))  # fmt: skip
+                for i, rows in zip(refill, replies):
+                    heads[i] = _score_pairs(rows)
+                    offsets[i] += len(rows)
+                    done[i] = len(rows) < page
+            if not any(heads):
+                break
+            batch: list[tuple[int, str]] = []
+            want = page if limit is None else max(limit - len(found), 1)
+            while len(batch) < want:
+                live = [i for i, h in enumerate(heads) if h]
+                if not live or any(not heads[i] and not done[i] for i in range(len(sources))):
+                    break
+                best = max(live, key=lambda i: (heads[i][0][0], heads[i][0][1]))
+                _, member = heads[best].pop(0)
+                if (sources[best][0], member) not in seen:
+                    seen.add((sources[best][0], member))
+                    batch.append((best, member))
+            if not batch:
+                continue
+            rows = yield Batch(tuple(cmd("HGETALL", self.keys.checkpoint(sources[i][0], m)) for i, m in batch))
+            for (i, member), fields in zip(batch, rows):
+                if not fields:
+                    dead.setdefault(i, []).append(member)
+                    continue
+                rec = Record(sources[i][0], member, _fields(fields))
+                if status is None or rec.get("st") == status:
+                    found.append(rec)
+        for i, members in dead.items():
+            flow, index = sources[i]
+            yield Script("prune", (index, *(self.keys.checkpoint(flow, m) for m in members)), tuple(members))
+        return found[:limit] if limit is not None else found
+
+    # ---- delete, cleanup, clear -------------------------------------------------------------------------------
+
+    def delete(self, checkpoint_id: str) -> Op:
+        """Delete one checkpoint; True when it existed."""
+        locator = self.keys.locator(checkpoint_id)
+        for _ in range(_SAVE_ATTEMPTS):
+            flow = yield cmd("GET", locator)
+            if flow is None:
+                return False
+            flow = _text(flow)
+            fields = yield cmd("HGETALL", self.keys.checkpoint(flow, checkpoint_id))
+            if not fields:
+                yield cmd("DEL", locator)
+                return False
+            deleted = yield from self._delete_records(flow, [Record(flow, checkpoint_id, _fields(fields))], protect=False)
+            if deleted:
+                return True
+        raise CheckpointStoreError(f"Checkpoint {checkpoint_id}: delete kept racing with concurrent writers; gave up")
+
+    def _delete_records(self, flow: str, records: list[Record], *, protect: bool) -> Op:
+        k = self.keys
+        deleted: list[str] = []
+        for start in range(0, len(records), _DELETE_BATCH):
+            keys, args = [k.flow_index(flow)], ["1" if protect else "0"]
+            for rec in records[start : start + _DELETE_BATCH]:
+                st, run, wf, par = rec.get("st"), rec.get("run"), rec.get("wf"), rec.get("par")
+                keys += [
+                    k.checkpoint(flow, rec.id), k.status_index(flow, st), k.run_index(flow, run),
+                    k.run_index(flow, wf or run), k.checkpoint(flow, par) if par else k.checkpoint(flow, rec.id),
+                ]  # fmt: skip
+                keys += [k.pack(flow, p) for p in rec.packs]
+                args += [rec.id, st, run, wf, par, rec.get("pk"), rec.get("ts"), len(rec.packs)]
+            reply = yield Script("delete", tuple(keys), tuple(args))
+            deleted += [_text(x) for x in reply]
+        if deleted:
+            yield Batch(tuple(cmd("DEL", k.locator(i)) for i in deleted))
+            for cp_id in deleted:
+                self.cache.forget(cp_id)
+        return deleted
+
+    def cleanup_by_flow(self, flow_id: str, keep_count: int, max_ttl_minutes: float | None, fetch_limit: int) -> Op:
+        """Dynamiq's retention rule, except that in-flight chain heads (active, paused, pending_input) stay."""
+        records = yield from self._walk([(flow_id, self.keys.flow_index(flow_id))], fetch_limit)
+        now = micros(datetime.now(timezone.utc))
+        doomed = []
+        for i, rec in enumerate(records):
+            expired = max_ttl_minutes is not None and (now - int(rec.get("ts"))) / 60e6 > max_ttl_minutes
+            if i >= keep_count or expired:
+                doomed.append(rec)
+        deleted = yield from self._delete_records(flow_id, doomed, protect=True)
+        return len(deleted)
+
+    def clear(self) -> Op:
+        """Delete every key of this namespace (SCAN, never KEYS)."""
+        cursor = b"0"
+        removed = 0
+        while True:
+            cursor, found = yield cmd("SCAN", cursor, "MATCH", self.keys.namespace_pattern(), "COUNT", 1000)
+            if found:
+                removed += yield cmd("UNLINK", *found)
+            if _text(cursor) == "0":
+                break
+        self.cache.clear()
+        return removed
+
+
+def _fields(raw: dict) -> dict[str, bytes]:
+    return {_text(k): v for k, v in raw.items()}
+
+
+def _score_pairs(rows: list) -> list[tuple[float, str]]:
+    """ZRANGE ... WITHSCORES replies, flat (raw RESP2) or already paired by a client callback."""
+    if rows and isinstance(rows[0], (list, tuple)):
+        return [(float(score), _text(member)) for member, score in rows]
+    return [(float(rows[i + 1]), _text(rows[i])) for i in range(0, len(rows), 2)]

@@ -1,0 +1,103 @@
+"""Real Dynamiq flows for the tests: custom nodes that need no API keys and log their side effects."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from typing import Any, ClassVar, Literal
+
+from dynamiq import Workflow
+from dynamiq.checkpoints.config import CheckpointBehavior, CheckpointConfig
+from dynamiq.flows import Flow
+from dynamiq.nodes import NodeGroup
+from dynamiq.nodes.node import Node, NodeDependency
+from dynamiq.runnables import RunnableConfig
+
+WORDS = (
+    "the agent reviewed customer order invoice shipment delayed because warehouse inventory count was lower than "
+    "expected so it drafted a polite reply offering a refund or a replacement and asked the finance team to approve "
+    "the credit note before sending anything to the customer who had already written twice this week"
+).split()
+
+CRASH_ENV = "CKPT_TEST_CRASH_AT"
+EFFECTS_ENV = "CKPT_TEST_EFFECTS"
+
+
+def prose(seed: int, words: int) -> str:
+    """Deterministic natural-language-like text."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(words):
+        word = rng.choice(WORDS)
+        out.append(word.capitalize() if i % 14 == 0 else word)
+        if i % 14 == 13:
+            out[-1] += "."
+    return " ".join(out)
+
+
+class Step(Node):
+    """Appends a paragraph to the running transcript; logs that it ran; may SIGKILL its own process."""
+
+    group: Literal[NodeGroup.UTILS] = NodeGroup.UTILS
+    name: str = "step"
+    index: int = 0
+    words: int = 120
+    effects_path: str | None = None
+    fail_once_path: str | None = None
+    _crash_signal: ClassVar[int] = signal.SIGKILL
+
+    def execute(self, input_data: dict[str, Any], config: RunnableConfig = None, **kwargs) -> dict[str, Any]:
+        transcript: list[str] = []
+        for value in input_data.values():
+            if isinstance(value, dict) and isinstance(value.get("output"), dict):
+                transcript = list(value["output"].get("transcript", []))
+        paragraph = prose(self.index, self.words)
+        path = self.effects_path or os.environ.get(EFFECTS_ENV)
+        if path:
+            with open(path, "a") as f:
+                f.write(f"{self.id}\n")
+                f.flush()
+                os.fsync(f.fileno())
+        if os.environ.get(CRASH_ENV) == self.id:
+            os.kill(os.getpid(), self._crash_signal)
+        if self.fail_once_path and not os.path.exists(self.fail_once_path):
+            open(self.fail_once_path, "w").close()
+            raise RuntimeError(f"{self.id} fails on its first attempt")
+        return {"content": paragraph, "transcript": transcript + [paragraph], "step": self.index}
+
+
+def chain_flow(
+    backend,
+    n: int = 20,
+    *,
+    flow_id: str = "chain",
+    behavior: CheckpointBehavior = CheckpointBehavior.APPEND,
+    effects_path: str | None = None,
+    fail_once: dict[str, str] | None = None,
+    words: int = 120,
+) -> Flow:
+    """A chain of ``n`` Step nodes with ids s00, s01, ... checkpointing to ``backend``."""
+    nodes: list[Node] = []
+    for i in range(n):
+        node = Step(
+            id=f"s{i:02d}", name=f"step {i}", index=i, words=words, effects_path=effects_path,
+            fail_once_path=(fail_once or {}).get(f"s{i:02d}"),
+            depends=[NodeDependency(nodes[-1])] if nodes else [],
+        )  # fmt: skip
+        nodes.append(node)
+    return Flow(
+        id=flow_id,
+        nodes=nodes,
+        checkpoint=CheckpointConfig(enabled=True, backend=backend, behavior=behavior),
+    )
+
+
+def final_output(result) -> dict:
+    """The last node's output of a flow result (flows keyed by node id)."""
+    outputs = result.output
+    last = sorted(outputs)[-1]
+    return outputs[last]["output"]
+
+
+__all__ = ["Step", "chain_flow", "final_output", "prose", "Workflow"]
