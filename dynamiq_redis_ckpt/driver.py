@@ -93,6 +93,15 @@ class SyncDriver:
         raise TypeError(f"unknown request {request!r}")
 
 
+async def _close_at_loop_shutdown(client: Any):
+    """Suspended for the life of an event loop; ``loop.shutdown_asyncgens()`` (run by ``asyncio.run`` before it
+    closes the loop) resumes it into ``finally``, which closes the loop's connections while the loop still runs."""
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
 class AsyncDriver:
     """Runs operations on ``redis.asyncio`` clients, one per event loop.
 
@@ -105,12 +114,14 @@ class AsyncDriver:
         self.policy = policy
         self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def _client(self) -> tuple[Any, dict]:
+    async def _client(self) -> tuple[Any, dict]:
         loop = asyncio.get_running_loop()
         found = self._per_loop.get(loop)
         if found is None:
             client = self._make_client()
-            found = (client, {name: client.register_script(scripts.source(name)) for name in scripts.NAMES})
+            closer = _close_at_loop_shutdown(client)
+            await closer.__anext__()
+            found = (client, {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}, closer)
             self._per_loop[loop] = found
         return found
 
@@ -135,7 +146,7 @@ class AsyncDriver:
                 raise _translate(e, request) from e
 
     async def _once(self, request: Any) -> Any:
-        client, registered = self._client()
+        client, registered, _ = await self._client()
         if isinstance(request, Command):
             return await client.execute_command(*request.args)
         if isinstance(request, Script):

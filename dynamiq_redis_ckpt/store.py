@@ -97,12 +97,15 @@ class StoreCore:
         stored = self.cache.state(cp_id)
         if stored is not None and stored.flow != flow:
             stored = None
-        yield Batch(self._locator_writes(cp_id, flow, (run, wf)))
+        # The lookup keys live in other slots, so they are written first: a crash in between leaves a locator that
+        # names no checkpoint (load answers None), never a checkpoint that cannot be found. An update's checkpoint
+        # already has its locator, and a stray one must not appear when the update is refused.
+        yield Batch(self._locator_writes(cp_id, flow, (run, wf), locate=not must_exist))
         for _ in range(_SAVE_ATTEMPTS):
             pack_id, pack_blob, pack_ids, chunk_packs = self._plan_packs(encoded.chunks, base)
             stored_size = len(root) + len(pack_blob)
             keys, args = self._save_call(
-                checkpoint, status, stored, root, root_sum, pack_id, pack_blob, pack_ids,
+                checkpoint, must_exist, status, stored, root, root_sum, pack_id, pack_blob, pack_ids,
                 encoded.raw_size, stored_size,
             )  # fmt: skip
             reply = yield Script("save", keys, args)
@@ -139,16 +142,16 @@ class StoreCore:
         reused = sorted({p for p in chunk_packs.values() if p != pack_id})
         return pack_id, blob, ([pack_id] if pack_id else []) + reused, chunk_packs
 
-    def _locator_writes(self, cp_id: str, flow: str, runs: Iterable[str]) -> tuple[Command, ...]:
+    def _locator_writes(self, cp_id: str, flow: str, runs: Iterable[str], locate: bool) -> tuple[Command, ...]:
         px = ("PX", self.ttl_ms) if self.ttl_ms else ()
-        writes = [cmd("SET", self.keys.locator(cp_id), flow, *px)]
+        writes = [cmd("SET", self.keys.locator(cp_id), flow, *px)] if locate else []
         for run in dict.fromkeys(r for r in runs if r):
             key = self.keys.run_flows(run)
             writes.append(cmd("SADD", key, flow))
             writes.append(cmd("PEXPIRE", key, self.ttl_ms) if self.ttl_ms else cmd("PERSIST", key))
         return tuple(writes)
 
-    def _save_call(self, cp, status, stored, root, root_sum, pack_id, pack_blob, pack_ids, raw_size, stored_size):
+    def _save_call(self, cp, must_exist, status, stored, root, root_sum, pack_id, pack_blob, pack_ids, raw_size, stored_size):
         k, flow, cp_id = self.keys, cp.flow_id, cp.id
         run, wf, parent = cp.run_id, cp.wf_run_id or cp.run_id, cp.parent_checkpoint_id or ""
         old = stored or StoredState(flow, status, run, wf, parent, "")
@@ -162,7 +165,7 @@ class StoreCore:
         keys += [k.pack(flow, p) for p in pack_ids]
         keys += [k.pack(flow, p) for p in old.packs.split(",") if p and stored is not None]
         args = [
-            "0", self.ttl_ms, "1" if stored is not None else "0",
+            "1" if must_exist else "0", self.ttl_ms, "1" if stored is not None else "0",
             old.status, old.run, old.wf, old.parent, old.packs,
             cp_id, flow, status, cp.run_id, cp.wf_run_id or "", parent, micros(cp.created_at),
             root, root_sum, codec.FORMAT_VERSION, pack_blob, len(pack_ids), ",".join(pack_ids),
@@ -294,8 +297,8 @@ class StoreCore:
                 ))  # fmt: skip
                 for i, rows in zip(refill, replies):
                     heads[i] = _score_pairs(rows)
-                    offsets[i] += len(rows)
-                    done[i] = len(rows) < page
+                    offsets[i] += len(heads[i])
+                    done[i] = len(heads[i]) < page
             if not any(heads):
                 break
             batch: list[tuple[int, str]] = []

@@ -1,0 +1,177 @@
+"""Every value Dynamiq puts in a checkpoint round-trips exactly as with Dynamiq's own encode/decode helpers."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import threading
+import uuid
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from enum import Enum
+
+import pytest
+from dynamiq.checkpoints.checkpoint import FlowCheckpoint, NodeCheckpointState, PendingInputContext
+from pydantic import BaseModel
+
+from dynamiq_redis_ckpt import CheckpointEncodeError
+from dynamiq_redis_ckpt import codec
+
+
+class Color(str, Enum):
+    RED = "red"
+
+
+class Level(int, Enum):
+    HIGH = 3
+
+
+class Point(BaseModel):
+    x: int
+    label: str
+
+
+BIG_TEXT = "natural language " * 100
+VALUES = {
+    "aware_datetime": datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc),
+    "naive_datetime": datetime(2026, 1, 2, 3, 4, 5),
+    "date": date(2026, 5, 6),
+    "bytes": b"\x00\xffbinary",
+    "big_bytes": bytes(range(256)) * 8,
+    "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    "str_enum": Color.RED,
+    "int_enum": Level.HIGH,
+    "tuple": (1, "a", (2, 3)),
+    "set": {1, 2, 3},
+    "frozenset": frozenset({"a"}),
+    "big_int": 2**100,
+    "negative_big_int": -(2**70),
+    "uint64_edge": 2**64 - 1,
+    "inf": float("inf"),
+    "decimal": Decimal("3.14159265358979323846"),
+    "int_keys": {1: "one", 2: {"nested": (1,)}},
+    "uuid_keys": {uuid.UUID(int=7): 1},
+    "marker_lookalike": {"__bytes__": "not really bytes", "__tuple__": [1]},
+    "model": Point(x=1, label="p"),
+    "list_of_tuples": [(1, 2), (3, 4)],
+    "none": None,
+    "bool": True,
+    "empty": "",
+    "unicode": "ünïcødé ✓ 日本",
+    "big_text": BIG_TEXT,
+    "same_text_twice": [BIG_TEXT, BIG_TEXT],
+    "deep": {"a": [{"b": [{"c": BIG_TEXT}]}]},
+}
+
+
+def checkpoint_with(value) -> FlowCheckpoint:
+    cp = FlowCheckpoint(flow_id="codec", run_id="r", wf_run_id="w", original_input={"v": value})
+    cp.node_states["n1"] = NodeCheckpointState(
+        node_id="n1", node_type="T", status="success",
+        input_data={"v": value}, output_data={"v": value}, internal_state={"v": value},
+    )  # fmt: skip
+    cp.pending_inputs["n1"] = PendingInputContext(node_id="n1", prompt="ok?", timestamp=datetime.now(timezone.utc))
+    cp.metadata = {"note": "m"}
+    return cp
+
+
+def comparable(value):
+    if isinstance(value, io.BytesIO):
+        return ("BytesIO", value.getvalue(), getattr(value, "name", None))
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if isinstance(value, dict):
+        return {k: comparable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(comparable(v) for v in value)
+    return value
+
+
+def types_of(value):
+    if isinstance(value, dict):
+        return ("dict", {k: types_of(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple, set)):
+        return (type(value).__name__, [types_of(v) for v in value])
+    return type(value).__name__
+
+
+@pytest.mark.parametrize("name", sorted(VALUES))
+def test_value_round_trips_like_dynamiq(backend, name):
+    cp = checkpoint_with(VALUES[name])
+    theirs = FlowCheckpoint.from_json(cp.to_json())
+    backend.save(cp)
+    ours = backend.load(cp.id)
+    for field in ("input_data", "output_data", "internal_state"):
+        mine = getattr(ours.node_states["n1"], field)
+        dyn = getattr(theirs.node_states["n1"], field)
+        assert comparable(mine) == comparable(dyn), field
+        assert types_of(mine) == types_of(dyn), field
+    assert comparable(ours.original_input) == comparable(theirs.original_input)
+    assert types_of(ours.original_input) == types_of(theirs.original_input)
+    assert ours.model_dump(exclude={"node_states", "original_input"}) == theirs.model_dump(
+        exclude={"node_states", "original_input"}
+    )
+
+
+def test_nan_and_bytesio_round_trip(backend):
+    bio = io.BytesIO(b"file content")
+    bio.name = "report.pdf"
+    cp = checkpoint_with({"nan": float("nan"), "file": bio})
+    backend.save(cp)
+    got = backend.load(cp.id).original_input["v"]
+    assert math.isnan(got["nan"])
+    assert isinstance(got["file"], io.BytesIO)
+    assert got["file"].getvalue() == b"file content" and got["file"].name == "report.pdf"
+
+
+def test_save_does_not_modify_the_checkpoint(backend):
+    cp = checkpoint_with({"t": (1, 2), "s": {1}, "text": BIG_TEXT})
+    before = copy.deepcopy(cp)
+    backend.save(cp)
+    backend.update(cp)
+    assert cp == before
+    assert cp.original_input["v"]["t"] == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "value, type_name",
+    [(lambda: 1, "function"), (threading.Lock(), "lock"), (bytearray(b"x"), "bytearray"), (print, "builtin")],
+)
+def test_unrepresentable_value_names_node_and_field_and_writes_nothing(backend, value, type_name):
+    cp = FlowCheckpoint(flow_id="bad", run_id="r")
+    cp.node_states["writer"] = NodeCheckpointState(
+        node_id="writer", node_type="T", status="success", output_data={"ok": 1, "payload": [1, value]}
+    )
+    with pytest.raises(CheckpointEncodeError) as caught:
+        backend.save(cp)
+    assert caught.value.node_id == "writer"
+    assert caught.value.field == "output_data"
+    assert caught.value.path == ("node_states", "writer", "output_data", "payload", 1)
+    assert "writer" in str(caught.value) and "output_data" in str(caught.value)
+    assert backend.load(cp.id) is None
+    assert backend.get_list_by_flow("bad") == []
+
+
+def test_unrepresentable_flow_input_names_the_field(backend):
+    cp = FlowCheckpoint(flow_id="bad", run_id="r", original_input={"cb": lambda: 0})
+    with pytest.raises(CheckpointEncodeError) as caught:
+        backend.save(cp)
+    assert caught.value.node_id is None and caught.value.field == "original_input"
+
+
+def test_repeated_content_is_one_chunk():
+    text = "x" * 5000
+    encoded = codec.encode_checkpoint(checkpoint_with([text, text, {"again": text}]))
+    text_chunks = [c for c in encoded.chunks.values() if len(c) >= 5000]
+    assert len(text_chunks) == 1
+
+
+def test_pack_checksum_detects_a_flipped_byte():
+    pack_id, blob = codec.build_pack({codec.digest(b"\xa3abc"): b"\xa3abc"})
+    assert codec.read_pack(blob, "c")
+    damaged = bytearray(codec.unwrap(blob, "c"))
+    damaged[-1] ^= 0xFF
+    with pytest.raises(Exception) as caught:
+        codec.read_pack(b"\x00" + bytes(damaged), "c")
+    assert "checksum" in str(caught.value) or "decode" in str(caught.value)

@@ -1,0 +1,48 @@
+"""The key layout: golden strings, escaping of braces, one cluster slot per flow."""
+
+import pytest
+from redis.crc import key_slot
+
+from dynamiq_redis_ckpt.errors import ConfigurationError
+from dynamiq_redis_ckpt.keys import Keys, tag
+
+K = Keys("app")
+
+
+def test_golden_key_names():
+    assert K.checkpoint("f1", "c1") == "app:cp:{f1}:c1"
+    assert K.flow_index("f1") == "app:flow:{f1}"
+    assert K.status_index("f1", "active") == "app:flow:{f1}:st:active"
+    assert K.run_index("f1", "r1") == "app:flow:{f1}:run:r1"
+    assert K.pack("f1", "ab12") == "app:pack:{f1}:ab12"
+    assert K.locator("c1") == "app:id:{c1}"
+    assert K.run_flows("r1") == "app:runflows:{r1}"
+
+
+@pytest.mark.parametrize("flow", ["f", "a{b", "a}b", "{x}", "}{", "", "%7B", "%", "a:b", "ünï"])
+def test_every_key_of_a_flow_shares_one_slot(flow):
+    keys = [K.checkpoint(flow, "c{1}"), K.flow_index(flow), K.status_index(flow, "failed"),
+            K.run_index(flow, "r}"), K.pack(flow, "p")]  # fmt: skip
+    assert len({key_slot(k.encode()) for k in keys}) == 1
+
+
+def test_escaping_is_injective_and_never_leaves_a_brace_inside():
+    values = ["a{b", "a%7Bb", "a}b", "a%7Db", "", "%", "%25"]
+    tags = [tag(v) for v in values]
+    assert len(set(tags)) == len(values)
+    for t in tags:
+        assert t.count("{") == 1 and t.count("}") == 1 and t[0] == "{" and t[-1] == "}"
+
+
+def test_flows_spread_over_slots():
+    assert len({key_slot(K.flow_index(f"flow-{i}").encode()) for i in range(50)}) > 40
+
+
+@pytest.mark.parametrize("prefix", ["", "a{b", "a}b"])
+def test_prefix_with_braces_is_refused(prefix):
+    with pytest.raises(ConfigurationError):
+        Keys(prefix)
+
+
+def test_scan_pattern_escapes_glob_characters():
+    assert Keys("a*b?[c]").namespace_pattern() == "a\\*b\\?\\[c\\]:*"
