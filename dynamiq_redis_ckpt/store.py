@@ -148,7 +148,10 @@ class StoreCore:
         for run in dict.fromkeys(r for r in runs if r):
             key = self.keys.run_flows(run)
             writes.append(cmd("SADD", key, flow))
-            writes.append(cmd("PEXPIRE", key, self.ttl_ms) if self.ttl_ms else cmd("PERSIST", key))
+            if self.ttl_ms:  # a new set takes the ttl; an existing one is only lengthened
+                writes += [cmd("PEXPIRE", key, self.ttl_ms, "NX"), cmd("PEXPIRE", key, self.ttl_ms, "GT")]
+            else:
+                writes.append(cmd("PERSIST", key))
         return tuple(writes)
 
     def _save_call(self, cp, must_exist, status, stored, root, root_sum, pack_id, pack_blob, pack_ids, raw_size, stored_size):

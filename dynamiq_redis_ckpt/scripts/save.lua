@@ -48,10 +48,12 @@ for i = (has_new_pack and 12 or 11), 10 + npacks do
   end
 end
 
-local function extend(key)
+-- Shared keys (packs, indexes) must outlive every checkpoint that uses them: a key this save creates takes the
+-- ttl, an existing one is only ever lengthened, and a save without ttl makes it permanent.
+local function extend(key, created)
   if ttl > 0 then
     local left = redis.call('PTTL', key)
-    if left >= 0 and left < ttl then
+    if created or (left >= 0 and left < ttl) then
       redis.call('PEXPIRE', key, ttl)
     end
   else
@@ -60,13 +62,14 @@ local function extend(key)
 end
 
 -- References are taken before old ones are dropped, so a pack both versions use never reaches zero.
+local pack_created = false
 if has_new_pack and redis.call('EXISTS', KEYS[11]) == 0 then
   redis.call('HSET', KEYS[11], 'd', ARGV[19], 'n', 0)
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[11], ttl) end
+  pack_created = true
 end
 for i = 11, 10 + npacks do
   redis.call('HINCRBY', KEYS[i], 'n', 1)
-  extend(KEYS[i])
+  extend(KEYS[i], i == 11 and pack_created)
 end
 if present then
   for i = first_old, #KEYS do
@@ -93,8 +96,9 @@ end
 
 local score = ARGV[15]
 for i = 2, 5 do
+  local created = redis.call('EXISTS', KEYS[i]) == 0
   redis.call('ZADD', KEYS[i], score, id)
-  extend(KEYS[i])
+  extend(KEYS[i], created)
 end
 
 local now = redis.call('TIME')
