@@ -12,8 +12,11 @@ class CheckpointStoreError(Exception):
     """Root of every error this package raises."""
 
 
-class ConfigurationError(CheckpointStoreError, ValueError):
-    """An option given to the backend is invalid (bad url, prefix with braces, negative ttl, ...)."""
+class ConfigurationError(CheckpointStoreError):
+    """An option given to the backend is invalid (bad url, prefix with braces, negative ttl, ...).
+
+    Raised as itself, not wrapped in pydantic's ValidationError (which only wraps ValueError).
+    """
 
 
 class CheckpointNotFoundError(CheckpointStoreError, FileNotFoundError):

@@ -22,6 +22,7 @@ from dynamiq_redis_ckpt.errors import (
     CheckpointStoreError,
     CheckpointTooLargeError,
     UnsupportedFormatError,
+    WrongKeyTypeError,
 )
 from dynamiq_redis_ckpt.keys import Keys
 from dynamiq_redis_ckpt.requests import Batch, Command, Script, cmd
@@ -122,6 +123,8 @@ class StoreCore:
                 stored = StoredState(flow, *fields) if present == "1" else None
             elif verdict == "MISSING":
                 base = {}
+            elif verdict == "WRONGTYPE":
+                raise WrongKeyTypeError("the save found a key of another type; nothing was written", (_text(reply[1]),))
             else:
                 raise CheckpointStoreError(f"unexpected reply from save script: {reply!r}")
         raise CheckpointStoreError(f"Checkpoint {cp_id}: save kept racing with concurrent writers; gave up")
@@ -363,7 +366,9 @@ class StoreCore:
                 keys += [k.pack(flow, p) for p in rec.packs]
                 args += [rec.id, st, run, wf, par, rec.get("pk"), rec.get("ts"), len(rec.packs)]
             reply = yield Script("delete", tuple(keys), tuple(args))
-            deleted += [_text(x) for x in reply]
+            if _text(reply[0]) == "WRONGTYPE":
+                raise WrongKeyTypeError("the delete found a key of another type; nothing was deleted", (_text(reply[1]),))
+            deleted += [_text(x) for x in reply[1:]]
         if deleted:
             yield Batch(tuple(cmd("DEL", k.locator(i)) for i in deleted))
             for cp_id in deleted:

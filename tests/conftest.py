@@ -56,3 +56,11 @@ def backend(request, redis_server):
 def raw(backend) -> redis.Redis:
     """The client the backend under test uses, for inspecting and damaging keys."""
     return backend.redis
+
+
+@pytest.fixture
+def persistent_redis():
+    """A redis-server with an fsync-always append-only file: a restart keeps every acknowledged write."""
+    server = RedisProcess(persist=True).start()
+    yield server
+    server.kill()

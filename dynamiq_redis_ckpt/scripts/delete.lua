@@ -11,7 +11,26 @@
 -- ARGV[1]  protect '1'|'0'
 -- then per candidate, 8 values: id, st, run, wf, par, pk, ts (as read), number of packs
 --
--- Reply: the ids deleted.
+-- Reply: {'OK', ids deleted...}, or {'WRONGTYPE', key} (nothing deleted) when a key holds another type.
+
+-- A script is not rolled back when a command fails, so every key's type is checked before the first write.
+local function wrong(key, want)
+  local t = redis.call('TYPE', key)['ok']
+  return t ~= 'none' and t ~= want
+end
+if wrong(KEYS[1], 'zset') then return {'WRONGTYPE', KEYS[1]} end
+do
+  local k, a = 2, 2
+  while a <= #ARGV do
+    local npacks = tonumber(ARGV[a + 7])
+    for i = k, k + 4 + npacks do
+      local want = (i == k + 1 or i == k + 2 or i == k + 3) and 'zset' or 'hash'
+      if wrong(KEYS[i], want) then return {'WRONGTYPE', KEYS[i]} end
+    end
+    k = k + 5 + npacks
+    a = a + 8
+  end
+end
 
 local protect = ARGV[1] == '1'
 local live = {active = true, paused = true, pending_input = true}
@@ -30,7 +49,7 @@ while a <= #ARGV do
   a = a + 8
 end
 
-local deleted = {}
+local deleted = {'OK'}
 for _, c in ipairs(doomed) do
   local k, a, npacks = c[1], c[2], c[3]
   local id, par = ARGV[a], ARGV[a + 4]

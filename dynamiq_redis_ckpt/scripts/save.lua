@@ -19,6 +19,16 @@
 --      | {'NOTFOUND'}                                   must_exist and the checkpoint is absent
 --      | {'RETRY', present, st, run, wf, par, pk}       the stored version is not the one the caller expected
 --      | {'MISSING', pack_id}                           a referenced pack is gone; resend with the content
+--      | {'WRONGTYPE', key}                             a key holds another type; nothing was written
+
+-- A script is not rolled back when a command fails, so every key's type is checked before the first write.
+local expected_type = {'hash', 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'zset', 'zset', 'hash'}
+for i = 1, #KEYS do
+  local t = redis.call('TYPE', KEYS[i])['ok']
+  if t ~= 'none' and t ~= (expected_type[i] or 'hash') then
+    return {'WRONGTYPE', KEYS[i]}
+  end
+end
 
 local cp = KEYS[1]
 local ttl = tonumber(ARGV[2])
