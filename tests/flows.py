@@ -36,6 +36,10 @@ def prose(seed: int, words: int) -> str:
     return " ".join(out)
 
 
+class RunInterrupted(BaseException):
+    """Stands for the process going away mid-node: like SIGKILL it escapes Dynamiq's ``except Exception``."""
+
+
 class Step(Node):
     """Appends a paragraph to the running transcript; logs that it ran; may SIGKILL its own process."""
 
@@ -44,7 +48,7 @@ class Step(Node):
     index: int = 0
     words: int = 120
     effects_path: str | None = None
-    fail_once_path: str | None = None
+    interrupt_once_path: str | None = None
     _crash_signal: ClassVar[int] = signal.SIGKILL
 
     def execute(self, input_data: dict[str, Any], config: RunnableConfig = None, **kwargs) -> dict[str, Any]:
@@ -61,9 +65,9 @@ class Step(Node):
                 os.fsync(f.fileno())
         if os.environ.get(CRASH_ENV) == self.id:
             os.kill(os.getpid(), self._crash_signal)
-        if self.fail_once_path and not os.path.exists(self.fail_once_path):
-            open(self.fail_once_path, "w").close()
-            raise RuntimeError(f"{self.id} fails on its first attempt")
+        if self.interrupt_once_path and not os.path.exists(self.interrupt_once_path):
+            open(self.interrupt_once_path, "w").close()
+            raise RunInterrupted(f"{self.id} interrupted on its first attempt")
         return {"content": paragraph, "transcript": transcript + [paragraph], "step": self.index}
 
 
@@ -74,7 +78,7 @@ def chain_flow(
     flow_id: str = "chain",
     behavior: CheckpointBehavior = CheckpointBehavior.APPEND,
     effects_path: str | None = None,
-    fail_once: dict[str, str] | None = None,
+    interrupt_once: dict[str, str] | None = None,
     words: int = 120,
 ) -> Flow:
     """A chain of ``n`` Step nodes with ids s00, s01, ... checkpointing to ``backend``."""
@@ -82,7 +86,7 @@ def chain_flow(
     for i in range(n):
         node = Step(
             id=f"s{i:02d}", name=f"step {i}", index=i, words=words, effects_path=effects_path,
-            fail_once_path=(fail_once or {}).get(f"s{i:02d}"),
+            interrupt_once_path=(interrupt_once or {}).get(f"s{i:02d}"),
             depends=[NodeDependency(nodes[-1])] if nodes else [],
         )  # fmt: skip
         nodes.append(node)
@@ -100,4 +104,4 @@ def final_output(result) -> dict:
     return outputs[last]["output"]
 
 
-__all__ = ["Step", "chain_flow", "final_output", "prose", "Workflow"]
+__all__ = ["RunInterrupted", "Step", "chain_flow", "final_output", "prose", "Workflow"]
