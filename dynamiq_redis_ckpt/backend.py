@@ -89,6 +89,10 @@ class RedisCheckpointBackend(CheckpointBackend):
         data["url"] = config.mask_url(data.get("url"))
         return data
 
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, config.mask_url(value) if name == "url" else value
+
     @property
     def redis(self) -> redis.Redis:
         """The synchronous client this backend uses."""

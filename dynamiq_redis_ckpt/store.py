@@ -393,8 +393,8 @@ class StoreCore:
         removed = 0
         while True:
             cursor, found = yield cmd("SCAN", cursor, "MATCH", self.keys.namespace_pattern(), "COUNT", 1000)
-            if found:
-                removed += yield cmd("UNLINK", *found)
+            if found:  # one key per command: on a cluster the keys of one SCAN page span many slots
+                removed += sum((yield Batch(tuple(cmd("UNLINK", key) for key in found))))
             if _text(cursor) == "0":
                 break
         self.cache.clear()

@@ -227,3 +227,8 @@ def test_bad_options_raise_configuration_error(options):
 
     with pytest.raises(ConfigurationError):
         RedisCheckpointBackend(**options)
+
+
+def test_password_not_in_repr():
+    backend = RedisCheckpointBackend(url="redis://app:s3cret@redis.internal:6380/2")
+    assert "s3cret" not in repr(backend) and "s3cret" not in str(backend)

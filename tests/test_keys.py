@@ -46,3 +46,43 @@ def test_prefix_with_braces_is_refused(prefix):
 
 def test_scan_pattern_escapes_glob_characters():
     assert Keys("a*b?[c]").namespace_pattern() == "a\\*b\\?\\[c\\]:*"
+
+
+def test_every_script_call_touches_one_slot(fake_backend):
+    """Run every operation and check each Lua script's keys share one Redis Cluster slot."""
+    from dynamiq.checkpoints.types import CheckpointStatus as S
+
+    from dynamiq_redis_ckpt.requests import Batch, Script
+    from tests.test_contract import make
+
+    driver = fake_backend._sync
+    seen = []
+    original = driver._once
+
+    def spy(request):
+        seen.append(request)
+        return original(request)
+
+    driver._once = spy
+    b = fake_backend
+    for flow in ("f{1}", "plain", ""):
+        parent = None
+        for i in range(4):
+            cp = make(f"{flow}-{i}", flow, "r}", "w{", S.ACTIVE if i < 3 else S.COMPLETED, i, parent, text="t " * 200)
+            b.save(cp)
+            parent = cp.id
+        b.save(cp.model_copy(update={"run_id": "other", "status": S.FAILED}))
+        b.get_list_by_flow(flow)
+        b.get_list_by_run("r}")
+        b.cleanup_by_flow(flow, keep_count=1)
+        b.delete(f"{flow}-3")
+    b.clear()
+    scripts = [r for r in seen if isinstance(r, Script)]
+    assert {r.name for r in scripts} >= {"save", "delete"}
+    for request in scripts:
+        assert len({key_slot(k.encode()) for k in request.keys}) == 1, request.name
+    for request in seen:
+        commands = request.commands if isinstance(request, Batch) else [request]
+        for command in commands:
+            if command.args[0] in ("UNLINK", "DEL", "EXISTS"):
+                assert len(command.args) == 2, "multi-key commands outside scripts would be CROSSSLOT on a cluster"
