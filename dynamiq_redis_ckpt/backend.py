@@ -45,6 +45,7 @@ class RedisCheckpointBackend(CheckpointBackend):
     retry_backoff_seconds: float = Field(default=0.05, description="First retry delay; doubles per retry (cap 1 s)")
     client: Any = Field(default=None, exclude=True, description="An existing redis.Redis to use instead of url")
 
+    _owns_client: bool = PrivateAttr(default=True)
     _core: StoreCore = PrivateAttr()
     _sync: SyncDriver = PrivateAttr()
     _async: AsyncDriver = PrivateAttr()
@@ -68,6 +69,7 @@ class RedisCheckpointBackend(CheckpointBackend):
         options = config.client_options(self.socket_timeout, self.socket_connect_timeout, self.max_connections)
         if self.client is not None:
             config.check_client(self.client)
+            self._owns_client = False
             sync_client = self.client
             make_async = lambda: config.async_twin(sync_client)  # noqa: E731
         else:
@@ -97,6 +99,22 @@ class RedisCheckpointBackend(CheckpointBackend):
     def redis(self) -> redis.Redis:
         """The synchronous client this backend uses."""
         return self._sync.client
+
+    def ping(self) -> bool:
+        """Check that Redis answers (with the configured retries); raises StoreUnavailableError when it does not.
+
+        Dynamiq logs and swallows failed saves, so a service can call this at start-up to fail loudly instead.
+        """
+        return self._sync.run(self._core.ping())
+
+    def close(self) -> None:
+        """Release this backend's connection pool (not a client that was passed in). Safe to call twice."""
+        if self._owns_client:
+            self._sync.client.close()
+
+    async def aclose(self) -> None:
+        """Release the connections of the running event loop's client."""
+        await self._async.aclose()
 
     # ---- sync contract ----------------------------------------------------------------------------------------
 

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from dynamiq_redis_ckpt.errors import ConfigurationError
 
 
+KINDS = ("cp", "flow", "pack", "id", "runflows")
+
+
 def tag(value: str) -> str:
     """Return ``value`` as a hash tag: braces around an escaped, never-empty id."""
     if not value:
@@ -71,7 +74,10 @@ class Keys:
         """Set of flows holding checkpoints of a run."""
         return f"{self.prefix}:runflows:{tag(run_id)}"
 
-    def namespace_pattern(self) -> str:
-        """SCAN pattern matching every key of this namespace (used only by ``clear``)."""
+    def namespace_patterns(self) -> tuple[str, ...]:
+        """SCAN patterns matching every key of this namespace and nothing else (used only by ``clear``).
+
+        Each kind is followed by ``{``, so a namespace nested under this one (prefix ``app:tenant``) does not match.
+        """
         escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
-        return escaped + ":*"
+        return tuple(f"{escaped}:{kind}:\\{{*" for kind in KINDS)

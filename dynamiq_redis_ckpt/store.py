@@ -387,16 +387,22 @@ class StoreCore:
         deleted = yield from self._delete_records(flow_id, doomed, protect=True)
         return len(deleted)
 
+    def ping(self) -> Op:
+        """True when Redis answers."""
+        reply = yield cmd("PING")
+        return bool(reply)
+
     def clear(self) -> Op:
         """Delete every key of this namespace (SCAN, never KEYS)."""
-        cursor = b"0"
         removed = 0
-        while True:
-            cursor, found = yield cmd("SCAN", cursor, "MATCH", self.keys.namespace_pattern(), "COUNT", 1000)
-            if found:  # one key per command: on a cluster the keys of one SCAN page span many slots
-                removed += sum((yield Batch(tuple(cmd("UNLINK", key) for key in found))))
-            if _text(cursor) == "0":
-                break
+        for pattern in self.keys.namespace_patterns():
+            cursor = b"0"
+            while True:
+                cursor, found = yield cmd("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+                if found:  # one key per command: on a cluster the keys of one SCAN page span many slots
+                    removed += sum((yield Batch(tuple(cmd("UNLINK", key) for key in found))))
+                if _text(cursor) == "0":
+                    break
         self.cache.clear()
         return removed
 

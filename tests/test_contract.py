@@ -195,11 +195,13 @@ def test_async_variants_match_sync(backend):
 
 
 def test_clear_removes_only_its_namespace(backend):
-    neighbour = type(backend)(client=backend.redis, prefix=backend.prefix + "-other")
+    neighbour = type(backend)(client=backend.redis, prefix=backend.prefix + ":nested")
     neighbour.save(make("keep-me", "flow", "run"))
     backend.save(make("drop-me", "flow", "run"))
     backend.clear()
     assert backend.load("drop-me") is None and backend.get_list_by_flow("flow") == []
     assert neighbour.load("keep-me") is not None
-    assert not [k for k in backend.redis.scan_iter(match=backend.prefix + ":*")]
+    left = [k for k in backend.redis.scan_iter(match=backend.prefix + ":*")]
+    assert left and all(k.startswith(f"{backend.prefix}:nested:".encode()) for k in left)
     neighbour.clear()
+    assert not [k for k in backend.redis.scan_iter(match=backend.prefix + ":*")]

@@ -232,3 +232,17 @@ def test_bad_options_raise_configuration_error(options):
 def test_password_not_in_repr():
     backend = RedisCheckpointBackend(url="redis://app:s3cret@redis.internal:6380/2")
     assert "s3cret" not in repr(backend) and "s3cret" not in str(backend)
+
+
+def test_ping_and_close(redis_server):
+    from tests.redis_proc import free_port
+
+    backend = RedisCheckpointBackend(url=redis_server.url, prefix="ping")
+    assert backend.ping() is True
+    backend.save(make("c", "f", "r"))
+    backend.close()
+    backend.close()
+    assert backend.load("c") is not None, "a closed pool reconnects on next use"
+    backend.clear()
+    with pytest.raises(StoreUnavailableError):
+        RedisCheckpointBackend(url=f"redis://127.0.0.1:{free_port()}/0", retries=0).ping()

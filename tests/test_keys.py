@@ -44,8 +44,19 @@ def test_prefix_with_braces_is_refused(prefix):
         Keys(prefix)
 
 
-def test_scan_pattern_escapes_glob_characters():
-    assert Keys("a*b?[c]").namespace_pattern() == "a\\*b\\?\\[c\\]:*"
+def test_scan_patterns_escape_glob_characters_and_match_only_this_namespace():
+    patterns = Keys("a*b?[c]").namespace_patterns()
+    assert patterns[0] == "a\\*b\\?\\[c\\]:cp:\\{*"
+    import fnmatch
+
+    keys = Keys("app")
+    mine = [keys.checkpoint("f", "c"), keys.flow_index("f"), keys.status_index("f", "x"), keys.run_index("f", "r"),
+            keys.pack("f", "p"), keys.locator("c"), keys.run_flows("r")]  # fmt: skip
+    nested = Keys("app:tenant")
+    theirs = [nested.checkpoint("f", "c"), nested.flow_index("f"), nested.locator("c"), "app:other"]
+    plain = [p.replace("\\", "") for p in keys.namespace_patterns()]
+    assert all(any(fnmatch.fnmatchcase(k, p) for p in plain) for k in mine)
+    assert not any(fnmatch.fnmatchcase(k, p) for p in plain for k in theirs)
 
 
 def test_every_script_call_touches_one_slot(fake_backend):
