@@ -53,9 +53,10 @@ class Step(Node):
 
     def execute(self, input_data: dict[str, Any], config: RunnableConfig = None, **kwargs) -> dict[str, Any]:
         transcript: list[str] = []
-        for value in input_data.values():
+        for value in input_data.values():  # the longest upstream transcript, whatever the order of input_data
             if isinstance(value, dict) and isinstance(value.get("output"), dict):
-                transcript = list(value["output"].get("transcript", []))
+                upstream = list(value["output"].get("transcript", []))
+                transcript = max(transcript, upstream, key=len)
         paragraph = prose(self.index, self.words)
         path = self.effects_path or os.environ.get(EFFECTS_ENV)
         if path:
