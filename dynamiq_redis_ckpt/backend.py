@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any
 
@@ -10,13 +11,14 @@ import redis.asyncio
 from dynamiq.checkpoints.backends.base import CheckpointBackend
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.types import CheckpointStatus
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from dynamiq_redis_ckpt import config
 from dynamiq_redis_ckpt.driver import AsyncDriver, RetryPolicy, SyncDriver
-from dynamiq_redis_ckpt.errors import ConfigurationError
+from dynamiq_redis_ckpt.errors import ConfigurationError, LeaseLostError
 from dynamiq_redis_ckpt.keys import Keys
-from dynamiq_redis_ckpt.store import StoreCore
+from dynamiq_redis_ckpt.leases import REGISTRY
+from dynamiq_redis_ckpt.store import StoreCore, run_key
 
 
 class RedisCheckpointBackend(CheckpointBackend):
@@ -44,8 +46,12 @@ class RedisCheckpointBackend(CheckpointBackend):
     retries: int = Field(default=3, description="Retries of a request that could not reach Redis")
     retry_backoff_seconds: float = Field(default=0.05, description="First retry delay; doubles per retry (cap 1 s)")
     client: Any = Field(default=None, exclude=True, description="An existing redis.Redis to use instead of url")
+    leases: bool = Field(default=True, description="Hold a fenced run lease from a run's first save to its end")
+    lease_ttl_seconds: float = Field(default=15.0, description="A lease runs out this long after its last renewal")
+    heartbeat_interval_seconds: float | None = Field(default=None, description="Renewal period; default ttl / 3")
 
     _owns_client: bool = PrivateAttr(default=True)
+    _namespace: str = PrivateAttr()
     _core: StoreCore = PrivateAttr()
     _sync: SyncDriver = PrivateAttr()
     _async: AsyncDriver = PrivateAttr()
@@ -56,6 +62,17 @@ class RedisCheckpointBackend(CheckpointBackend):
         if value is not None and value <= 0:
             raise ConfigurationError(f"ttl_seconds must be positive or None, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _heartbeat_fits_ttl(self) -> "RedisCheckpointBackend":
+        if self.heartbeat_interval_seconds is None:
+            self.heartbeat_interval_seconds = self.lease_ttl_seconds / 3
+        if self.heartbeat_interval_seconds <= 0 or self.lease_ttl_seconds < 2 * self.heartbeat_interval_seconds:
+            raise ConfigurationError(
+                f"lease_ttl_seconds ({self.lease_ttl_seconds}) must be at least twice heartbeat_interval_seconds "
+                f"({self.heartbeat_interval_seconds}), and both positive"
+            )
+        return self
 
     @field_validator("retries", "max_connections", "max_checkpoint_bytes")
     @classmethod
@@ -71,9 +88,11 @@ class RedisCheckpointBackend(CheckpointBackend):
             config.check_client(self.client)
             self._owns_client = False
             sync_client = self.client
+            self._namespace = f"client-{id(self.client)}|{self.prefix}"
             make_async = lambda: config.async_twin(sync_client)  # noqa: E731
         else:
             url = config.resolve_url(self.url)
+            self._namespace = f"{url}|{self.prefix}"
             sync_client = redis.Redis.from_url(url, **options)
             make_async = lambda: redis.asyncio.Redis.from_url(url, **options)  # noqa: E731
         ttl_ms = int(self.ttl_seconds * 1000) if self.ttl_seconds else 0
@@ -118,9 +137,29 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     # ---- sync contract ----------------------------------------------------------------------------------------
 
+    def _save(self, checkpoint: FlowCheckpoint, must_exist: bool):
+        """The save operation, fenced by the run's lease (shared by the sync and async paths)."""
+        if not self.leases:
+            return (yield from self._core.save(checkpoint, must_exist=must_exist))
+        intent, _ = REGISTRY.intent(self._namespace, checkpoint, self.lease_ttl_seconds)
+        sent_at = time.monotonic()
+        try:
+            saved = yield from self._core.save(checkpoint, must_exist=must_exist, lease=intent)
+        except LeaseLostError as lost:
+            REGISTRY.fence(self._namespace, checkpoint.flow_id, run_key(checkpoint), lost.reason)
+            raise
+        REGISTRY.saved(
+            self._namespace, checkpoint, intent, saved, sent_at, self.lease_ttl_seconds,
+            self.heartbeat_interval_seconds, (self._sync, self._core),
+        )  # fmt: skip
+        return saved
+
     def save(self, checkpoint: FlowCheckpoint) -> str:
-        """Save (insert or overwrite) a checkpoint; returns its id. The checkpoint object is not modified."""
-        return self._sync.run(self._core.save(checkpoint))
+        """Save (insert or overwrite) a checkpoint; returns its id. The checkpoint object is not modified.
+
+        Raises LeaseLostError (a BaseException) when another holder has taken the run over.
+        """
+        return self._sync.run(self._save(checkpoint, False)).checkpoint_id
 
     def load(self, checkpoint_id: str) -> FlowCheckpoint | None:
         """Load a checkpoint by id; None when it is not stored (or has expired)."""
@@ -128,7 +167,7 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     def update(self, checkpoint: FlowCheckpoint) -> None:
         """Overwrite a stored checkpoint; raises CheckpointNotFoundError (a FileNotFoundError) when absent."""
-        self._sync.run(self._core.update(checkpoint))
+        self._sync.run(self._save(checkpoint, True))
 
     def delete(self, checkpoint_id: str) -> bool:
         """Delete a checkpoint; True when it existed."""
@@ -180,7 +219,7 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     async def save_async(self, checkpoint: FlowCheckpoint) -> str:
         """Async :meth:`save`."""
-        return await self._async.run(self._core.save(checkpoint))
+        return (await self._async.run(self._save(checkpoint, False))).checkpoint_id
 
     async def load_async(self, checkpoint_id: str) -> FlowCheckpoint | None:
         """Async :meth:`load`."""
@@ -188,7 +227,7 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     async def update_async(self, checkpoint: FlowCheckpoint) -> None:
         """Async :meth:`update`."""
-        await self._async.run(self._core.update(checkpoint))
+        await self._async.run(self._save(checkpoint, True))
 
     async def delete_async(self, checkpoint_id: str) -> bool:
         """Async :meth:`delete`."""

@@ -85,3 +85,17 @@ class WrongKeyTypeError(CheckpointStoreError):
 
 class StoreUnavailableError(CheckpointStoreError, ConnectionError):
     """Redis could not be reached, or timed out, after the configured retries."""
+
+
+class LeaseLostError(BaseException):
+    """This process no longer holds the run's lease: another worker or process took the run over.
+
+    A ``BaseException`` on purpose (as ``asyncio.CancelledError`` is): Dynamiq logs and swallows any ``Exception`` a
+    save raises, and a run that lost its lease must stop at its next checkpoint, not carry on writing nothing.
+    ``flow.run_sync`` ends by raising it. None of the run's later writes land.
+    """
+
+    def __init__(self, run_id: str, reason: str):
+        super().__init__(f"Lease of run {run_id} lost: {reason}")
+        self.run_id = run_id
+        self.reason = reason

@@ -11,6 +11,11 @@ key                             type    holds
 ``P:flow:{F}:st:<status>``      zset    checkpoints of flow F with that status
 ``P:flow:{F}:run:<run>``        zset    checkpoints of flow F whose run_id or wf_run_id is <run>
 ``P:pack:{F}:<pack>``           hash    content pack shared by snapshots: ``d`` data, ``n`` refs
+``P:lease:{F}:<run>``           hash    a run's lease: owner, fencing token, expiry, newest checkpoint
+``P:flow:{F}:leases``           zset    runs of flow F holding a lease, score = expiry (server ms)
+``P:flow:{F}:due``              zset    paused runs of flow F with a timer, score = resume_at (ms)
+``P:flow:{F}:dead``             zset    dead-lettered runs of flow F, score = when (server ms)
+``P:flows:{<n>}``               set     flows that have leases, timers or dead letters (16 shards)
 ``P:id:{<id>}``                 string  flow id of checkpoint <id> (so load needs only the id)
 ``P:runflows:{<run>}``          set     flows that hold checkpoints of run <run>
 ==============================  ======  ======================================================
@@ -21,12 +26,14 @@ containing braces can neither end its tag early nor move keys of one flow to dif
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 from dynamiq_redis_ckpt.errors import ConfigurationError
 
 
-KINDS = ("cp", "flow", "pack", "id", "runflows")
+KINDS = ("cp", "flow", "pack", "id", "runflows", "lease", "flows")
+FLOW_SHARDS = 16
 
 
 def tag(value: str) -> str:
@@ -65,6 +72,30 @@ class Keys:
     def pack(self, flow_id: str, pack_id: str) -> str:
         """Hash holding one content pack of a flow."""
         return f"{self.prefix}:pack:{tag(flow_id)}:{pack_id}"
+
+    def lease(self, flow_id: str, run_key: str) -> str:
+        """Hash holding a run's lease (owner, token, exp, head, attempts)."""
+        return f"{self.prefix}:lease:{tag(flow_id)}:{run_key}"
+
+    def lease_index(self, flow_id: str) -> str:
+        """Sorted set of a flow's leased runs by expiry."""
+        return f"{self.prefix}:flow:{tag(flow_id)}:leases"
+
+    def due_index(self, flow_id: str) -> str:
+        """Sorted set of a flow's paused runs by the time they are due."""
+        return f"{self.prefix}:flow:{tag(flow_id)}:due"
+
+    def dead_index(self, flow_id: str) -> str:
+        """Sorted set of a flow's dead-lettered runs."""
+        return f"{self.prefix}:flow:{tag(flow_id)}:dead"
+
+    def flow_registry(self, shard: int) -> str:
+        """One shard of the set of flows that have leases, timers or dead letters."""
+        return f"{self.prefix}:flows:{{{shard}}}"
+
+    def flow_registry_for(self, flow_id: str) -> str:
+        """The registry shard a flow belongs to."""
+        return self.flow_registry(zlib.crc32(flow_id.encode()) % FLOW_SHARDS)
 
     def locator(self, checkpoint_id: str) -> str:
         """String naming the flow a checkpoint id belongs to."""

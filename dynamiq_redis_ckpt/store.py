@@ -21,6 +21,7 @@ from dynamiq_redis_ckpt.errors import (
     CheckpointNotFoundError,
     CheckpointStoreError,
     CheckpointTooLargeError,
+    LeaseLostError,
     UnsupportedFormatError,
     WrongKeyTypeError,
 )
@@ -49,6 +50,37 @@ def _text(value: bytes | str | int | None) -> str:
 
 def _status(value: CheckpointStatus | str) -> str:
     return value.value if isinstance(value, CheckpointStatus) else str(value)
+
+
+@dataclass(frozen=True)
+class LeaseIntent:
+    """What a save asks of the run's lease: take it (acquire or take over) or write under the one it holds."""
+
+    mode: str  # "take" | "held"
+    owner: str
+    token: int
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
+class Saved:
+    """The outcome of a save: the id, and the fencing token the run's lease now carries (0 without a lease)."""
+
+    checkpoint_id: str
+    token: int
+
+
+def run_key(checkpoint: FlowCheckpoint) -> str:
+    """The id a run is known by across resumes: its wf_run_id (a fresh run_id is drawn on every run_sync)."""
+    return checkpoint.wf_run_id or checkpoint.run_id
+
+
+def resume_at_ms(checkpoint: FlowCheckpoint) -> int | None:
+    """When a paused run is due, in ms since the epoch, rounded up (a timer resumed 1 ms early pauses again)."""
+    due = checkpoint.resume_at
+    if due is None:
+        return None
+    return -(-micros(due) // 1000)
 
 
 @dataclass
@@ -84,8 +116,12 @@ class StoreCore:
 
     # ---- save -------------------------------------------------------------------------------------------------
 
-    def save(self, checkpoint: FlowCheckpoint, *, must_exist: bool = False) -> Op:
-        """Store ``checkpoint`` (insert, or overwrite the same id); with ``must_exist`` only overwrite."""
+    def save(self, checkpoint: FlowCheckpoint, *, must_exist: bool = False, lease: LeaseIntent | None = None) -> Op:
+        """Store ``checkpoint`` (insert, or overwrite the same id); with ``must_exist`` only overwrite.
+
+        With ``lease`` the write is fenced: it lands only under the run's current lease (``held``) or takes the
+        lease (``take``), in the same script. Returns :class:`Saved`.
+        """
         encoded = codec.encode_checkpoint(checkpoint)
         if encoded.raw_size > self.max_checkpoint_bytes:
             raise CheckpointTooLargeError(checkpoint.id, encoded.raw_size, self.max_checkpoint_bytes)
@@ -101,13 +137,16 @@ class StoreCore:
         # The lookup keys live in other slots, so they are written first: a crash in between leaves a locator that
         # names no checkpoint (load answers None), never a checkpoint that cannot be found. An update's checkpoint
         # already has its locator, and a stray one must not appear when the update is refused.
-        yield Batch(self._locator_writes(cp_id, flow, (run, wf), locate=not must_exist))
+        writes = self._locator_writes(cp_id, flow, (run, wf), locate=not must_exist)
+        if lease is not None and lease.mode == "take":  # so workers find the flow's leases
+            writes += (cmd("SADD", self.keys.flow_registry_for(flow), flow),)
+        yield Batch(writes)
         for _ in range(_SAVE_ATTEMPTS):
             pack_id, pack_blob, pack_ids, chunk_packs = self._plan_packs(encoded.chunks, base)
             stored_size = len(root) + len(pack_blob)
             keys, args = self._save_call(
                 checkpoint, must_exist, status, stored, root, root_sum, pack_id, pack_blob, pack_ids,
-                encoded.raw_size, stored_size,
+                encoded.raw_size, stored_size, lease,
             )  # fmt: skip
             reply = yield Script("save", keys, args)
             verdict = _text(reply[0])
@@ -115,7 +154,7 @@ class StoreCore:
                 self.cache.remember(cp_id, StoredState(flow, status, run, wf, parent, ",".join(pack_ids), chunk_packs))
                 if pack_id:
                     self.cache.add_pack(flow, pack_id, {d: encoded.chunks[d] for d, p in chunk_packs.items() if p == pack_id})
-                return cp_id
+                return Saved(cp_id, int(_text(reply[2]) or 0))
             if verdict == "NOTFOUND":
                 raise CheckpointNotFoundError(cp_id)
             if verdict == "RETRY":
@@ -123,6 +162,9 @@ class StoreCore:
                 stored = StoredState(flow, *fields) if present == "1" else None
             elif verdict == "MISSING":
                 base = {}
+            elif verdict == "FENCED":
+                holder, token = _text(reply[1]), _text(reply[2])
+                raise LeaseLostError(run_key(checkpoint), f"the lease is now held by {holder or 'nobody'} with token {token}")
             elif verdict == "WRONGTYPE":
                 raise WrongKeyTypeError("the save found a key of another type; nothing was written", (_text(reply[1]),))
             else:
@@ -157,7 +199,9 @@ class StoreCore:
                 writes.append(cmd("PERSIST", key))
         return tuple(writes)
 
-    def _save_call(self, cp, must_exist, status, stored, root, root_sum, pack_id, pack_blob, pack_ids, raw_size, stored_size):
+    def _save_call(
+        self, cp, must_exist, status, stored, root, root_sum, pack_id, pack_blob, pack_ids, raw_size, stored_size, lease
+    ):
         k, flow, cp_id = self.keys, cp.flow_id, cp.id
         run, wf, parent = cp.run_id, cp.wf_run_id or cp.run_id, cp.parent_checkpoint_id or ""
         old = stored or StoredState(flow, status, run, wf, parent, "")
@@ -167,6 +211,7 @@ class StoreCore:
             k.checkpoint(flow, parent) if parent else k.checkpoint(flow, cp_id),
             k.status_index(flow, old.status), k.run_index(flow, old.run), k.run_index(flow, old.wf or old.run),
             k.checkpoint(flow, old.parent) if old.parent else k.checkpoint(flow, cp_id),
+            k.lease(flow, run_key(cp)), k.lease_index(flow), k.due_index(flow),
         ]  # fmt: skip
         keys += [k.pack(flow, p) for p in pack_ids]
         keys += [k.pack(flow, p) for p in old.packs.split(",") if p and stored is not None]
@@ -177,6 +222,11 @@ class StoreCore:
             root, root_sum, codec.FORMAT_VERSION, pack_blob, len(pack_ids), ",".join(pack_ids),
             raw_size, stored_size,
         ]  # fmt: skip
+        due = resume_at_ms(cp)
+        if lease is None:
+            args += ["", "", 0, 0, run_key(cp), ""]
+        else:
+            args += [lease.mode, lease.owner, lease.token, lease.ttl_ms, run_key(cp), "" if due is None else due]
         return tuple(keys), tuple(args)
 
     def update(self, checkpoint: FlowCheckpoint) -> Op:

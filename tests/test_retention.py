@@ -71,8 +71,11 @@ def test_deleting_a_snapshot_never_damages_another(backend, raw):
                 assert fresh.load(other.id) == other
     for snap in snaps:
         backend.delete(snap.id)
-    leftovers = [k for k in raw.scan_iter(match=f"{backend.prefix}:*") if b":runflows:" not in k]
+    bookkeeping = (b":runflows:", b":lease:", b":flows:")
+    leftovers = [k for k in raw.scan_iter(match=f"{backend.prefix}:*") if not any(b in k for b in bookkeeping)]
     assert leftovers == [], "every pack and index is gone with the last snapshot that used it"
+    (lease,) = raw.scan_iter(match=f"{backend.prefix}:lease:*")
+    assert raw.pttl(lease) > 0, "an ended run's lease (its fencing token) expires in time"
 
 
 def test_ttl_expires_checkpoints_and_prunes_indexes(own_redis):
@@ -106,7 +109,8 @@ def test_shared_content_lives_as_long_as_its_last_user(own_redis):
     assert backend.load(first.id) is None
     assert RedisCheckpointBackend(client=raw, prefix="ttl").load(second.id) == second
     time.sleep(1.2)
-    assert [k for k in raw.scan_iter(match="ttl:*")] == []
+    left = [k for k in raw.scan_iter(match="ttl:*")]
+    assert [k for k in left if b":lease:" not in k and b":flows:" not in k] == [], "content and indexes expired"
 
 
 def test_saving_without_ttl_makes_shared_content_permanent(own_redis):

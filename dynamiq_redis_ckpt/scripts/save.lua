@@ -5,8 +5,9 @@
 -- KEYS[3]  new status index             KEYS[8]  old run_id index
 -- KEYS[4]  new run_id index             KEYS[9]  old wf_run_id index
 -- KEYS[5]  new wf_run_id index          KEYS[10] old parent's hash
--- KEYS[11 .. 10+ARGV[20]]  packs the new version references (the new pack first when ARGV[19] ~= '')
--- KEYS[11+ARGV[20] .. ]    packs the old version references
+-- KEYS[11] the run's lease hash      KEYS[12] the flow's lease index (zset)   KEYS[13] the flow's due timers (zset)
+-- KEYS[14 .. 13+ARGV[20]]  packs the new version references (the new pack first when ARGV[19] ~= '')
+-- KEYS[14+ARGV[20] .. ]    packs the old version references
 --
 -- ARGV[1] must_exist '1'|'0'          ARGV[2] ttl in ms, '0' = keep forever
 -- ARGV[3] '1' if the caller believes the checkpoint is stored; ARGV[4..8] the stored st, run, wf, par, pk it expects
@@ -14,15 +15,20 @@
 -- ARGV[14] parent id ('' = none)   ARGV[15] created_at (µs, the index score)   ARGV[16] root document blob
 -- ARGV[17] root checksum   ARGV[18] format version   ARGV[19] new pack blob ('' = none)   ARGV[20] pack count
 -- ARGV[21] pack ids, comma separated (same order as the keys)   ARGV[22] raw size   ARGV[23] stored size
+-- ARGV[24] lease mode: '' (no lease), 'take' (acquire, or take over bumping the token), 'held' (compare-and-set)
+-- ARGV[25] lease owner   ARGV[26] the writer's fencing token   ARGV[27] lease ttl (ms)   ARGV[28] the run's key
+-- ARGV[29] resume_at (ms since epoch, '' = none): where a paused run's timer is indexed
 --
--- Reply: {'OK', server_time_us}
+-- Reply: {'OK', server_time_us, token}
 --      | {'NOTFOUND'}                                   must_exist and the checkpoint is absent
 --      | {'RETRY', present, st, run, wf, par, pk}       the stored version is not the one the caller expected
 --      | {'MISSING', pack_id}                           a referenced pack is gone; resend with the content
 --      | {'WRONGTYPE', key}                             a key holds another type; nothing was written
+--      | {'FENCED', owner, token}                       'held' and the lease is no longer the writer's
 
 -- A script is not rolled back when a command fails, so every key's type is checked before the first write.
-local expected_type = {'hash', 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'zset', 'zset', 'hash'}
+local expected_type = {'hash', 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'zset', 'zset', 'hash', 'hash', 'zset',
+  'zset'}
 for i = 1, #KEYS do
   local t = redis.call('TYPE', KEYS[i])['ok']
   if t ~= 'none' and t ~= (expected_type[i] or 'hash') then
@@ -47,14 +53,28 @@ if present ~= expected_present or (present and (stored[1] ~= ARGV[4] or stored[2
   return {'RETRY', '1', stored[1], stored[2], stored[3] or '', stored[4] or '', stored[5] or ''}
 end
 
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local server_us = string.format('%.0f', tonumber(now[1]) * 1000000 + tonumber(now[2]))
+
+-- Fencing: a 'held' write lands only while the lease is still the writer's and has not run out.
+local lease_mode, lease = ARGV[24], KEYS[11]
+if lease_mode == 'held' then
+  local l = redis.call('HMGET', lease, 'owner', 'token', 'exp')
+  if l[1] ~= ARGV[25] or l[2] ~= ARGV[26] or (tonumber(l[3]) or 0) <= now_ms then
+    return {'FENCED', l[1] or '', l[2] or '0'}
+  end
+end
+
+local P = 13
 local npacks = tonumber(ARGV[20])
-local first_old = 11 + npacks
+local first_old = P + 1 + npacks
 local has_new_pack = ARGV[19] ~= ''
-for i = (has_new_pack and 12 or 11), 10 + npacks do
+for i = (has_new_pack and P + 2 or P + 1), P + npacks do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     local ids = {}
     for id in string.gmatch(ARGV[21], '[^,]+') do ids[#ids + 1] = id end
-    return {'MISSING', ids[i - 10]}
+    return {'MISSING', ids[i - P]}
   end
 end
 
@@ -73,13 +93,13 @@ end
 
 -- References are taken before old ones are dropped, so a pack both versions use never reaches zero.
 local pack_created = false
-if has_new_pack and redis.call('EXISTS', KEYS[11]) == 0 then
-  redis.call('HSET', KEYS[11], 'd', ARGV[19], 'n', 0)
+if has_new_pack and redis.call('EXISTS', KEYS[P + 1]) == 0 then
+  redis.call('HSET', KEYS[P + 1], 'd', ARGV[19], 'n', 0)
   pack_created = true
 end
-for i = 11, 10 + npacks do
+for i = P + 1, P + npacks do
   redis.call('HINCRBY', KEYS[i], 'n', 1)
-  extend(KEYS[i], i == 11 and pack_created)
+  extend(KEYS[i], i == P + 1 and pack_created)
 end
 if present then
   for i = first_old, #KEYS do
@@ -111,8 +131,6 @@ for i = 2, 5 do
   extend(KEYS[i], created)
 end
 
-local now = redis.call('TIME')
-local server_us = string.format('%.0f', tonumber(now[1]) * 1000000 + tonumber(now[2]))
 redis.call('HSET', cp, 'id', id, 'flow', ARGV[10], 'st', ARGV[11], 'run', ARGV[12], 'wf', ARGV[13], 'par', parent,
   'ts', score, 'sv', server_us, 'doc', ARGV[16], 'sum', ARGV[17], 'fmt', ARGV[18], 'pk', ARGV[21],
   'raw', ARGV[22], 'size', ARGV[23])
@@ -121,4 +139,32 @@ if ttl > 0 then
 else
   redis.call('PERSIST', cp)
 end
-return {'OK', server_us}
+
+-- The lease: held while the run is active, handed back (token kept) when it ends or pauses. Its 'head' is the
+-- run's newest checkpoint in the order this server applied the saves, whatever the writers' clocks say.
+local token = ARGV[26]
+if lease_mode ~= '' then
+  local run_key = ARGV[28]
+  if lease_mode == 'take' then
+    token = tostring(redis.call('HINCRBY', lease, 'token', 1))
+  end
+  local st = ARGV[11]
+  if st == 'active' then
+    local exp = string.format('%.0f', now_ms + tonumber(ARGV[27]))
+    redis.call('HSET', lease, 'owner', ARGV[25], 'exp', exp, 'head', id, 'flow', ARGV[10])
+    redis.call('ZADD', KEYS[12], exp, run_key)
+    redis.call('ZREM', KEYS[13], run_key)
+    redis.call('PERSIST', lease)
+  else
+    redis.call('HSET', lease, 'owner', '', 'exp', 0, 'head', id, 'flow', ARGV[10], 'attempts', 0)
+    redis.call('ZREM', KEYS[12], run_key)
+    if (st == 'pending_input' or st == 'paused') and ARGV[29] ~= '' then
+      redis.call('ZADD', KEYS[13], ARGV[29], run_key)
+    else
+      redis.call('ZREM', KEYS[13], run_key)
+    end
+    -- The token must outlive any holder that could still write: far longer than any lease.
+    redis.call('PEXPIRE', lease, math.max(ttl, 7 * 86400000))
+  end
+end
+return {'OK', server_us, token}
