@@ -1,12 +1,15 @@
-"""Command line: ``python -m dynamiq_redis_ckpt.cli <command>``.
+"""Command line: ``dynamiq-redis-ckpt <command>`` (or ``python -m dynamiq_redis_ckpt.cli <command>``).
 
 Commands:
-    demo    crash a flow mid-run and resume it from Redis (see :mod:`dynamiq_redis_ckpt.demo`)
+    demo      crash a flow mid-run and resume it from Redis (see :mod:`dynamiq_redis_ckpt.demo`)
+    worker    recover runs whose lease ran out or whose timer is due (see :mod:`dynamiq_redis_ckpt.worker`)
+    dead      list, retry or drop dead-lettered runs
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -14,17 +17,80 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(prog="dynamiq-redis-ckpt", description="Redis checkpoint store for Dynamiq.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
     demo = commands.add_parser("demo", help="crash a flow mid-run and resume it from its checkpoints in Redis")
     demo.add_argument("--url", help="Redis to use (default $DYNAMIQ_REDIS_CKPT_URL, else a private redis-server)")
     demo.set_defaults(handler=_demo)
-    # A "worker" command is planned; it registers here the same way.
+
+    worker = commands.add_parser("worker", help="claim and resume orphaned and due runs until SIGTERM")
+    _store_options(worker)
+    source = worker.add_mutually_exclusive_group(required=True)
+    source.add_argument("--flows", help="module:attr, a callable flow_id -> Flow or a dict flow_id -> factory")
+    source.add_argument("--yaml", help="a Dynamiq YAML workflow file holding the flows")
+    worker.add_argument("--concurrency", type=int, default=4, help="runs resumed at once (threads)")
+    worker.add_argument("--lease-ttl", type=float, default=15.0, help="lease ttl in seconds (heartbeat: a third)")
+    worker.add_argument("--max-attempts", type=int, default=5, help="failed recoveries before a dead letter")
+    worker.add_argument("--poll", type=float, default=0.5, help="seconds between looks for work")
+    worker.set_defaults(handler=_worker)
+
+    dead = commands.add_parser("dead", help="list, retry or drop runs whose recovery kept failing")
+    _store_options(dead)
+    dead.add_argument("action", choices=["list", "retry", "drop"])
+    dead.add_argument("flow", nargs="?", help="the run's flow id (retry, drop)")
+    dead.add_argument("run", nargs="?", help="the run's wf_run_id (retry, drop)")
+    dead.set_defaults(handler=_dead)
     return parser
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="Redis url (default $DYNAMIQ_REDIS_CKPT_URL, else redis://localhost:6379/0)")
+    parser.add_argument("--prefix", default=None, help="key namespace (default dynamiq:ckpt)")
+
+
+def _backend(args: argparse.Namespace, **options):
+    from dynamiq_redis_ckpt.backend import RedisCheckpointBackend
+
+    if args.prefix:
+        options["prefix"] = args.prefix
+    return RedisCheckpointBackend(url=args.url, **options)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from dynamiq_redis_ckpt import demo  # imported on use: it loads Dynamiq's flows
 
     return demo.main(["--url", args.url] if args.url else [])
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from dynamiq_redis_ckpt.worker import Recovery, Worker, load_flow_factory
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    backend = _backend(args, lease_ttl_seconds=args.lease_ttl)
+    backend.ping()
+    factory = load_flow_factory(flows=args.flows, yaml_path=args.yaml)
+    worker = Worker(Recovery(backend, max_attempts=args.max_attempts), factory, concurrency=args.concurrency,
+                    poll_seconds=args.poll)  # fmt: skip
+    worker.install_signal_handlers()
+    logging.getLogger(__name__).info("worker started: concurrency %d, lease ttl %.1f s", args.concurrency, args.lease_ttl)
+    worker.run()
+    logging.getLogger(__name__).info("worker stopped after resuming %d runs", worker.resumed)
+    return 0
+
+
+def _dead(args: argparse.Namespace) -> int:
+    from dynamiq_redis_ckpt.worker import Recovery
+
+    recovery = Recovery(_backend(args))
+    if args.action == "list":
+        for letter in recovery.dead_letters():
+            print(f"{letter.flow}\t{letter.run}\t{letter.since_ms}")
+        return 0
+    if not (args.flow and args.run):
+        print("dead retry|drop needs FLOW RUN", file=sys.stderr)
+        return 2
+    done = recovery.retry_dead(args.flow, args.run) if args.action == "retry" else recovery.drop_dead(args.flow, args.run)
+    print("ok" if done else "not found")
+    return 0 if done else 1
 
 
 def main(argv: list[str] | None = None) -> int:

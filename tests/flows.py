@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 from typing import Any, ClassVar, Literal
 
 from dynamiq import Workflow
@@ -21,6 +22,8 @@ WORDS = (
 ).split()
 
 CRASH_ENV = "CKPT_TEST_CRASH_AT"
+SLEEP_ENV = "CKPT_TEST_STEP_SLEEP"
+PREFIX_ENV = "CKPT_TEST_PREFIX"
 EFFECTS_ENV = "CKPT_TEST_EFFECTS"
 
 
@@ -64,6 +67,8 @@ class Step(Node):
                 f.write(f"{self.id}\n")
                 f.flush()
                 os.fsync(f.fileno())
+        if os.environ.get(SLEEP_ENV):
+            time.sleep(float(os.environ[SLEEP_ENV]))
         if os.environ.get(CRASH_ENV) == self.id:
             os.kill(os.getpid(), self._crash_signal)
         if self.interrupt_once_path and not os.path.exists(self.interrupt_once_path):
@@ -98,6 +103,15 @@ def chain_flow(
     )
 
 
+def worker_flows(flow_id: str) -> Flow:
+    """Flow registry for recovery workers in tests: ``chain-<n>`` and ``chain-<n>-<anything>`` are n-node chains."""
+    from dynamiq_redis_ckpt import RedisCheckpointBackend
+
+    n = int(flow_id.split("-")[1])
+    backend = RedisCheckpointBackend(url=os.environ["DYNAMIQ_REDIS_CKPT_URL"], prefix=os.environ[PREFIX_ENV])
+    return chain_flow(backend, n, flow_id=flow_id, words=60)
+
+
 def final_output(result) -> dict:
     """The last node's output of a flow result (flows keyed by node id)."""
     outputs = result.output
@@ -105,4 +119,4 @@ def final_output(result) -> dict:
     return outputs[last]["output"]
 
 
-__all__ = ["RunInterrupted", "Step", "chain_flow", "final_output", "prose", "Workflow"]
+__all__ = ["RunInterrupted", "Step", "worker_flows", "chain_flow", "final_output", "prose", "Workflow"]

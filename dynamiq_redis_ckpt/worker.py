@@ -1,0 +1,298 @@
+"""Recovery worker: finds runs whose lease ran out or whose timer is due, claims each atomically, and resumes it.
+
+:class:`Recovery` is the embeddable API (find, claim, resume, hand back, dead letters); :class:`Worker` is the
+daemon behind ``dynamiq-redis-ckpt worker``: bounded concurrency on threads (importing Dynamiq takes seconds, so
+never a process per run), heartbeats for what it resumes, and a graceful stop on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dynamiq.checkpoints.config import CheckpointConfig
+from dynamiq.runnables import RunnableConfig, RunnableResult
+from dynamiq.types.cancellation import CancellationConfig, CancellationToken
+
+from dynamiq_redis_ckpt.backend import RedisCheckpointBackend
+from dynamiq_redis_ckpt.errors import ConfigurationError, LeaseLostError
+from dynamiq_redis_ckpt.keys import FLOW_SHARDS
+from dynamiq_redis_ckpt.leases import REGISTRY, HeldLease, process_owner, release_op
+from dynamiq_redis_ckpt.requests import Batch, Script, cmd
+
+logger = logging.getLogger(__name__)
+FlowFactory = Callable[[str], Any]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A run this worker claimed: it holds the lease with ``token`` and resumes from checkpoint ``head``."""
+
+    flow: str
+    run: str
+    token: int
+    head: str
+    attempt: int
+    owner: str
+    reason: str  # "orphan" | "due"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A run whose recovery kept failing; it waits for a person to retry or drop it."""
+
+    flow: str
+    run: str
+    since_ms: int
+
+
+def load_flow_factory(flows: str | None = None, yaml_path: str | None = None) -> FlowFactory:
+    """The registry a worker rebuilds flows from.
+
+    ``flows="module:attr"``: ``attr`` is a callable ``flow_id -> Flow`` or a dict ``flow_id -> zero-argument factory``.
+    ``yaml_path``: a Dynamiq YAML file, loaded anew for every resume so each run gets fresh Flow objects.
+    """
+    if (flows is None) == (yaml_path is None):
+        raise ConfigurationError("give exactly one of flows='module:attr' or yaml_path")
+    if yaml_path is not None:
+        from dynamiq.serializers.loaders.yaml import WorkflowYAMLLoader
+
+        def from_yaml(flow_id: str):
+            data = WorkflowYAMLLoader.load(yaml_path, init_components=False)
+            found = data.flows.get(flow_id)
+            if found is None:
+                raise KeyError(f"flow {flow_id!r} is not in {yaml_path}")
+            return found
+
+        return from_yaml
+    module_name, _, attr = flows.partition(":")
+    if not attr:
+        raise ConfigurationError(f"--flows must look like module:attr, got {flows!r}")
+    target = getattr(importlib.import_module(module_name), attr)
+    if isinstance(target, dict):
+        return lambda flow_id: target[flow_id]()
+    if callable(target):
+        return target
+    raise ConfigurationError(f"{flows} is neither a callable nor a dict of factories")
+
+
+class Recovery:
+    """Find, claim and resume runs of one backend's namespace. Thread-safe; usable inside any service."""
+
+    def __init__(self, backend: RedisCheckpointBackend, *, max_attempts: int = 5, backoff_seconds: float = 2.0):
+        self.backend = backend
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self._core = backend._core
+        self._keys = backend._core.keys
+
+    # ---- store operations (generators, shared by the sync and async paths) --------------------------------------
+
+    def _find_op(self, index_of: Callable[[str], str], limit: int):
+        shards = yield Batch(tuple(cmd("SMEMBERS", self._keys.flow_registry(i)) for i in range(FLOW_SHARDS)))
+        flows = sorted({_text(f) for shard in shards for f in shard})
+        if not flows:
+            return []
+        seconds, micros = (yield cmd("TIME"))
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        replies = yield Batch(tuple(cmd("ZRANGEBYSCORE", index_of(f), "-inf", now_ms, "LIMIT", 0, limit) for f in flows))
+        return [(flow, _text(run)) for flow, runs in zip(flows, replies) for run in runs][:limit]
+
+    def _claim_op(self, flow: str, run: str, reason: str):
+        k = self._keys
+        keys = (k.lease(flow, run), k.lease_index(flow), k.due_index(flow), k.dead_index(flow))
+        owner = process_owner()
+        args = (run, owner, int(self.backend.lease_ttl_seconds * 1000), reason, self.max_attempts)
+        reply = yield Script("claim", keys, args)
+        verdict = _text(reply[0])
+        if verdict == "OK":
+            return Claim(flow, run, int(_text(reply[1])), _text(reply[2]), int(_text(reply[3])), owner, reason)
+        if verdict == "DEAD":
+            logger.error("run %s of flow %s failed %d recoveries: moved to dead letters", run, flow, self.max_attempts)
+        return None
+
+    def _dead_op(self):
+        shards = yield Batch(tuple(cmd("SMEMBERS", self._keys.flow_registry(i)) for i in range(FLOW_SHARDS)))
+        flows = sorted({_text(f) for shard in shards for f in shard})
+        replies = yield Batch(tuple(cmd("ZRANGE", self._keys.dead_index(f), 0, -1, "WITHSCORES") for f in flows))
+        letters = []
+        for flow, rows in zip(flows, replies):
+            pairs = rows if rows and isinstance(rows[0], (list, tuple)) else list(zip(rows[::2], rows[1::2]))
+            letters += [DeadLetter(flow, _text(run), int(float(score))) for run, score in pairs]
+        return letters
+
+    # ---- sync API ---------------------------------------------------------------------------------------------
+
+    def find_orphans(self, limit: int = 100) -> list[tuple[str, str]]:
+        """(flow, run) pairs whose lease ran out (by the server's clock) or was handed back."""
+        return self.backend._sync.run(self._find_op(self._keys.lease_index, limit))
+
+    def find_due(self, limit: int = 100) -> list[tuple[str, str]]:
+        """(flow, run) pairs paused until a time that has come (by the server's clock)."""
+        return self.backend._sync.run(self._find_op(self._keys.due_index, limit))
+
+    def claim(self, flow: str, run: str, reason: str = "orphan") -> Claim | None:
+        """Claim a run atomically; None when another worker got it first, it is not due, or it went dead."""
+        return self.backend._sync.run(self._claim_op(flow, run, reason))
+
+    def resume(self, claim: Claim, flow_factory: FlowFactory, cancel: CancellationToken | None = None) -> RunnableResult:
+        """Resume a claimed run through Dynamiq's own resume path, with the run's own wf_run_id.
+
+        The lease is heartbeated while the run goes on; if it is lost, ``cancel`` is canceled and the run's
+        remaining writes are refused. Raises LeaseLostError if the run stopped because its lease was lost.
+        """
+        token = cancel or CancellationToken()
+        held = HeldLease(
+            self.backend._namespace, claim.flow, claim.run, claim.owner, claim.token, self.backend.lease_ttl_seconds,
+            self.backend.heartbeat_interval_seconds, (self.backend._sync, self._core),
+            on_lost=[lambda reason: token.cancel()],
+        )  # fmt: skip
+        REGISTRY.adopt(held, time.monotonic())
+        flow = flow_factory(claim.flow)
+        config = RunnableConfig(
+            run_id=claim.run,
+            checkpoint=CheckpointConfig(resume_from=claim.head, backend=self.backend),
+            cancellation=CancellationConfig(token=token),
+        )
+        logger.info("resuming run %s of flow %s from %s (attempt %d)", claim.run, claim.flow, claim.head, claim.attempt)
+        result = flow.run_sync(None, config=config)
+        if held.lost is not None:
+            raise LeaseLostError(claim.run, held.lost)
+        return result
+
+    def hand_back(self, claim: Claim, *, failed: bool = False) -> bool:
+        """Give a claimed lease back: at once (graceful stop), or after a backoff when the attempt failed."""
+        # Fenced here first: the run's thread, if still going, must never take the lease back by itself.
+        REGISTRY.fence(self.backend._namespace, claim.flow, claim.run, "handed back by this worker")
+        backoff_ms = int(self.backoff_seconds * 1000 * 2 ** max(claim.attempt - 1, 0))
+        op = release_op(self._core, claim.flow, claim.run, claim.owner, claim.token, failed=failed, backoff_ms=backoff_ms)
+        return self.backend._sync.run(op) == "OK"
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Runs moved to dead letters after ``max_attempts`` failed recoveries."""
+        return self.backend._sync.run(self._dead_op())
+
+    def retry_dead(self, flow: str, run: str) -> bool:
+        """Put a dead-lettered run back: the next worker claims it with a fresh attempt count."""
+        k = self._keys
+        removed = self.backend.redis.zrem(k.dead_index(flow), run)
+        if removed:
+            self.backend.redis.hset(k.lease(flow, run), "attempts", 0)
+            self.backend.redis.zadd(k.lease_index(flow), {run: 0})
+        return bool(removed)
+
+    def drop_dead(self, flow: str, run: str) -> bool:
+        """Forget a dead-lettered run (its checkpoints stay for inspection and cleanup)."""
+        return bool(self.backend.redis.zrem(self._keys.dead_index(flow), run))
+
+    # ---- async API --------------------------------------------------------------------------------------------
+
+    async def find_orphans_async(self, limit: int = 100) -> list[tuple[str, str]]:
+        """Async :meth:`find_orphans`."""
+        return await self.backend._async.run(self._find_op(self._keys.lease_index, limit))
+
+    async def find_due_async(self, limit: int = 100) -> list[tuple[str, str]]:
+        """Async :meth:`find_due`."""
+        return await self.backend._async.run(self._find_op(self._keys.due_index, limit))
+
+    async def claim_async(self, flow: str, run: str, reason: str = "orphan") -> Claim | None:
+        """Async :meth:`claim`."""
+        return await self.backend._async.run(self._claim_op(flow, run, reason))
+
+    async def dead_letters_async(self) -> list[DeadLetter]:
+        """Async :meth:`dead_letters`."""
+        return await self.backend._async.run(self._dead_op())
+
+
+class Worker:
+    """The recovery daemon: polls, claims up to ``concurrency`` runs and resumes them on threads."""
+
+    def __init__(self, recovery: Recovery, flow_factory: FlowFactory, *, concurrency: int = 4, poll_seconds: float = 0.5):
+        self.recovery = recovery
+        self.flow_factory = flow_factory
+        self.concurrency = concurrency
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._running: dict[tuple[str, str], tuple[Claim, CancellationToken, Future]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dynamiq-redis-ckpt-resume")
+        self.resumed = 0
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the worker gracefully (call from the main thread)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.stop())
+
+    def stop(self) -> None:
+        """Stop claiming; running runs are handed back at once and canceled at their next node boundary."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Poll until stopped, then hand back what is still running and return."""
+        while not self._stop.is_set():
+            free = self.concurrency - len(self._running)
+            try:
+                if free > 0:
+                    self._claim_some(free)
+            except Exception:
+                logger.exception("worker poll failed")
+            self._stop.wait(self.poll_seconds)
+        self._shutdown()
+
+    def _claim_some(self, free: int) -> None:
+        candidates = [(f, r, "due") for f, r in self.recovery.find_due(free * 2)]
+        candidates += [(f, r, "orphan") for f, r in self.recovery.find_orphans(free * 2)]
+        for flow, run, reason in candidates:
+            if free <= 0 or self._stop.is_set():
+                return
+            with self._lock:
+                if (flow, run) in self._running:
+                    continue
+            claim = self.recovery.claim(flow, run, reason)
+            if claim is None:
+                continue
+            cancel = CancellationToken()
+            with self._lock:
+                self._running[(flow, run)] = (claim, cancel, self._pool.submit(self._resume, claim, cancel))
+            free -= 1
+
+    def _resume(self, claim: Claim, cancel: CancellationToken) -> None:
+        try:
+            result = self.recovery.resume(claim, self.flow_factory, cancel)
+            self.resumed += 1
+            logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, result.status.value)
+        except LeaseLostError as lost:
+            logger.warning("run %s stopped: %s", claim.run, lost)
+        except Exception:
+            if not self._stop.is_set():
+                logger.exception("recovery of run %s failed (attempt %d)", claim.run, claim.attempt)
+                self.recovery.hand_back(claim, failed=True)
+        finally:
+            with self._lock:
+                self._running.pop((claim.flow, claim.run), None)
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            running = list(self._running.values())
+        for claim, cancel, _ in running:
+            try:
+                self.recovery.hand_back(claim, failed=False)  # another worker continues without waiting
+            except Exception:
+                logger.exception("hand-back of run %s failed; its lease will run out instead", claim.run)
+            cancel.cancel()
+        for _, _, future in running:
+            try:
+                future.result(timeout=30)
+            except Exception:
+                pass
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,222 @@
+"""Leases and fencing on real Redis: every Lua script, with races, and the server's clock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from dynamiq.checkpoints.types import CheckpointStatus as S
+
+from dynamiq_redis_ckpt import ConfigurationError, LeaseLostError, RedisCheckpointBackend
+from dynamiq_redis_ckpt.leases import REGISTRY, HeldLease, process_owner, release_op, renew_op
+from dynamiq_redis_ckpt.store import LeaseIntent
+from dynamiq_redis_ckpt.worker import Recovery
+from tests.test_contract import make
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def server_ms(raw) -> int:
+    seconds, micros = raw.time()
+    return seconds * 1000 + micros // 1000
+
+
+def lease_of(backend, flow, run) -> dict:
+    return {k.decode(): v.decode() for k, v in backend.redis.hgetall(backend._core.keys.lease(flow, run)).items()}
+
+
+def other_holder_saves(backend, cp):
+    """Another process (another owner) saves the run: an explicit resume elsewhere, which takes the lease over."""
+    intent = LeaseIntent("take", "other-host:1:abc", 0, 10_000)
+    return backend._sync.run(backend._core.save(cp, lease=intent))
+
+
+@pytest.fixture
+def leased(redis_server):
+    backend = RedisCheckpointBackend(url=redis_server.url, prefix=f"l{uuid.uuid4().hex[:8]}", lease_ttl_seconds=3)
+    yield backend
+    backend.clear()
+
+
+def test_first_save_takes_the_lease_with_server_time(leased):
+    raw = leased.redis
+    before = server_ms(raw)
+    skewed = make("a", "f", "run-1", "wf-1", S.ACTIVE)
+    skewed.created_at = datetime.now(timezone.utc) + timedelta(hours=5)  # this pod's clock is 5 h ahead
+    leased.save(skewed)
+    after = server_ms(raw)
+    lease = lease_of(leased, "f", "wf-1")
+    assert lease["owner"] == process_owner() and lease["token"] == "1" and lease["head"] == "a"
+    assert before + 3000 <= int(lease["exp"]) <= after + 3000, "expiry comes from the server's TIME"
+    assert raw.zscore(leased._core.keys.lease_index("f"), "wf-1") == int(lease["exp"])
+
+
+def test_head_is_the_newest_save_by_server_order_not_by_clocks(leased):
+    late = make("written-first", "f", "r", "wf", S.ACTIVE)
+    late.created_at = datetime.now(timezone.utc) + timedelta(hours=1)
+    early = make("written-second", "f", "r", "wf", S.ACTIVE, parent="written-first")
+    early.created_at = datetime.now(timezone.utc) - timedelta(hours=1)
+    leased.save(late)
+    leased.save(early)
+    assert lease_of(leased, "f", "wf")["head"] == "written-second"
+
+
+def test_takeover_fences_the_earlier_holder(leased):
+    leased.save(make("a", "f", "run-1", "wf", S.ACTIVE))
+    other_holder_saves(leased, make("b", "f", "run-2", "wf", S.ACTIVE, minute=1, parent="a"))
+    assert lease_of(leased, "f", "wf")["token"] == "2"
+    with pytest.raises(LeaseLostError) as lost:
+        leased.save(make("c", "f", "run-1", "wf", S.ACTIVE, minute=2, parent="a"))
+    assert lost.value.run_id == "wf"
+    assert leased.load("c") is None, "the fenced write did not land"
+    with pytest.raises(LeaseLostError):
+        leased.save(make("d", "f", "run-1", "wf", S.CANCELED, minute=3, parent="a"))
+    assert leased.load("d") is None, "a fenced holder's cancel never ends the real owner's run"
+    assert lease_of(leased, "f", "wf")["head"] == "b"
+
+
+def test_a_lost_run_is_never_taken_back_but_a_new_run_sync_takes_over(leased):
+    leased.save(make("a", "f", "run-1", "wf", S.ACTIVE))
+    other_holder_saves(leased, make("b", "f", "run-2", "wf", S.ACTIVE, minute=1))
+    with pytest.raises(LeaseLostError):
+        leased.save(make("c", "f", "run-1", "wf", S.ACTIVE, minute=2))
+    with pytest.raises(LeaseLostError):  # still fenced: no second chance for the same run_sync
+        leased.save(make("c2", "f", "run-1", "wf", S.ACTIVE, minute=2))
+    leased.save(make("e", "f", "run-3", "wf", S.ACTIVE, minute=3))  # an explicit resume in this process
+    assert lease_of(leased, "f", "wf")["token"] == "3" and lease_of(leased, "f", "wf")["owner"] == process_owner()
+
+
+def test_renew_and_release_by_a_non_holder_fail(leased):
+    leased.save(make("a", "f", "r", "wf", S.ACTIVE))
+    stale = HeldLease(leased._namespace, "f", "wf", process_owner(), 1, 3, 1, None)
+    assert leased._sync.run(renew_op(leased._core, stale)) == "OK"
+    other_holder_saves(leased, make("b", "f", "r2", "wf", S.ACTIVE, minute=1))
+    assert leased._sync.run(renew_op(leased._core, stale)) == "FENCED", "renew after takeover fails"
+    assert leased._sync.run(release_op(leased._core, "f", "wf", process_owner(), 1, failed=False)) == "FENCED"
+    assert leased._sync.run(release_op(leased._core, "f", "wf", "intruder", 2, failed=False)) == "FENCED"
+    assert lease_of(leased, "f", "wf")["owner"] == "other-host:1:abc", "no unconditional delete"
+
+
+def test_ended_and_paused_runs_hand_the_lease_back(leased):
+    leased.save(make("a", "f", "r", "wf", S.ACTIVE))
+    leased.save(make("b", "f", "r", "wf", S.COMPLETED, minute=1, parent="a"))
+    lease = lease_of(leased, "f", "wf")
+    assert lease["owner"] == "" and lease["token"] == "1" and lease["head"] == "b"
+    assert leased.redis.zscore(leased._core.keys.lease_index("f"), "wf") is None
+    assert REGISTRY.get((leased._namespace, "f", "wf")) is None
+    leased.save(make("c", "f", "r2", "wf", S.ACTIVE, minute=2, parent="b"))
+    assert lease_of(leased, "f", "wf")["token"] == "2", "the token survives release and only grows"
+
+
+def test_heartbeat_renews_on_its_own_thread(redis_server):
+    backend = RedisCheckpointBackend(url=redis_server.url, prefix=f"hb{uuid.uuid4().hex[:6]}", lease_ttl_seconds=1.2)
+    try:
+        backend.save(make("a", "f", "r", "wf", S.ACTIVE))
+        first = int(lease_of(backend, "f", "wf")["exp"])
+        time.sleep(2.5)  # longer than the ttl, while this thread does "node work"
+        assert int(lease_of(backend, "f", "wf")["exp"]) > first + 1500
+        backend.save(make("b", "f", "r", "wf", S.COMPLETED, minute=1, parent="a"))
+    finally:
+        backend.clear()
+
+
+def test_self_fencing_when_renewals_cannot_be_confirmed(own_redis):
+    backend = RedisCheckpointBackend(url=own_redis.url, prefix="sf", lease_ttl_seconds=1.5, socket_timeout=0.2,
+                                     retries=0)  # fmt: skip
+    backend.save(make("a", "f", "r", "wf", S.ACTIVE))
+    own_redis.pause()  # renewals now time out
+    time.sleep(2.0)
+    own_redis.resume()
+    with pytest.raises(LeaseLostError) as lost:
+        backend.save(make("b", "f", "r", "wf", S.ACTIVE, minute=1, parent="a"))
+    assert "self-fenced" in lost.value.reason
+    assert backend.load("b") is None
+
+
+def test_lease_ttl_must_be_twice_the_heartbeat():
+    with pytest.raises(ConfigurationError):
+        RedisCheckpointBackend(lease_ttl_seconds=5, heartbeat_interval_seconds=3)
+    assert RedisCheckpointBackend(lease_ttl_seconds=9).heartbeat_interval_seconds == 3
+
+
+def orphan(backend, flow="f", run="wf"):
+    """A run whose holder vanished: saved under a lease that is never renewed and runs out."""
+    intent = LeaseIntent("take", "gone:1:x", 0, 200)
+    backend._sync.run(backend._core.save(make(f"{run}-head", flow, "r", run, S.ACTIVE), lease=intent))
+    time.sleep(0.3)
+
+
+def test_many_threads_claim_one_orphan_exactly_one_wins(leased):
+    orphan(leased)
+    recovery = Recovery(leased)
+    assert recovery.find_orphans() == [("f", "wf")]
+    barrier = threading.Barrier(16)
+    wins = []
+
+    def race():
+        barrier.wait()
+        claim = recovery.claim("f", "wf")
+        if claim:
+            wins.append(claim)
+
+    threads = [threading.Thread(target=race) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and wins[0].token == 2 and wins[0].head == "wf-head"
+    assert recovery.find_orphans() == []
+
+
+def test_many_processes_claim_one_orphan_exactly_one_wins(leased):
+    orphan(leased)
+    start = time.time() + 4
+    racers = [
+        subprocess.Popen([sys.executable, "-m", "tests.claim_race", leased.url, leased.prefix, "f", "wf", str(start)],
+                         cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        for _ in range(4)
+    ]
+    outputs = [r.communicate(timeout=120)[0].split() for r in racers]
+    assert sorted(o[0] for o in outputs) == ["NONE", "NONE", "NONE", "OK"], outputs
+
+
+def test_failed_recoveries_go_to_dead_letters_and_back(leased):
+    orphan(leased)
+    recovery = Recovery(leased, max_attempts=2, backoff_seconds=0.05)
+    for attempt in (1, 2):
+        claim = recovery.claim("f", "wf")
+        assert claim.attempt == attempt
+        assert recovery.hand_back(claim, failed=True)
+        time.sleep(0.05 * 2**attempt + 0.1)
+    assert recovery.claim("f", "wf") is None, "the third failure dead-letters the run"
+    assert [(d.flow, d.run) for d in recovery.dead_letters()] == [("f", "wf")]
+    assert recovery.find_orphans() == []
+    assert recovery.retry_dead("f", "wf")
+    claim = recovery.claim("f", "wf")
+    assert claim is not None and claim.attempt == 1
+    assert recovery.hand_back(claim, failed=True)
+    assert recovery.dead_letters() == []
+    orphan(leased, run="wf2")
+    for _ in range(3):
+        claim = recovery.claim("f", "wf2")
+        if claim:
+            recovery.hand_back(claim, failed=True)
+            time.sleep(0.5)
+    assert [d.run for d in recovery.dead_letters()] == ["wf2"]
+    assert recovery.drop_dead("f", "wf2") and recovery.dead_letters() == []
+
+
+def test_graceful_hand_back_does_not_count_as_an_attempt(leased):
+    orphan(leased)
+    recovery = Recovery(leased, max_attempts=1)
+    for _ in range(3):
+        claim = recovery.claim("f", "wf")
+        assert claim is not None and claim.attempt == 1
+        assert recovery.hand_back(claim, failed=False)
+        assert recovery.find_orphans() == [("f", "wf")], "claimable again at once"
