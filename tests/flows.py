@@ -6,7 +6,11 @@ import os
 import random
 import signal
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Literal
+
+from dynamiq.checkpoints import BaseCheckpointState, RunPausedException
+from pydantic import PrivateAttr
 
 from dynamiq import Workflow
 from dynamiq.checkpoints.config import CheckpointBehavior, CheckpointConfig
@@ -103,13 +107,57 @@ def chain_flow(
     )
 
 
+class TimerState(BaseCheckpointState):
+    resume_at: datetime | None = None
+
+
+class WaitUntil(Node):
+    """Pauses the run (Dynamiq's timer pause) until a time fixed on its first execution and kept in the checkpoint."""
+
+    group: Literal[NodeGroup.UTILS] = NodeGroup.UTILS
+    name: str = "wait-until"
+    seconds: float = 2.0
+    _resume_at: datetime | None = PrivateAttr(default=None)
+
+    def to_checkpoint_state(self) -> TimerState:
+        return TimerState(**super().to_checkpoint_state().model_dump(), resume_at=self._resume_at)
+
+    def from_checkpoint_state(self, state) -> None:
+        super().from_checkpoint_state(state)
+        self._resume_at = TimerState.model_validate(state if isinstance(state, dict) else state.model_dump()).resume_at
+
+    def execute(self, input_data, config: RunnableConfig = None, **kwargs):
+        now = datetime.now(timezone.utc)
+        if not self.is_resumed or self._resume_at is None:
+            self._resume_at = now + timedelta(seconds=self.seconds)
+        if now < self._resume_at:
+            context = config.checkpoint.context if config and config.checkpoint else None
+            if context is not None and context.pause_run(self.id, resume_at=self._resume_at):
+                raise RunPausedException(f"waiting until {self._resume_at.isoformat()}", resume_at=self._resume_at)
+            raise ValueError("cannot pause here")
+        path = os.environ.get(EFFECTS_ENV)
+        if path:
+            with open(path, "a") as f:
+                f.write(f"{self.id}@{now.timestamp():.6f}\n")
+        return {"waited_until": self._resume_at.isoformat(), "woke_at": now.isoformat()}
+
+
+def timer_flow(backend, flow_id: str = "timer", seconds: float = 2.0) -> Flow:
+    """s00 -> wait (pauses ``seconds``) -> s01."""
+    first = Step(id="s00", index=0, words=20)
+    wait = WaitUntil(id="wait", seconds=seconds, depends=[NodeDependency(first)])
+    last = Step(id="s01", index=1, words=20, depends=[NodeDependency(wait)])
+    return Flow(id=flow_id, nodes=[first, wait, last], checkpoint=CheckpointConfig(enabled=True, backend=backend))
+
+
 def worker_flows(flow_id: str) -> Flow:
-    """Flow registry for recovery workers in tests: ``chain-<n>`` and ``chain-<n>-<anything>`` are n-node chains."""
+    """Flow registry for recovery workers in tests: ``chain-<n>[-x]`` are n-node chains, ``timer[-x]`` timer flows."""
     from dynamiq_redis_ckpt import RedisCheckpointBackend
 
-    n = int(flow_id.split("-")[1])
     backend = RedisCheckpointBackend(url=os.environ["DYNAMIQ_REDIS_CKPT_URL"], prefix=os.environ[PREFIX_ENV])
-    return chain_flow(backend, n, flow_id=flow_id, words=60)
+    if flow_id.startswith("timer"):
+        return timer_flow(backend, flow_id)
+    return chain_flow(backend, int(flow_id.split("-")[1]), flow_id=flow_id, words=60)
 
 
 def final_output(result) -> dict:

@@ -1,0 +1,133 @@
+"""The recovery worker with real processes: SIGKILL, SIGSTOP past the ttl, SIGTERM, timers across workers."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from dynamiq.checkpoints.types import CheckpointStatus as S
+
+from dynamiq_redis_ckpt import RedisCheckpointBackend
+from tests.flows import CRASH_ENV, EFFECTS_ENV, PREFIX_ENV, SLEEP_ENV, timer_flow
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def env_for(redis_server, prefix, **extra) -> dict:
+    return os.environ | {"DYNAMIQ_REDIS_CKPT_URL": redis_server.url, PREFIX_ENV: prefix, "PYTHONPATH": str(ROOT)} | extra
+
+
+def start_worker(redis_server, prefix, log_path, *, ttl=2.0, **extra) -> subprocess.Popen:
+    args = [sys.executable, "-m", "dynamiq_redis_ckpt.cli", "worker", "--url", redis_server.url, "--prefix", prefix,
+            "--flows", "tests.flows:worker_flows", "--lease-ttl", str(ttl), "--poll", "0.2"]  # fmt: skip
+    return subprocess.Popen(args, cwd=ROOT, env=env_for(redis_server, prefix, **extra),
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def wait_for(predicate, timeout=90.0, every=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def effects(path: Path) -> collections.Counter:
+    return collections.Counter(line.split("@")[0] for line in path.read_text().split()) if path.exists() else collections.Counter()
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=60)
+
+
+def test_worker_resumes_a_killed_run_and_stops_on_sigterm(redis_server, tmp_path):
+    prefix, flow_id, log = "wk1", "chain-8-killed", tmp_path / "effects"
+    backend = RedisCheckpointBackend(url=redis_server.url, prefix=prefix)
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.run_chain", redis_server.url, prefix, flow_id, "8"], cwd=ROOT, timeout=240,
+        env=env_for(redis_server, prefix, **{CRASH_ENV: "s05", EFFECTS_ENV: str(log), "CKPT_TEST_LEASE_TTL": "2"}),
+        capture_output=True,
+    )  # fmt: skip
+    assert child.returncode == -signal.SIGKILL
+    killed_at = time.monotonic()
+    worker = start_worker(redis_server, prefix, tmp_path / "worker.log", **{EFFECTS_ENV: str(log)})
+    try:
+        done = wait_for(lambda: (cp := backend.get_latest_by_flow(flow_id)) and cp.status == S.COMPLETED and cp)
+        print(f"\n[recovery] kill -> completed by the worker in {time.monotonic() - killed_at:.1f} s (lease ttl 2 s)")
+        assert [effects(log)[f"s0{i}"] for i in range(8)] == [1, 1, 1, 1, 1, 2, 1, 1]
+        runs = {cp.wf_run_id for cp in backend.get_list_by_flow(flow_id, limit=None)}
+        assert runs == {done.wf_run_id}, "the resumed run kept its wf_run_id: one chain"
+        assert len(backend.get_chain(done.id)) == len(backend.get_list_by_flow(flow_id, limit=None))
+    finally:
+        code = stop(worker)
+        backend.clear()
+    assert code == 0, (tmp_path / "worker.log").read_text()[-3000:]
+
+
+def test_sigstop_past_ttl_then_sigcont_the_woken_process_is_fenced(redis_server, tmp_path):
+    prefix, flow_id, log = "wk2", "chain-8-frozen", tmp_path / "effects"
+    backend = RedisCheckpointBackend(url=redis_server.url, prefix=prefix)
+    slow = {SLEEP_ENV: "0.6", EFFECTS_ENV: str(log), "CKPT_TEST_LEASE_TTL": "2"}
+    holder = subprocess.Popen([sys.executable, "-m", "tests.run_chain", redis_server.url, prefix, flow_id, "8"],
+                              cwd=ROOT, env=env_for(redis_server, prefix, **slow), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    worker = None
+    try:
+        wait_for(lambda: effects(log)["s02"] >= 1, every=0.05)
+        holder.send_signal(signal.SIGSTOP)
+        frozen = backend.get_latest_by_flow(flow_id)
+        worker = start_worker(redis_server, prefix, tmp_path / "worker.log", **slow)
+        done = wait_for(lambda: (cp := backend.get_latest_by_flow(flow_id)) and cp.status == S.COMPLETED and cp)
+        holder.send_signal(signal.SIGCONT)
+        out, err = holder.communicate(timeout=120)
+        assert holder.returncode != 0 and "LeaseLostError" in err, err[-3000:]
+        assert backend.get_latest_by_flow(flow_id).id == done.id, "nothing the woken process wrote landed after"
+        writes_of_holder = [c for c in backend.get_list_by_flow(flow_id, limit=None) if c.run_id == frozen.run_id]
+        assert max(len(c.completed_node_ids) for c in writes_of_holder) <= len(frozen.completed_node_ids) + 1
+        counts = effects(log)
+        assert all(counts[f"s0{i}"] == 1 for i in range(len(frozen.completed_node_ids))), counts
+        assert all(counts[f"s0{i}"] >= 1 for i in range(8)) and sum(counts.values()) <= 8 + 2, counts
+    finally:
+        if holder.poll() is None:
+            holder.send_signal(signal.SIGCONT)
+            holder.kill()
+        if worker is not None:
+            assert stop(worker) == 0
+        backend.clear()
+
+
+def test_timer_fires_once_at_its_time_across_workers(redis_server, tmp_path):
+    prefix, log = "wk3", tmp_path / "effects"
+    os.environ[EFFECTS_ENV] = str(log)
+    try:
+        backend = RedisCheckpointBackend(url=redis_server.url, prefix=prefix)
+        first = timer_flow(backend, "timer-1", seconds=3.0).run_sync({"q": 1})
+        assert first.status.value == "failure"  # Dynamiq reports a pause as a FAILURE carrying RunPausedException
+        paused = backend.get_latest_by_flow("timer-1")
+        assert paused.status == S.PENDING_INPUT and paused.resume_at is not None
+        workers = [start_worker(redis_server, prefix, tmp_path / f"w{i}.log", **{EFFECTS_ENV: str(log)}) for i in range(3)]
+        try:
+            done = wait_for(lambda: (cp := backend.get_latest_by_flow("timer-1")) and cp.status == S.COMPLETED and cp)
+        finally:
+            codes = [stop(w) for w in workers]
+        assert codes == [0, 0, 0]
+        lines = [line for line in log.read_text().split() if line.startswith("wait@")]
+        assert len(lines) == 1, "the timer fired exactly once"
+        woke = float(lines[0].split("@")[1])
+        assert woke >= paused.resume_at.timestamp(), "never early"
+        print(f"\n[timer] fired {woke - paused.resume_at.timestamp():.2f} s after its due time")
+        assert done.wf_run_id == paused.wf_run_id
+        assert backend.redis.zcard(backend._core.keys.due_index("timer-1")) == 0
+    finally:
+        os.environ.pop(EFFECTS_ENV, None)
+        RedisCheckpointBackend(url=redis_server.url, prefix=prefix).clear()
