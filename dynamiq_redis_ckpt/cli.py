@@ -71,7 +71,8 @@ def _worker(args: argparse.Namespace) -> int:
     worker = Worker(Recovery(backend, max_attempts=args.max_attempts), factory, concurrency=args.concurrency,
                     poll_seconds=args.poll)  # fmt: skip
     worker.install_signal_handlers()
-    logging.getLogger(__name__).info("worker started: concurrency %d, lease ttl %.1f s", args.concurrency, args.lease_ttl)
+    worker.warm_up()
+    logging.getLogger(__name__).info("worker ready: concurrency %d, lease ttl %.1f s", args.concurrency, args.lease_ttl)
     worker.run()
     logging.getLogger(__name__).info("worker stopped after resuming %d runs", worker.resumed)
     return 0

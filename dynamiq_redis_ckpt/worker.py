@@ -233,6 +233,12 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.stop())
 
+    @staticmethod
+    def warm_up() -> None:
+        """Import what Dynamiq loads lazily on a run's first node failure or pause (seconds on small machines), so
+        the first recovery does not pay it after a lease has already run out."""
+        importlib.import_module("dynamiq.nodes.agents.exceptions")
+
     def stop(self) -> None:
         """Stop claiming; running runs are handed back at once and canceled at their next node boundary."""
         self._stop.set()

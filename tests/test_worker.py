@@ -53,14 +53,15 @@ def stop(proc: subprocess.Popen) -> int:
 def test_worker_resumes_a_killed_run_and_stops_on_sigterm(redis_server, tmp_path):
     prefix, flow_id, log = "wk1", "chain-8-killed", tmp_path / "effects"
     backend = RedisCheckpointBackend(url=redis_server.url, prefix=prefix)
+    worker = start_worker(redis_server, prefix, tmp_path / "worker.log", **{EFFECTS_ENV: str(log)})
+    wait_for(lambda: "worker ready" in (tmp_path / "worker.log").read_text())
     child = subprocess.run(
         [sys.executable, "-m", "tests.run_chain", redis_server.url, prefix, flow_id, "8"], cwd=ROOT, timeout=240,
         env=env_for(redis_server, prefix, **{CRASH_ENV: "s05", EFFECTS_ENV: str(log), "CKPT_TEST_LEASE_TTL": "2"}),
         capture_output=True,
     )  # fmt: skip
-    assert child.returncode == -signal.SIGKILL
     killed_at = time.monotonic()
-    worker = start_worker(redis_server, prefix, tmp_path / "worker.log", **{EFFECTS_ENV: str(log)})
+    assert child.returncode == -signal.SIGKILL
     try:
         done = wait_for(lambda: (cp := backend.get_latest_by_flow(flow_id)) and cp.status == S.COMPLETED and cp)
         print(f"\n[recovery] kill -> completed by the worker in {time.monotonic() - killed_at:.1f} s (lease ttl 2 s)")
@@ -111,12 +112,13 @@ def test_timer_fires_once_at_its_time_across_workers(redis_server, tmp_path):
     os.environ[EFFECTS_ENV] = str(log)
     try:
         backend = RedisCheckpointBackend(url=redis_server.url, prefix=prefix)
-        first = timer_flow(backend, "timer-1", seconds=3.0).run_sync({"q": 1})
-        assert first.status.value == "failure"  # Dynamiq reports a pause as a FAILURE carrying RunPausedException
-        paused = backend.get_latest_by_flow("timer-1")
-        assert paused.status == S.PENDING_INPUT and paused.resume_at is not None
         workers = [start_worker(redis_server, prefix, tmp_path / f"w{i}.log", **{EFFECTS_ENV: str(log)}) for i in range(3)]
         try:
+            wait_for(lambda: all("worker ready" in (tmp_path / f"w{i}.log").read_text() for i in range(3)))
+            first = timer_flow(backend, "timer-1", seconds=3.0).run_sync({"q": 1})
+            assert first.status.value == "failure"  # Dynamiq reports a pause as a FAILURE carrying RunPausedException
+            paused = backend.get_latest_by_flow("timer-1")
+            assert paused.status == S.PENDING_INPUT and paused.resume_at is not None
             done = wait_for(lambda: (cp := backend.get_latest_by_flow("timer-1")) and cp.status == S.COMPLETED and cp)
         finally:
             codes = [stop(w) for w in workers]
