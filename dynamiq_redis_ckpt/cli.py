@@ -3,6 +3,7 @@
 Commands:
     demo      crash a flow mid-run and resume it from Redis (see :mod:`dynamiq_redis_ckpt.demo`)
     worker    recover runs whose lease ran out or whose timer is due (see :mod:`dynamiq_redis_ckpt.worker`)
+    resume    answer a run that waits for a person (a worker resumes it with the answer)
     dead      list, retry or drop dead-lettered runs
 """
 
@@ -32,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-attempts", type=int, default=5, help="failed recoveries before a dead letter")
     worker.add_argument("--poll", type=float, default=0.5, help="seconds between looks for work")
     worker.set_defaults(handler=_worker)
+
+    resume = commands.add_parser("resume", help="answer a run that waits for a person; a worker resumes it")
+    _store_options(resume)
+    resume.add_argument("run", help="the run's wf_run_id")
+    resume.add_argument("--input", required=True, help="the answer, as JSON")
+    resume.add_argument("--node", help="the waiting node (needed when several wait)")
+    resume.add_argument("--flow", help="the run's flow id (found from the run when left out)")
+    resume.set_defaults(handler=_resume)
 
     dead = commands.add_parser("dead", help="list, retry or drop runs whose recovery kept failing")
     _store_options(dead)
@@ -75,6 +84,21 @@ def _worker(args: argparse.Namespace) -> int:
     logging.getLogger(__name__).info("worker ready: concurrency %d, lease ttl %.1f s", args.concurrency, args.lease_ttl)
     worker.run()
     logging.getLogger(__name__).info("worker stopped after resuming %d runs", worker.resumed)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    import json
+
+    from dynamiq_redis_ckpt.errors import ConfigurationError
+    from dynamiq_redis_ckpt.worker import Recovery
+
+    try:
+        node = Recovery(_backend(args)).deliver_input(args.run, json.loads(args.input), node_id=args.node, flow=args.flow)
+    except (ConfigurationError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"answer stored for node {node} of run {args.run}; a worker resumes it")
     return 0
 
 

@@ -16,6 +16,7 @@ key                             type    holds
 ``P:flow:{F}:due``              zset    paused runs of flow F with a timer, score = resume_at (ms)
 ``P:flow:{F}:dead``             zset    dead-lettered runs of flow F, score = when (server ms)
 ``P:flows:{<n>}``               set     flows that have leases, timers or dead letters (16 shards)
+``P:inbox:{F}:<run>``           hash    answers from people for a paused run's nodes, kept until used
 ``P:id:{<id>}``                 string  flow id of checkpoint <id> (so load needs only the id)
 ``P:runflows:{<run>}``          set     flows that hold checkpoints of run <run>
 ==============================  ======  ======================================================
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from dynamiq_redis_ckpt.errors import ConfigurationError
 
 
-KINDS = ("cp", "flow", "pack", "id", "runflows", "lease", "flows")
+KINDS = ("cp", "flow", "pack", "id", "runflows", "lease", "flows", "inbox")
 FLOW_SHARDS = 16
 
 
@@ -96,6 +97,10 @@ class Keys:
     def flow_registry_for(self, flow_id: str) -> str:
         """The registry shard a flow belongs to."""
         return self.flow_registry(zlib.crc32(flow_id.encode()) % FLOW_SHARDS)
+
+    def inbox(self, flow_id: str, run_key: str) -> str:
+        """Hash of people's answers for a paused run's nodes (node_id -> JSON)."""
+        return f"{self.prefix}:inbox:{tag(flow_id)}:{run_key}"
 
     def locator(self, checkpoint_id: str) -> str:
         """String naming the flow a checkpoint id belongs to."""

@@ -8,6 +8,7 @@ never a process per run), heartbeats for what it resumes, and a graceful stop on
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import signal
 import threading
@@ -22,6 +23,7 @@ from dynamiq.types.cancellation import CancellationConfig, CancellationToken
 
 from dynamiq_redis_ckpt.backend import RedisCheckpointBackend
 from dynamiq_redis_ckpt.errors import ConfigurationError, LeaseLostError
+from dynamiq_redis_ckpt.inbox import attach_answers
 from dynamiq_redis_ckpt.keys import FLOW_SHARDS
 from dynamiq_redis_ckpt.leases import REGISTRY, HeldLease, process_owner, release_op
 from dynamiq_redis_ckpt.requests import Batch, Script, cmd
@@ -54,6 +56,11 @@ class DeadLetter:
     flow: str
     run: str
     since_ms: int
+
+
+def _script(name: str, keys: tuple, args: tuple):
+    reply = yield Script(name, keys, args)
+    return _text(reply[0])
 
 
 def load_flow_factory(flows: str | None = None, yaml_path: str | None = None) -> FlowFactory:
@@ -159,16 +166,58 @@ class Recovery:
         )  # fmt: skip
         REGISTRY.adopt(held, time.monotonic())
         flow = flow_factory(claim.flow)
+        answers = {_text(k): _text(v) for k, v in self.backend.redis.hgetall(self._keys.inbox(claim.flow, claim.run)).items()}
+        served = attach_answers(flow, answers)
         config = RunnableConfig(
             run_id=claim.run,
             checkpoint=CheckpointConfig(resume_from=claim.head, backend=self.backend),
             cancellation=CancellationConfig(token=token),
         )
         logger.info("resuming run %s of flow %s from %s (attempt %d)", claim.run, claim.flow, claim.head, claim.attempt)
-        result = flow.run_sync(None, config=config)
+        try:
+            result = flow.run_sync(None, config=config)
+        finally:
+            self._forget_used_answers(claim, served)
         if held.lost is not None:
             raise LeaseLostError(claim.run, held.lost)
         return result
+
+    def _forget_used_answers(self, claim: Claim, served: list[str]) -> None:
+        """Drop the answers of nodes the run has completed since; the others stay for the next resume."""
+        if not served:
+            return
+        latest = self.backend.get_latest_by_flow_and_run(claim.flow, claim.run)
+        used = [n for n in served if latest is not None and n in latest.completed_node_ids]
+        if used:
+            self.backend.redis.hdel(self._keys.inbox(claim.flow, claim.run), *used)
+
+    def deliver_input(self, run: str, data: Any, *, node_id: str | None = None, flow: str | None = None) -> str:
+        """Store a person's answer for a run paused waiting for input, and make it due: a worker resumes it.
+
+        ``run`` is the wf_run_id; ``node_id`` may be left out when exactly one node waits. ``data`` is what the
+        node reads: for an approval ``{"feedback": ..., "is_approved": ..., "data": {...}}``, for a
+        HumanFeedbackTool ``{"content": ...}``, for a custom node whatever it expects. Returns the node id.
+        """
+        flows = [flow] if flow else sorted(_text(f) for f in self.backend.redis.smembers(self._keys.run_flows(run)))
+        for candidate in flows:
+            head = self.backend.redis.hget(self._keys.lease(candidate, run), "head")
+            if head is None:
+                continue
+            checkpoint = self.backend.load(_text(head))
+            waiting = list(checkpoint.pending_inputs) if checkpoint else []
+            if node_id is None:
+                if len(waiting) != 1:
+                    raise ConfigurationError(f"run {run} waits on {waiting or 'no node'}: name the node")
+                node_id = waiting[0]
+            elif node_id not in waiting:
+                raise ConfigurationError(f"run {run} is not waiting on node {node_id!r} (waiting: {waiting})")
+            keys = (self._keys.inbox(candidate, run), self._keys.due_index(candidate), self._keys.lease(candidate, run))
+            reply = self.backend._sync.run(_script("deliver", keys, (run, node_id, json.dumps(data), 7 * 86400_000)))
+            if reply == "RUNNING":
+                raise ConfigurationError(f"run {run} is running (it holds a live lease), not waiting for input")
+            if reply == "OK":
+                return node_id
+        raise ConfigurationError(f"no paused run {run!r} found")
 
     def hand_back(self, claim: Claim, *, failed: bool = False) -> bool:
         """Give a claimed lease back: at once (graceful stop), or after a backoff when the attempt failed."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from queue import Queue
 import random
 import signal
 import time
@@ -150,6 +151,48 @@ def timer_flow(backend, flow_id: str = "timer", seconds: float = 2.0) -> Flow:
     return Flow(id=flow_id, nodes=[first, wait, last], checkpoint=CheckpointConfig(enabled=True, backend=backend))
 
 
+class AskPerson(Node):
+    """Asks a person: takes the answer queued for it on resume, otherwise pauses the run until input arrives."""
+
+    group: Literal[NodeGroup.UTILS] = NodeGroup.UTILS
+    name: str = "ask-person"
+
+    def execute(self, input_data, config: RunnableConfig = None, **kwargs):
+        if os.environ.get(CRASH_ENV) == self.id and self.streaming.input_streaming_enabled:
+            os.kill(os.getpid(), signal.SIGKILL)  # the resuming pod dies before the node reads the answer
+        if self.streaming.input_streaming_enabled:
+            try:
+                answer = self.streaming.input_queue.get_nowait()
+            except Exception:
+                answer = None
+            if answer is not None:
+                from dynamiq.types.streaming import StreamingEventMessage
+
+                return {"answer": StreamingEventMessage.model_validate_json(answer).data}
+        context = config.checkpoint.context if config and config.checkpoint else None
+        if context is not None and context.pause_run(self.id):
+            raise RunPausedException("waiting for a person")
+        raise ValueError("no answer and the run cannot pause")
+
+
+def ask_flow(backend, flow_id: str = "ask", tool: bool = False) -> Flow:
+    """s00 -> ask -> s01; ``tool`` uses Dynamiq's own HumanFeedbackTool (input via stream) instead of AskPerson."""
+    from dynamiq.nodes.tools.human_feedback import HumanFeedbackTool
+    from dynamiq.types.feedback import FeedbackMethod
+    from dynamiq.types.streaming import StreamingConfig
+
+    first = Step(id="s00", index=0, words=20)
+    if tool:
+        ask = HumanFeedbackTool(id="ask", input_method=FeedbackMethod.STREAM, action="ask", msg_template="{{input}}",
+                                streaming=StreamingConfig(enabled=True, timeout=0.5, input_queue_poll_interval=0.1,
+                                                          input_queue=Queue()),  # nobody answers in time: pause
+                                depends=[NodeDependency(first)])  # fmt: skip
+    else:
+        ask = AskPerson(id="ask", depends=[NodeDependency(first)])
+    last = Step(id="s01", index=1, words=20, depends=[NodeDependency(ask)])
+    return Flow(id=flow_id, nodes=[first, ask, last], checkpoint=CheckpointConfig(enabled=True, backend=backend))
+
+
 def worker_flows(flow_id: str) -> Flow:
     """Flow registry for recovery workers in tests: ``chain-<n>[-x]`` are n-node chains, ``timer[-x]`` timer flows."""
     from dynamiq_redis_ckpt import RedisCheckpointBackend
@@ -157,6 +200,8 @@ def worker_flows(flow_id: str) -> Flow:
     backend = RedisCheckpointBackend(url=os.environ["DYNAMIQ_REDIS_CKPT_URL"], prefix=os.environ[PREFIX_ENV])
     if flow_id.startswith("timer"):
         return timer_flow(backend, flow_id)
+    if flow_id.startswith("ask"):
+        return ask_flow(backend, flow_id, tool=flow_id.startswith("ask-tool"))
     return chain_flow(backend, int(flow_id.split("-")[1]), flow_id=flow_id, words=60)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cache
 from importlib.resources import files
 
-NAMES = ("save", "delete", "prune", "renew", "release", "claim")
+NAMES = ("save", "delete", "prune", "renew", "release", "claim", "deliver")
 
 
 @cache

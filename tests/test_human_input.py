@@ -1,0 +1,83 @@
+"""A run waiting for a person is resumed with that person's answer from any process, exactly once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from dynamiq.checkpoints.types import CheckpointStatus as S
+from dynamiq.runnables import RunnableConfig
+
+from dynamiq_redis_ckpt import ConfigurationError, RedisCheckpointBackend
+from dynamiq_redis_ckpt.worker import Recovery
+from tests.flows import CRASH_ENV, ask_flow
+from tests.test_worker import env_for, start_worker, stop, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def backend(redis_server):
+    made = RedisCheckpointBackend(url=redis_server.url, prefix=f"h{uuid.uuid4().hex[:6]}")
+    yield made
+    made.clear()
+
+
+@pytest.mark.parametrize("tool", [False, True], ids=["custom-node", "HumanFeedbackTool"])
+def test_answer_resumes_the_waiting_node(backend, tool):
+    flow_id = "ask-tool-1" if tool else "ask-1"
+    first = ask_flow(backend, flow_id, tool=tool).run_sync({"input": "Ship it?"}, config=RunnableConfig(run_id="wf-h"))
+    assert first.status.value == "failure"
+    paused = backend.get_latest_by_flow(flow_id)
+    assert paused.status == S.PENDING_INPUT and list(paused.pending_inputs) == ["ask"]
+    recovery = Recovery(backend)
+    assert recovery.find_due() == [], "a run waiting for a person is not due until someone answers"
+    answer = {"content": "yes, ship it"} if tool else {"choice": "blue"}
+    assert recovery.deliver_input("wf-h", answer) == "ask"
+    assert recovery.find_due() == [(flow_id, "wf-h")]
+    claim = recovery.claim(flow_id, "wf-h", "due")
+    assert claim is not None and claim.head == paused.id
+    assert recovery.claim(flow_id, "wf-h", "due") is None, "claimed once"
+    result = recovery.resume(claim, lambda f: ask_flow(RedisCheckpointBackend(url=backend.url, prefix=backend.prefix), f, tool=tool))
+    assert result.status.value == "success"
+    expected = {"content": "yes, ship it"} if tool else {"answer": {"choice": "blue"}}
+    assert result.output["ask"]["output"] == expected
+    done = backend.get_latest_by_flow(flow_id)
+    assert done.status == S.COMPLETED and done.wf_run_id == "wf-h"
+    assert backend.redis.hlen(backend._core.keys.inbox(flow_id, "wf-h")) == 0, "a used answer is forgotten"
+
+
+def test_answer_for_a_run_that_is_not_waiting_is_refused(backend):
+    with pytest.raises(ConfigurationError):
+        Recovery(backend).deliver_input("no-such-run", {"x": 1})
+
+
+@pytest.mark.slow
+def test_answer_from_another_process_survives_the_resuming_worker_crashing(redis_server, backend, tmp_path):
+    flow_id = "ask-2"
+    ask_flow(backend, flow_id).run_sync({"q": 1}, config=RunnableConfig(run_id="wf-p"))
+    # A worker that dies (SIGKILL) when its resumed run reaches the waiting node, before the node reads the answer.
+    doomed = start_worker(redis_server, backend.prefix, tmp_path / "doomed.log", **{CRASH_ENV: "ask"})
+    wait_for(lambda: "worker ready" in (tmp_path / "doomed.log").read_text())
+    cli = subprocess.run(
+        [sys.executable, "-m", "dynamiq_redis_ckpt.cli", "resume", "wf-p", "--input", json.dumps({"choice": "red"}),
+         "--url", redis_server.url, "--prefix", backend.prefix],
+        cwd=ROOT, env=env_for(redis_server, backend.prefix), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert doomed.wait(timeout=60) == -signal.SIGKILL
+    assert backend.get_latest_by_flow(flow_id).status != S.COMPLETED
+    survivor = start_worker(redis_server, backend.prefix, tmp_path / "survivor.log")
+    try:
+        done = wait_for(lambda: (cp := backend.get_latest_by_flow(flow_id)) and cp.status == S.COMPLETED and cp)
+        assert done.node_states["ask"].output_data == {"answer": {"choice": "red"}}
+        assert done.wf_run_id == "wf-p"
+    finally:
+        assert stop(survivor) == 0
+    time.sleep(0.1)
