@@ -14,6 +14,8 @@ from dynamiq_redis_ckpt.errors import (
     WrongKeyTypeError,
 )
 
+from dynamiq_redis_ckpt.leases import idempotency_key
+
 __all__ = [
     "CheckpointCorruptedError",
     "CheckpointEncodeError",
@@ -26,5 +28,6 @@ __all__ = [
     "StoreUnavailableError",
     "UnsupportedFormatError",
     "WrongKeyTypeError",
+    "idempotency_key",
 ]
 __version__ = "0.1.0"

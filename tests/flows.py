@@ -68,8 +68,12 @@ class Step(Node):
         paragraph = prose(self.index, self.words)
         path = self.effects_path or os.environ.get(EFFECTS_ENV)
         if path:
+            from dynamiq_redis_ckpt import idempotency_key
+
             with open(path, "a") as f:
                 f.write(f"{self.id}\n")
+            with open(path + ".keys", "a") as f:
+                f.write(f"{idempotency_key(config, self.id)}\n")
                 f.flush()
                 os.fsync(f.fileno())
         if os.environ.get(SLEEP_ENV):

@@ -3,6 +3,8 @@
 import os
 import sys
 
+from dynamiq.runnables import RunnableConfig
+
 from dynamiq_redis_ckpt import RedisCheckpointBackend
 from tests.flows import chain_flow
 
@@ -11,5 +13,6 @@ if __name__ == "__main__":
     ttl = float(os.environ.get("CKPT_TEST_LEASE_TTL", "15"))
     backend = RedisCheckpointBackend(url=url, prefix=prefix, lease_ttl_seconds=ttl)
     flow = chain_flow(backend, n, flow_id=flow_id, words=60)
-    result = flow.run_sync({"question": "where is my order?"})
+    # A run started with its own run id: nodes' idempotency keys then match across resumes (see README).
+    result = flow.run_sync({"question": "where is my order?"}, config=RunnableConfig(run_id=f"wf-{flow_id}"))
     print(result.status.value)

@@ -66,6 +66,8 @@ def test_worker_resumes_a_killed_run_and_stops_on_sigterm(redis_server, tmp_path
         done = wait_for(lambda: (cp := backend.get_latest_by_flow(flow_id)) and cp.status == S.COMPLETED and cp)
         print(f"\n[recovery] kill -> completed by the worker in {time.monotonic() - killed_at:.1f} s (lease ttl 2 s)")
         assert [effects(log)[f"s0{i}"] for i in range(8)] == [1, 1, 1, 1, 1, 2, 1, 1]
+        keys = Path(str(log) + ".keys").read_text().split()
+        assert len(keys) == 9 and len(set(keys)) == 8, "the node run twice used one idempotency key both times"
         runs = {cp.wf_run_id for cp in backend.get_list_by_flow(flow_id, limit=None)}
         assert runs == {done.wf_run_id}, "the resumed run kept its wf_run_id: one chain"
         assert len(backend.get_chain(done.id)) == len(backend.get_list_by_flow(flow_id, limit=None))
