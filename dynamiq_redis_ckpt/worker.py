@@ -7,6 +7,7 @@ never a process per run), heartbeats for what it resumes, and a graceful stop on
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import logging
@@ -158,6 +159,30 @@ class Recovery:
         The lease is heartbeated while the run goes on; if it is lost, ``cancel`` is canceled and the run's
         remaining writes are refused. Raises LeaseLostError if the run stopped because its lease was lost.
         """
+        held, flow, config, served = self._prepare(claim, flow_factory, cancel)
+        try:
+            result = flow.run_sync(None, config=config)
+        finally:
+            self._forget_used_answers(claim, served)
+        if held.lost is not None:
+            raise LeaseLostError(claim.run, held.lost)
+        return result
+
+    async def resume_async(
+        self, claim: Claim, flow_factory: FlowFactory, cancel: CancellationToken | None = None
+    ) -> RunnableResult:
+        """Async :meth:`resume`, through Dynamiq's ``run_async``."""
+        held, flow, config, served = self._prepare(claim, flow_factory, cancel)
+        try:
+            result = await flow.run_async(None, config=config)
+        finally:
+            self._forget_used_answers(claim, served)
+        if held.lost is not None:
+            raise LeaseLostError(claim.run, held.lost)
+        return result
+
+    def _prepare(self, claim: Claim, flow_factory: FlowFactory, cancel: CancellationToken | None):
+        """Heartbeat the claimed lease, rebuild the flow, hand it any stored answers, and build the run config."""
         token = cancel or CancellationToken()
         held = HeldLease(
             self.backend._namespace, claim.flow, claim.run, claim.owner, claim.token, self.backend.lease_ttl_seconds,
@@ -166,21 +191,15 @@ class Recovery:
         )  # fmt: skip
         REGISTRY.adopt(held, time.monotonic())
         flow = flow_factory(claim.flow)
-        answers = {_text(k): _text(v) for k, v in self.backend.redis.hgetall(self._keys.inbox(claim.flow, claim.run)).items()}
-        served = attach_answers(flow, answers)
+        inbox = self.backend.redis.hgetall(self._keys.inbox(claim.flow, claim.run))
+        served = attach_answers(flow, {_text(k): _text(v) for k, v in inbox.items()})
         config = RunnableConfig(
             run_id=claim.run,
             checkpoint=CheckpointConfig(resume_from=claim.head, backend=self.backend),
             cancellation=CancellationConfig(token=token),
         )
         logger.info("resuming run %s of flow %s from %s (attempt %d)", claim.run, claim.flow, claim.head, claim.attempt)
-        try:
-            result = flow.run_sync(None, config=config)
-        finally:
-            self._forget_used_answers(claim, served)
-        if held.lost is not None:
-            raise LeaseLostError(claim.run, held.lost)
-        return result
+        return held, flow, config, served
 
     def _forget_used_answers(self, claim: Claim, served: list[str]) -> None:
         """Drop the answers of nodes the run has completed since; the others stay for the next resume."""
@@ -335,6 +354,41 @@ class Worker:
         finally:
             with self._lock:
                 self._running.pop((claim.flow, claim.run), None)
+
+    async def run_async(self) -> None:
+        """The same loop on an event loop (for services that embed it): claims with ``redis.asyncio`` and resumes
+        through ``run_async`` as tasks, at most ``concurrency`` at once. Stop it with :meth:`stop`."""
+        tasks: dict[tuple[str, str], asyncio.Task] = {}
+        while not self._stop.is_set():
+            free = self.concurrency - len(tasks)
+            try:
+                if free > 0:
+                    found = [(f, r, "due") for f, r in await self.recovery.find_due_async(free * 2)]
+                    found += [(f, r, "orphan") for f, r in await self.recovery.find_orphans_async(free * 2)]
+                    for flow, run, reason in found:
+                        if len(tasks) >= self.concurrency or (flow, run) in tasks:
+                            continue
+                        claim = await self.recovery.claim_async(flow, run, reason)
+                        if claim is not None:
+                            tasks[(flow, run)] = asyncio.create_task(self._resume_task(claim))
+            except Exception:
+                logger.exception("worker poll failed")
+            for key in [k for k, t in tasks.items() if t.done()]:
+                del tasks[key]
+            await asyncio.sleep(self.poll_seconds)
+        if tasks:
+            await asyncio.wait(tasks.values(), timeout=30)
+
+    async def _resume_task(self, claim: Claim) -> None:
+        try:
+            result = await self.recovery.resume_async(claim, self.flow_factory)
+            self.resumed += 1
+            logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, result.status.value)
+        except LeaseLostError as lost:
+            logger.warning("run %s stopped: %s", claim.run, lost)
+        except Exception:
+            logger.exception("recovery of run %s failed (attempt %d)", claim.run, claim.attempt)
+            self.recovery.hand_back(claim, failed=True)
 
     def _shutdown(self) -> None:
         with self._lock:

@@ -81,3 +81,31 @@ def test_answer_from_another_process_survives_the_resuming_worker_crashing(redis
     finally:
         assert stop(survivor) == 0
     time.sleep(0.1)
+
+
+def test_embedded_async_worker_resumes_an_answered_run(backend):
+    """A service runs the worker loop on its own event loop: claims with redis.asyncio, resumes with run_async."""
+    import asyncio
+
+    from dynamiq_redis_ckpt.worker import Worker
+
+    ask_flow(backend, "ask-3").run_sync({"q": 1}, config=RunnableConfig(run_id="wf-a"))
+    recovery = Recovery(backend)
+    recovery.deliver_input("wf-a", {"choice": "green"})
+    factory = lambda f: ask_flow(RedisCheckpointBackend(url=backend.url, prefix=backend.prefix), f)  # noqa: E731
+    worker = Worker(recovery, factory, concurrency=2, poll_seconds=0.1)
+
+    async def serve():
+        loop_task = asyncio.create_task(worker.run_async())
+        for _ in range(300):
+            latest = await backend.get_latest_by_flow_async("ask-3")
+            if latest.status == S.COMPLETED:
+                break
+            await asyncio.sleep(0.1)
+        worker.stop()
+        await loop_task
+        return latest
+
+    done = asyncio.run(serve())
+    assert done.status == S.COMPLETED and done.node_states["ask"].output_data == {"answer": {"choice": "green"}}
+    assert worker.resumed == 1

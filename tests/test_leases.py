@@ -220,3 +220,26 @@ def test_graceful_hand_back_does_not_count_as_an_attempt(leased):
         assert claim is not None and claim.attempt == 1
         assert recovery.hand_back(claim, failed=False)
         assert recovery.find_orphans() == [("f", "wf")], "claimable again at once"
+
+
+def test_lease_state_is_shared_by_every_backend_object_of_a_process(leased):
+    """Flow builders often make a backend per Flow: the second object writes under the first one's lease."""
+    leased.save(make("a", "f", "run-1", "wf", S.ACTIVE))
+    twin = RedisCheckpointBackend(url=leased.url, prefix=leased.prefix, lease_ttl_seconds=3)
+    twin.save(make("b", "f", "run-1", "wf", S.ACTIVE, minute=1, parent="a"))
+    assert lease_of(leased, "f", "wf")["token"] == "1", "no take-over between objects of one process"
+
+
+def test_dead_letters_from_the_cli(leased, redis_server):
+    orphan(leased)
+    recovery = Recovery(leased, max_attempts=1)
+    recovery.hand_back(recovery.claim("f", "wf"), failed=True)
+    time.sleep(2.2)
+    assert recovery.claim("f", "wf") is None
+    base = [sys.executable, "-m", "dynamiq_redis_ckpt.cli", "dead"]
+    where = ["--url", leased.url, "--prefix", leased.prefix]
+    listed = subprocess.run(base + ["list"] + where, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and listed.stdout.split("\t")[:2] == ["f", "wf"], listed.stderr[-2000:]
+    retried = subprocess.run(base + ["retry", "f", "wf"] + where, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert retried.returncode == 0 and recovery.dead_letters() == []
+    assert recovery.find_orphans() == [("f", "wf")]
