@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--lease-ttl", type=float, default=15.0, help="lease ttl in seconds (heartbeat: a third)")
     worker.add_argument("--max-attempts", type=int, default=5, help="failed recoveries before a dead letter")
     worker.add_argument("--poll", type=float, default=0.5, help="seconds between looks for work")
+    worker.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
     worker.set_defaults(handler=_worker)
 
     resume = commands.add_parser("resume", help="answer a run that waits for a person; a worker resumes it")
@@ -77,8 +78,17 @@ def _worker(args: argparse.Namespace) -> int:
     backend = _backend(args, lease_ttl_seconds=args.lease_ttl)
     backend.ping()
     factory = load_flow_factory(flows=args.flows, yaml_path=args.yaml)
+    metrics = None
+    if args.metrics_port is not None:
+        from prometheus_client import CollectorRegistry
+
+        from dynamiq_redis_ckpt.metrics import WorkerMetrics, serve
+
+        metrics = WorkerMetrics(CollectorRegistry())
     worker = Worker(Recovery(backend, max_attempts=args.max_attempts), factory, concurrency=args.concurrency,
-                    poll_seconds=args.poll)  # fmt: skip
+                    poll_seconds=args.poll, metrics=metrics)  # fmt: skip
+    if metrics is not None:
+        serve(args.metrics_port, metrics.registry, lambda: worker.alive, _pinger(backend))
     worker.install_signal_handlers()
     worker.warm_up()
     logging.getLogger(__name__).info("worker ready: concurrency %d, lease ttl %.1f s", args.concurrency, args.lease_ttl)
@@ -100,6 +110,16 @@ def _resume(args: argparse.Namespace) -> int:
         return 1
     print(f"answer stored for node {node} of run {args.run}; a worker resumes it")
     return 0
+
+
+def _pinger(backend):
+    def ready() -> bool:
+        try:
+            return backend.ping()
+        except Exception:
+            return False
+
+    return ready
 
 
 def _dead(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from dynamiq_redis_ckpt.errors import ConfigurationError, LeaseLostError
 from dynamiq_redis_ckpt.inbox import attach_answers
 from dynamiq_redis_ckpt.keys import FLOW_SHARDS
 from dynamiq_redis_ckpt.leases import REGISTRY, HeldLease, process_owner, release_op
+from dynamiq_redis_ckpt.metrics import WorkerMetrics
 from dynamiq_redis_ckpt.requests import Batch, Script, cmd
 
 logger = logging.getLogger(__name__)
@@ -285,8 +286,17 @@ class Recovery:
 class Worker:
     """The recovery daemon: polls, claims up to ``concurrency`` runs and resumes them on threads."""
 
-    def __init__(self, recovery: Recovery, flow_factory: FlowFactory, *, concurrency: int = 4, poll_seconds: float = 0.5):
+    def __init__(
+        self,
+        recovery: Recovery,
+        flow_factory: FlowFactory,
+        *,
+        concurrency: int = 4,
+        poll_seconds: float = 0.5,
+        metrics: WorkerMetrics | None = None,
+    ):
         self.recovery = recovery
+        self.metrics = metrics
         self.flow_factory = flow_factory
         self.concurrency = concurrency
         self.poll_seconds = poll_seconds
@@ -335,23 +345,44 @@ class Worker:
             claim = self.recovery.claim(flow, run, reason)
             if claim is None:
                 continue
+            self._count_claim(reason)
             cancel = CancellationToken()
             with self._lock:
                 self._running[(flow, run)] = (claim, cancel, self._pool.submit(self._resume, claim, cancel))
             free -= 1
 
+    @property
+    def alive(self) -> bool:
+        """True while the loop has not been asked to stop."""
+        return not self._stop.is_set()
+
+    def _count_claim(self, reason: str) -> None:
+        if self.metrics:
+            self.metrics.claims.labels(reason).inc()
+            self.metrics.running.inc()
+
+    def _count_end(self, outcome: str, started: float) -> None:
+        if self.metrics:
+            self.metrics.resumes.labels(outcome).inc()
+            self.metrics.running.dec()
+            self.metrics.resume_seconds.observe(time.monotonic() - started)
+
     def _resume(self, claim: Claim, cancel: CancellationToken) -> None:
+        started, outcome = time.monotonic(), "error"
         try:
             result = self.recovery.resume(claim, self.flow_factory, cancel)
             self.resumed += 1
-            logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, result.status.value)
+            outcome = result.status.value
+            logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, outcome)
         except LeaseLostError as lost:
+            outcome = "lease_lost"
             logger.warning("run %s stopped: %s", claim.run, lost)
         except Exception:
             if not self._stop.is_set():
                 logger.exception("recovery of run %s failed (attempt %d)", claim.run, claim.attempt)
                 self.recovery.hand_back(claim, failed=True)
         finally:
+            self._count_end(outcome, started)
             with self._lock:
                 self._running.pop((claim.flow, claim.run), None)
 
@@ -370,6 +401,7 @@ class Worker:
                             continue
                         claim = await self.recovery.claim_async(flow, run, reason)
                         if claim is not None:
+                            self._count_claim(reason)
                             tasks[(flow, run)] = asyncio.create_task(self._resume_task(claim))
             except Exception:
                 logger.exception("worker poll failed")
@@ -380,15 +412,20 @@ class Worker:
             await asyncio.wait(tasks.values(), timeout=30)
 
     async def _resume_task(self, claim: Claim) -> None:
+        started, outcome = time.monotonic(), "error"
         try:
             result = await self.recovery.resume_async(claim, self.flow_factory)
             self.resumed += 1
-            logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, result.status.value)
+            outcome = result.status.value
+            logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, outcome)
         except LeaseLostError as lost:
+            outcome = "lease_lost"
             logger.warning("run %s stopped: %s", claim.run, lost)
         except Exception:
             logger.exception("recovery of run %s failed (attempt %d)", claim.run, claim.attempt)
             self.recovery.hand_back(claim, failed=True)
+        finally:
+            self._count_end(outcome, started)
 
     def _shutdown(self) -> None:
         with self._lock:

@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 from dynamiq.checkpoints.types import CheckpointStatus as S
 
 from dynamiq_redis_ckpt import RedisCheckpointBackend
+from tests.redis_proc import free_port
 from tests.flows import CRASH_ENV, EFFECTS_ENV, PREFIX_ENV, SLEEP_ENV, timer_flow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,9 +26,11 @@ def env_for(redis_server, prefix, **extra) -> dict:
     return os.environ | {"DYNAMIQ_REDIS_CKPT_URL": redis_server.url, PREFIX_ENV: prefix, "PYTHONPATH": str(ROOT)} | extra
 
 
-def start_worker(redis_server, prefix, log_path, *, ttl=2.0, **extra) -> subprocess.Popen:
+def start_worker(redis_server, prefix, log_path, *, ttl=2.0, metrics_port=None, **extra) -> subprocess.Popen:
     args = [sys.executable, "-m", "dynamiq_redis_ckpt.cli", "worker", "--url", redis_server.url, "--prefix", prefix,
             "--flows", "tests.flows:worker_flows", "--lease-ttl", str(ttl), "--poll", "0.2"]  # fmt: skip
+    if metrics_port:
+        args += ["--metrics-port", str(metrics_port)]
     return subprocess.Popen(args, cwd=ROOT, env=env_for(redis_server, prefix, **extra),
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT)  # fmt: skip
 
@@ -53,8 +57,11 @@ def stop(proc: subprocess.Popen) -> int:
 def test_worker_resumes_a_killed_run_and_stops_on_sigterm(redis_server, tmp_path):
     prefix, flow_id, log = "wk1", "chain-8-killed", tmp_path / "effects"
     backend = RedisCheckpointBackend(url=redis_server.url, prefix=prefix)
-    worker = start_worker(redis_server, prefix, tmp_path / "worker.log", **{EFFECTS_ENV: str(log)})
+    port = free_port()
+    worker = start_worker(redis_server, prefix, tmp_path / "worker.log", metrics_port=port, **{EFFECTS_ENV: str(log)})
     wait_for(lambda: "worker ready" in (tmp_path / "worker.log").read_text())
+    assert urlopen(f"http://127.0.0.1:{port}/healthz").status == 200
+    assert urlopen(f"http://127.0.0.1:{port}/readyz").status == 200
     child = subprocess.run(
         [sys.executable, "-m", "tests.run_chain", redis_server.url, prefix, flow_id, "8"], cwd=ROOT, timeout=240,
         env=env_for(redis_server, prefix, **{CRASH_ENV: "s05", EFFECTS_ENV: str(log), "CKPT_TEST_LEASE_TTL": "2"}),
@@ -71,6 +78,10 @@ def test_worker_resumes_a_killed_run_and_stops_on_sigterm(redis_server, tmp_path
         runs = {cp.wf_run_id for cp in backend.get_list_by_flow(flow_id, limit=None)}
         assert runs == {done.wf_run_id}, "the resumed run kept its wf_run_id: one chain"
         assert len(backend.get_chain(done.id)) == len(backend.get_list_by_flow(flow_id, limit=None))
+        scraped = wait_for(lambda: (m := urlopen(f"http://127.0.0.1:{port}/metrics").read().decode())
+                           and 'dynamiq_ckpt_resumes_total{outcome="success"} 1.0' in m and m)  # fmt: skip
+        assert 'dynamiq_ckpt_claims_total{reason="orphan"} 1.0' in scraped
+        assert "dynamiq_ckpt_runs_in_progress 0.0" in scraped
     finally:
         code = stop(worker)
         backend.clear()
