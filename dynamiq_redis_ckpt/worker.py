@@ -102,6 +102,7 @@ class Recovery:
         self.backend = backend
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
+        self.on_dead: Callable[[str, str], None] | None = None  # called when a claim moves a run to dead letters
         self._core = backend._core
         self._keys = backend._core.keys
 
@@ -128,6 +129,8 @@ class Recovery:
             return Claim(flow, run, int(_text(reply[1])), _text(reply[2]), int(_text(reply[3])), owner, reason)
         if verdict == "DEAD":
             logger.error("run %s of flow %s failed %d recoveries: moved to dead letters", run, flow, self.max_attempts)
+            if self.on_dead is not None:
+                self.on_dead(flow, run)
         return None
 
     def _dead_op(self):
@@ -297,6 +300,8 @@ class Worker:
     ):
         self.recovery = recovery
         self.metrics = metrics
+        if metrics is not None:
+            recovery.on_dead = lambda flow, run: metrics.dead_letters.inc()
         self.flow_factory = flow_factory
         self.concurrency = concurrency
         self.poll_seconds = poll_seconds
