@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -372,22 +373,29 @@ class Worker:
             self.metrics.running.dec()
             self.metrics.resume_seconds.observe(time.monotonic() - started)
 
-    def _resume(self, claim: Claim, cancel: CancellationToken) -> None:
-        started, outcome = time.monotonic(), "error"
+    @contextmanager
+    def _outcome(self, claim: Claim):
+        """Around one resume: log and count how it ended; a failed attempt hands the lease back with a backoff."""
+        started, ended = time.monotonic(), ["error"]
         try:
-            result = self.recovery.resume(claim, self.flow_factory, cancel)
+            yield lambda result: ended.__setitem__(0, result.status.value)
             self.resumed += 1
-            outcome = result.status.value
-            logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, outcome)
+            logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, ended[0])
         except LeaseLostError as lost:
-            outcome = "lease_lost"
+            ended[0] = "lease_lost"
             logger.warning("run %s stopped: %s", claim.run, lost)
         except Exception:
             if not self._stop.is_set():
                 logger.exception("recovery of run %s failed (attempt %d)", claim.run, claim.attempt)
                 self.recovery.hand_back(claim, failed=True)
         finally:
-            self._count_end(outcome, started)
+            self._count_end(ended[0], started)
+
+    def _resume(self, claim: Claim, cancel: CancellationToken) -> None:
+        try:
+            with self._outcome(claim) as record:
+                record(self.recovery.resume(claim, self.flow_factory, cancel))
+        finally:
             with self._lock:
                 self._running.pop((claim.flow, claim.run), None)
 
@@ -417,20 +425,8 @@ class Worker:
             await asyncio.wait(tasks.values(), timeout=30)
 
     async def _resume_task(self, claim: Claim) -> None:
-        started, outcome = time.monotonic(), "error"
-        try:
-            result = await self.recovery.resume_async(claim, self.flow_factory)
-            self.resumed += 1
-            outcome = result.status.value
-            logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, outcome)
-        except LeaseLostError as lost:
-            outcome = "lease_lost"
-            logger.warning("run %s stopped: %s", claim.run, lost)
-        except Exception:
-            logger.exception("recovery of run %s failed (attempt %d)", claim.run, claim.attempt)
-            self.recovery.hand_back(claim, failed=True)
-        finally:
-            self._count_end(outcome, started)
+        with self._outcome(claim) as record:
+            record(await self.recovery.resume_async(claim, self.flow_factory))
 
     def _shutdown(self) -> None:
         with self._lock:
