@@ -146,3 +146,63 @@ def test_timer_fires_once_at_its_time_across_workers(redis_server, tmp_path):
     finally:
         os.environ.pop(EFFECTS_ENV, None)
         RedisCheckpointBackend(url=redis_server.url, prefix=prefix).clear()
+
+
+def test_sigterm_hands_running_runs_back_at_once(redis_server, tmp_path):
+    """A worker stopped mid-run hands the lease back: a second worker continues well before the ttl would end."""
+    prefix, flow_id, log = "wk4", "chain-6-handback", tmp_path / "effects"
+    backend = RedisCheckpointBackend(url=redis_server.url, prefix=prefix)
+    slow = {SLEEP_ENV: "1.0", EFFECTS_ENV: str(log)}
+    first = start_worker(redis_server, prefix, tmp_path / "first.log", ttl=30.0, **slow)
+    second = None
+    try:
+        wait_for(lambda: "worker ready" in (tmp_path / "first.log").read_text())
+        child = subprocess.run(
+            [sys.executable, "-m", "tests.run_chain", redis_server.url, prefix, flow_id, "6"], cwd=ROOT, timeout=240,
+            env=env_for(redis_server, prefix, **{CRASH_ENV: "s01", EFFECTS_ENV: str(log), "CKPT_TEST_LEASE_TTL": "1"}),
+            capture_output=True,
+        )  # fmt: skip
+        assert child.returncode == -signal.SIGKILL
+        wait_for(lambda: effects(log)["s02"] >= 1, every=0.05)  # the first worker is running the run
+        assert stop(first) == 0
+        stopped_at = time.monotonic()
+        second = start_worker(redis_server, prefix, tmp_path / "second.log", ttl=30.0, **slow)
+        wait_for(lambda: (cp := backend.get_latest_by_flow(flow_id)) and cp.status == S.COMPLETED and cp, timeout=120)
+        waited = time.monotonic() - stopped_at
+        assert waited < 30, f"continued after {waited:.1f} s: the 30 s lease was handed back, not left to expire"
+        counts = effects(log)
+        assert counts["s00"] == 1 and all(counts[f"s0{i}"] >= 1 for i in range(6)), counts
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        backend.clear()
+
+
+def test_flow_registries_from_dict_and_yaml(tmp_path):
+    from dynamiq_redis_ckpt.worker import load_flow_factory
+
+    factory = load_flow_factory(flows="tests.test_worker:FACTORIES")
+    assert factory("chain-3-x").id == "chain-3-x" and len(factory("chain-3-x").nodes) == 3
+    path = tmp_path / "flows.yaml"
+    path.write_text(
+        "nodes:\n  a:\n    type: tests.flows.Step\n  b:\n    type: tests.flows.Step\n    depends:\n      - node: a\n"
+        "flows:\n  from-yaml:\n    nodes: [a, b]\n    checkpoint:\n      enabled: true\n"
+    )
+    built = load_flow_factory(yaml_path=str(path))
+    first, second = built("from-yaml"), built("from-yaml")
+    assert first.id == "from-yaml" and {n.id for n in first.nodes} == {"a", "b"}
+    assert first is not second, "a fresh Flow per resume"
+    with pytest.raises(KeyError):
+        built("missing")
+
+
+def _chain3():
+    from dynamiq.checkpoints.backends.in_memory import InMemory
+
+    from tests.flows import chain_flow
+
+    return chain_flow(InMemory(), 3, flow_id="chain-3-x")
+
+
+FACTORIES = {"chain-3-x": _chain3}
