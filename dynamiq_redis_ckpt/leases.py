@@ -218,6 +218,8 @@ class LeaseRegistry:
             if verdict == "OK":
                 if held.lost is None:
                     held.confirmed(sent_at)
+            elif held.lost is None and verdict == "EXPIRED":
+                self._lose_locked(held, "the lease ran out before a renewal reached Redis (process stalled?)")
             elif held.lost is None:
                 self._lose_locked(held, "the lease was taken over by another holder")
 

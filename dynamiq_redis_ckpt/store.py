@@ -224,9 +224,10 @@ class StoreCore:
         ]  # fmt: skip
         due = resume_at_ms(cp)
         if lease is None:
-            args += ["", "", 0, 0, run_key(cp), ""]
+            args += ["", "", 0, 0, run_key(cp), "", 0]
         else:
-            args += [lease.mode, lease.owner, lease.token, lease.ttl_ms, run_key(cp), "" if due is None else due]
+            args += [lease.mode, lease.owner, lease.token, lease.ttl_ms, run_key(cp), "" if due is None else due,
+                     len(cp.completed_node_ids)]  # fmt: skip
         return tuple(keys), tuple(args)
 
     def update(self, checkpoint: FlowCheckpoint) -> Op:

@@ -243,3 +243,27 @@ def test_dead_letters_from_the_cli(leased, redis_server):
     retried = subprocess.run(base + ["retry", "f", "wf"] + where, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert retried.returncode == 0 and recovery.dead_letters() == []
     assert recovery.find_orphans() == [("f", "wf")]
+
+
+def test_progress_resets_the_failed_recovery_count(leased):
+    """A long run that loses its worker many times is not dead-lettered while each recovery completes nodes."""
+    orphan(leased)
+    recovery = Recovery(leased, max_attempts=2)
+    for step in range(1, 5):
+        claim = recovery.claim("f", "wf")
+        assert claim is not None and claim.attempt == 1, f"attempt count reset by progress (claim {step})"
+        held = HeldLease(leased._namespace, "f", "wf", claim.owner, claim.token, 3, 1, None, run_id=f"resumed-{step}")
+        REGISTRY.adopt(held, time.monotonic())
+        progressed = make(f"p{step}", "f", f"resumed-{step}", "wf", S.ACTIVE, minute=step)
+        progressed.completed_node_ids = [f"n{i}" for i in range(step)]
+        leased.save(progressed)
+        REGISTRY.drop(held.key)
+        leased.redis.hset(leased._core.keys.lease("f", "wf"), "exp", 0)  # the worker died: its lease runs out
+        leased.redis.zadd(leased._core.keys.lease_index("f"), {"wf": 0})
+
+
+def test_renewing_an_expired_lease_says_it_ran_out(leased):
+    leased.save(make("a", "f", "r", "wf", S.ACTIVE))
+    held = REGISTRY.get((leased._namespace, "f", "wf"))
+    leased.redis.hset(leased._core.keys.lease("f", "wf"), "exp", 1)
+    assert leased._sync.run(renew_op(leased._core, held)) == "EXPIRED"

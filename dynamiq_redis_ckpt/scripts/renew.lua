@@ -3,7 +3,8 @@
 -- KEYS[1] the run's lease hash   KEYS[2] the flow's lease index (zset)
 -- ARGV[1] owner   ARGV[2] token   ARGV[3] ttl (ms)   ARGV[4] the run's key
 --
--- Reply: {'OK', expiry_ms} | {'FENCED', owner, token} | {'WRONGTYPE', key}
+-- Reply: {'OK', expiry_ms} | {'FENCED', owner, token} (taken over) | {'EXPIRED'} (still ours, but it ran out:
+--        a worker may claim it at any moment, so the holder must stop) | {'WRONGTYPE', key}
 
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' and redis.call('TYPE', KEYS[1])['ok'] ~= 'none' then
   return {'WRONGTYPE', KEYS[1]}
@@ -11,8 +12,11 @@ end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local l = redis.call('HMGET', KEYS[1], 'owner', 'token', 'exp')
-if l[1] ~= ARGV[1] or l[2] ~= ARGV[2] or (tonumber(l[3]) or 0) <= now_ms then
+if l[1] ~= ARGV[1] or l[2] ~= ARGV[2] then
   return {'FENCED', l[1] or '', l[2] or '0'}
+end
+if (tonumber(l[3]) or 0) <= now_ms then
+  return {'EXPIRED'}
 end
 local exp = string.format('%.0f', now_ms + tonumber(ARGV[3]))
 redis.call('HSET', KEYS[1], 'exp', exp)

@@ -18,6 +18,7 @@
 -- ARGV[24] lease mode: '' (no lease), 'take' (acquire, or take over bumping the token), 'held' (compare-and-set)
 -- ARGV[25] lease owner   ARGV[26] the writer's fencing token   ARGV[27] lease ttl (ms)   ARGV[28] the run's key
 -- ARGV[29] resume_at (ms since epoch, '' = none): where a paused run's timer is indexed
+-- ARGV[30] how many nodes the checkpoint has completed: progress resets the run's failed-recovery count
 --
 -- Reply: {'OK', server_time_us, token}
 --      | {'NOTFOUND'}                                   must_exist and the checkpoint is absent
@@ -149,6 +150,11 @@ if lease_mode ~= '' then
     token = tostring(redis.call('HINCRBY', lease, 'token', 1))
   end
   local st = ARGV[11]
+  local done = tonumber(ARGV[30]) or 0
+  if done > (tonumber(redis.call('HGET', lease, 'done') or '0') or 0) then
+    -- A recovery that completed a node made progress: only attempts that get nowhere lead to dead letters.
+    redis.call('HSET', lease, 'done', done, 'attempts', 0)
+  end
   if st == 'active' then
     local exp = string.format('%.0f', now_ms + tonumber(ARGV[27]))
     redis.call('HSET', lease, 'owner', ARGV[25], 'exp', exp, 'head', id, 'flow', ARGV[10])
@@ -156,7 +162,7 @@ if lease_mode ~= '' then
     redis.call('ZREM', KEYS[13], run_key)
     redis.call('PERSIST', lease)
   else
-    redis.call('HSET', lease, 'owner', '', 'exp', 0, 'head', id, 'flow', ARGV[10], 'attempts', 0)
+    redis.call('HSET', lease, 'owner', '', 'exp', 0, 'head', id, 'flow', ARGV[10], 'attempts', 0, 'done', done)
     redis.call('ZREM', KEYS[12], run_key)
     if (st == 'pending_input' or st == 'paused') and ARGV[29] ~= '' then
       redis.call('ZADD', KEYS[13], ARGV[29], run_key)
