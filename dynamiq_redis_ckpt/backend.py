@@ -18,7 +18,7 @@ from dynamiq_redis_ckpt.driver import AsyncDriver, RetryPolicy, SyncDriver
 from dynamiq_redis_ckpt.errors import ConfigurationError, LeaseLostError
 from dynamiq_redis_ckpt.keys import Keys
 from dynamiq_redis_ckpt.leases import REGISTRY
-from dynamiq_redis_ckpt.store import StoreCore, run_key
+from dynamiq_redis_ckpt.store import StoreCore
 
 
 class RedisCheckpointBackend(CheckpointBackend):
@@ -141,15 +141,15 @@ class RedisCheckpointBackend(CheckpointBackend):
         """The save operation, fenced by the run's lease (shared by the sync and async paths)."""
         if not self.leases:
             return (yield from self._core.save(checkpoint, must_exist=must_exist))
-        intent, _ = REGISTRY.intent(self._namespace, checkpoint, self.lease_ttl_seconds)
+        intent, held = REGISTRY.intent(self._namespace, checkpoint, self.lease_ttl_seconds)
         sent_at = time.monotonic()
         try:
             saved = yield from self._core.save(checkpoint, must_exist=must_exist, lease=intent)
         except LeaseLostError as lost:
-            REGISTRY.fence(self._namespace, checkpoint.flow_id, run_key(checkpoint), lost.reason)
+            REGISTRY.lost_write(self._namespace, checkpoint, held, lost.reason)
             raise
         REGISTRY.saved(
-            self._namespace, checkpoint, intent, saved, sent_at, self.lease_ttl_seconds,
+            self._namespace, checkpoint, intent, held, saved, sent_at, self.lease_ttl_seconds,
             self.heartbeat_interval_seconds, (self._sync, self._core),
         )  # fmt: skip
         return saved

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,6 +34,7 @@ from dynamiq_redis_ckpt.store import LeaseIntent, Saved, StoreCore, run_key
 logger = logging.getLogger(__name__)
 
 ACTIVE = CheckpointStatus.ACTIVE.value
+TERMINAL = {CheckpointStatus.COMPLETED.value, CheckpointStatus.FAILED.value, CheckpointStatus.CANCELED.value}
 _owner: tuple[int, str] | None = None
 
 
@@ -57,6 +59,8 @@ class HeldLease:
     interval: float
     renewer: Any  # (driver, core) used by the heartbeat
     run_id: str | None = None  # the Dynamiq run_id writing under it; None until a worker's resumed run saves
+    head: str | None = None  # for a worker's claim: the checkpoint the resumed run starts from
+    paused: bool = False  # the run saved a non-active status: lease handed back, token kept, no heartbeat
     deadline: float = 0.0  # monotonic; past it the lease may have run out
     next_renewal: float = 0.0
     lost: str | None = None
@@ -100,59 +104,113 @@ class LeaseRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._leases: dict[tuple[str, str, str], HeldLease] = {}
+        # Dynamiq run_ids that lost their run's lease in this process, kept for the life of the process (bounded):
+        # a fenced run must never write again, however long its node takes.
+        self._retired: OrderedDict[tuple[str, str, str, str], None] = OrderedDict()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def reset_after_fork(self) -> None:
+        """A forked child holds none of its parent's leases and must not renew them."""
+        self._lock = threading.Lock()
+        self._leases = {}
+        self._wake = threading.Event()
+        self._thread = None
 
     # ---- used by saves ----------------------------------------------------------------------------------------
 
     def intent(self, namespace: str, checkpoint: FlowCheckpoint, ttl: float) -> tuple[LeaseIntent, HeldLease | None]:
-        """How a save of ``checkpoint`` must treat the run's lease; raises LeaseLostError if it is lost here."""
+        """How a save of ``checkpoint`` must treat the run's lease; raises LeaseLostError if it is lost here.
+
+        ``take`` acquires the lease or takes it over (a new run_sync of the run: an explicit resume); ``held``
+        writes under the lease this run holds; ``resume`` re-takes a lease this run handed back when it saved a
+        pause mid-run, only if nobody took the run meanwhile.
+        """
         key = (namespace, checkpoint.flow_id, run_key(checkpoint))
-        now = time.monotonic()
+        take = LeaseIntent("take", process_owner(), 0, int(ttl * 1000))
         with self._lock:
+            if key + (checkpoint.run_id,) in self._retired:
+                raise LeaseLostError(key[2], "this run_sync lost the run's lease earlier in this process")
             held = self._leases.get(key)
-            if held is not None and held.lost is None and now >= held.deadline:
+            if held is not None and held.lost is None and not held.paused and time.monotonic() >= held.deadline:
                 self._lose_locked(held, "no renewal was confirmed before the lease could run out (self-fenced)")
             if held is None:
-                return LeaseIntent("take", process_owner(), 0, int(ttl * 1000)), None
+                return take, None
+            if held.run_id is None and held.head not in (checkpoint.parent_checkpoint_id, checkpoint.id):
+                # A worker claimed the run here; only the run it resumes (from the claimed head) may write under it.
+                raise LeaseLostError(key[2], "the run was claimed by a worker of this process")
             if held.run_id is not None and held.run_id != checkpoint.run_id:
-                # A new run_sync of this run (an explicit resume): it takes the lease over, fencing the old one.
-                return LeaseIntent("take", process_owner(), 0, int(ttl * 1000)), None
+                return take, held  # a new run_sync of this run: it takes over, and the old run_sync is retired
             if held.lost is not None:
                 raise LeaseLostError(held.run, held.lost)
             held.run_id = checkpoint.run_id
+            if held.paused:
+                return LeaseIntent("resume", held.owner, held.token, int(held.ttl * 1000)), held
             return LeaseIntent("held", held.owner, held.token, int(held.ttl * 1000)), held
 
-    def saved(self, namespace, checkpoint, intent, saved: Saved, sent_at, ttl, interval, renewer) -> None:
+    def saved(self, namespace, checkpoint, intent, previous, saved: Saved, sent_at, ttl, interval, renewer) -> None:
         """Record the lease state a confirmed save left behind."""
         key = (namespace, checkpoint.flow_id, run_key(checkpoint))
         status = checkpoint.status.value if isinstance(checkpoint.status, CheckpointStatus) else str(checkpoint.status)
         with self._lock:
-            if status != ACTIVE:
-                self._leases.pop(key, None)  # ended or paused: the save script handed the lease back
-                return
+            if intent.mode == "take" and previous is not None:
+                if previous.lost is None:
+                    self._lose_locked(previous, "a new run_sync of the run took the lease over")
+                self._retire_locked(previous)
             held = self._leases.get(key)
-            if held is None or intent.mode == "take":
-                callbacks = held.on_lost if held is not None else []
+            if intent.mode == "take" or held is None:
+                callbacks = list(previous.on_lost) if previous is not None else []
                 held = HeldLease(namespace, checkpoint.flow_id, key[2], intent.owner, saved.token, ttl, interval,
                                  renewer, run_id=checkpoint.run_id, on_lost=callbacks)  # fmt: skip
                 self._leases[key] = held
+            if status in TERMINAL:
+                del self._leases[key]  # the save script handed the lease back for good
+                return
+            held.token = saved.token
+            held.paused = status != ACTIVE  # a pause (maybe mid-run): handed back, token kept, no heartbeat
             held.confirmed(sent_at)
-        self._ensure_heartbeat()
+        if not held.paused:
+            self._ensure_heartbeat()
 
-    def fence(self, namespace: str, flow: str, run: str, reason: str) -> None:
-        """Mark a lease lost (the store refused a write under it)."""
+    def lost_write(self, namespace: str, checkpoint: FlowCheckpoint, held: HeldLease | None, reason: str) -> None:
+        """The store refused a save: the lease it used is lost, and its run_sync never writes this run again."""
+        key = (namespace, checkpoint.flow_id, run_key(checkpoint))
         with self._lock:
-            held = self._leases.get((namespace, flow, run))
             if held is not None and held.lost is None:
                 self._lose_locked(held, reason)
+            self._retired[key + (checkpoint.run_id,)] = None
+            while len(self._retired) > 100_000:
+                self._retired.popitem(last=False)
+
+    def fence(self, namespace: str, flow: str, run: str, reason: str) -> None:
+        """Mark the run's current lease in this process lost (handed back, or refused by the store)."""
+        with self._lock:
+            held = self._leases.get((namespace, flow, run))
+            if held is not None:
+                if held.lost is None:
+                    self._lose_locked(held, reason)
+                self._retire_locked(held)
+
+    def _retire_locked(self, held: HeldLease) -> None:
+        if held.run_id is not None:
+            self._retired[held.key + (held.run_id,)] = None
+            while len(self._retired) > 100_000:
+                self._retired.popitem(last=False)
 
     # ---- used by workers --------------------------------------------------------------------------------------
 
     def adopt(self, held: HeldLease, sent_at: float) -> None:
-        """Register a lease claimed by a worker; the resumed run's first save binds its run_id."""
+        """Register a lease claimed by a worker (``held.head`` set); the resumed run's first save binds its run_id.
+
+        Whatever this process held for the run before is lost and retired: it was claimed away from it.
+        """
         held.confirmed(sent_at)
         with self._lock:
+            previous = self._leases.get(held.key)
+            if previous is not None:
+                if previous.lost is None:
+                    self._lose_locked(previous, "the run was claimed by a worker")
+                self._retire_locked(previous)
             self._leases[held.key] = held
         self._ensure_heartbeat()
 
@@ -187,9 +245,10 @@ class LeaseRegistry:
     def _beat(self) -> None:
         while True:
             with self._lock:
-                live = [h for h in self._leases.values() if h.lost is None]
-                # Lost leases stay (their runs must stay fenced here) until long after anything could use them.
-                stale = [k for k, h in self._leases.items() if h.lost and time.monotonic() > h.deadline + 3600]
+                live = [h for h in self._leases.values() if h.lost is None and not h.paused]
+                # Lost and paused entries go after an hour; a lost run_sync stays retired (self._retired).
+                stale = [k for k, h in self._leases.items()
+                         if (h.lost or h.paused) and time.monotonic() > h.deadline + 3600]  # fmt: skip
                 for k in stale:
                     del self._leases[k]
             now = time.monotonic()
@@ -201,7 +260,7 @@ class LeaseRegistry:
                 for held in live:
                     if held.lost is None and now >= held.deadline:
                         self._lose_locked(held, "no renewal was confirmed before the lease could run out (self-fenced)")
-                upcoming = [h.next_renewal for h in self._leases.values() if h.lost is None]
+                upcoming = [h.next_renewal for h in self._leases.values() if h.lost is None and not h.paused]
             self._wake.wait(max(0.01, min(upcoming, default=now + 1.0) - time.monotonic()))
             self._wake.clear()
 
@@ -215,6 +274,8 @@ class LeaseRegistry:
             held.next_renewal = time.monotonic() + min(held.interval, 0.5)
             return
         with self._lock:
+            if held.paused:
+                return  # paused by a save while this renewal was under way: nothing to keep alive
             if verdict == "OK":
                 if held.lost is None:
                     held.confirmed(sent_at)
@@ -225,6 +286,7 @@ class LeaseRegistry:
 
 
 REGISTRY = LeaseRegistry()
+os.register_at_fork(after_in_child=REGISTRY.reset_after_fork)
 
 
 def idempotency_key(config: Any, node_id: str, step: int | str = 0) -> str:

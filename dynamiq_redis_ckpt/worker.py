@@ -168,9 +168,10 @@ class Recovery:
         try:
             result = flow.run_sync(None, config=config)
         finally:
-            self._forget_used_answers(claim, served)
-        if held.lost is not None:
-            raise LeaseLostError(claim.run, held.lost)
+            lost = held.lost  # before _after_run, whose own hand-back would read as a loss
+            self._after_run(claim, held, served)
+        if lost is not None:
+            raise LeaseLostError(claim.run, lost)
         return result
 
     async def resume_async(
@@ -181,9 +182,10 @@ class Recovery:
         try:
             result = await flow.run_async(None, config=config)
         finally:
-            self._forget_used_answers(claim, served)
-        if held.lost is not None:
-            raise LeaseLostError(claim.run, held.lost)
+            lost = held.lost  # before _after_run, whose own hand-back would read as a loss
+            self._after_run(claim, held, served)
+        if lost is not None:
+            raise LeaseLostError(claim.run, lost)
         return result
 
     def _prepare(self, claim: Claim, flow_factory: FlowFactory, cancel: CancellationToken | None):
@@ -192,7 +194,7 @@ class Recovery:
         held = HeldLease(
             self.backend._namespace, claim.flow, claim.run, claim.owner, claim.token, self.backend.lease_ttl_seconds,
             self.backend.heartbeat_interval_seconds, (self.backend._sync, self._core),
-            on_lost=[lambda reason: token.cancel()],
+            head=claim.head, on_lost=[lambda reason: token.cancel()],
         )  # fmt: skip
         REGISTRY.adopt(held, time.monotonic())
         flow = flow_factory(claim.flow)
@@ -205,6 +207,22 @@ class Recovery:
         )
         logger.info("resuming run %s of flow %s from %s (attempt %d)", claim.run, claim.flow, claim.head, claim.attempt)
         return held, flow, config, served
+
+    def _after_run(self, claim: Claim, held: HeldLease, served: list[str]) -> None:
+        """After a resumed run returned: forget used answers, and give back a lease the run still holds.
+
+        A run that ended or paused handed its lease back in its last save. If that save failed (Dynamiq logs and
+        swallows it), the lease would be renewed for as long as this process lives and nobody could recover the
+        run: hand it back as a failed attempt, so another worker retries it after the backoff.
+        """
+        try:
+            self._forget_used_answers(claim, served)
+        finally:
+            current = REGISTRY.get(held.key)
+            if current is not None and current.lost is None and not current.paused and current.owner == claim.owner:
+                logger.warning("run %s returned still holding its lease (its last save failed?): handing it back",
+                               claim.run)  # fmt: skip
+                self._release(claim.flow, claim.run, current.owner, current.token, failed=True, attempt=claim.attempt)
 
     def _forget_used_answers(self, claim: Claim, served: list[str]) -> None:
         """Drop the answers of nodes the run has completed since; the others stay for the next resume."""
@@ -229,26 +247,32 @@ class Recovery:
                 continue
             checkpoint = self.backend.load(_text(head))
             waiting = list(checkpoint.pending_inputs) if checkpoint else []
-            if node_id is None:
-                if len(waiting) != 1:
-                    raise ConfigurationError(f"run {run} waits on {waiting or 'no node'}: name the node")
-                node_id = waiting[0]
-            elif node_id not in waiting:
-                raise ConfigurationError(f"run {run} is not waiting on node {node_id!r} (waiting: {waiting})")
+            if node_id is None and len(waiting) > 1:
+                raise ConfigurationError(f"run {run} waits on {waiting} in flow {candidate}: name the node")
+            target = node_id or (waiting[0] if waiting else None)
+            if target not in waiting:
+                continue  # not waiting in this flow; the run may span several
+            ttl = self.backend._core.ttl_ms
+            keep_ms = max(ttl, 7 * 86400_000) if ttl else 0  # answers live as long as the run's checkpoints
             keys = (self._keys.inbox(candidate, run), self._keys.due_index(candidate), self._keys.lease(candidate, run))
-            reply = self.backend._sync.run(_script("deliver", keys, (run, node_id, json.dumps(data), 7 * 86400_000)))
+            reply = self.backend._sync.run(_script("deliver", keys, (run, target, json.dumps(data), keep_ms)))
             if reply == "RUNNING":
                 raise ConfigurationError(f"run {run} is running (it holds a live lease), not waiting for input")
             if reply == "OK":
-                return node_id
-        raise ConfigurationError(f"no paused run {run!r} found")
+                return target
+        raise ConfigurationError(f"no run {run!r} is paused waiting on {node_id or 'a node'}")
 
     def hand_back(self, claim: Claim, *, failed: bool = False) -> bool:
         """Give a claimed lease back: at once (graceful stop), or after a backoff when the attempt failed."""
+        current = REGISTRY.get((self.backend._namespace, claim.flow, claim.run))
+        token = current.token if current is not None and current.owner == claim.owner else claim.token
+        return self._release(claim.flow, claim.run, claim.owner, token, failed=failed, attempt=claim.attempt)
+
+    def _release(self, flow: str, run: str, owner: str, token: int, *, failed: bool, attempt: int) -> bool:
         # Fenced here first: the run's thread, if still going, must never take the lease back by itself.
-        REGISTRY.fence(self.backend._namespace, claim.flow, claim.run, "handed back by this worker")
-        backoff_ms = int(self.backoff_seconds * 1000 * 2 ** max(claim.attempt - 1, 0))
-        op = release_op(self._core, claim.flow, claim.run, claim.owner, claim.token, failed=failed, backoff_ms=backoff_ms)
+        REGISTRY.fence(self.backend._namespace, flow, run, "handed back by this worker")
+        backoff_ms = int(self.backoff_seconds * 1000 * 2 ** max(attempt - 1, 0))
+        op = release_op(self._core, flow, run, owner, token, failed=failed, backoff_ms=backoff_ms)
         return self.backend._sync.run(op) == "OK"
 
     def dead_letters(self) -> list[DeadLetter]:
@@ -385,9 +409,8 @@ class Worker:
             ended[0] = "lease_lost"
             logger.warning("run %s stopped: %s", claim.run, lost)
         except Exception:
-            if not self._stop.is_set():
-                logger.exception("recovery of run %s failed (attempt %d)", claim.run, claim.attempt)
-                self.recovery.hand_back(claim, failed=True)
+            logger.exception("recovery of run %s failed (attempt %d)", claim.run, claim.attempt)
+            self.recovery.hand_back(claim, failed=True)  # refused harmlessly if already handed back on stop
         finally:
             self._count_end(ended[0], started)
 
@@ -415,28 +438,40 @@ class Worker:
                         claim = await self.recovery.claim_async(flow, run, reason)
                         if claim is not None:
                             self._count_claim(reason)
-                            tasks[(flow, run)] = asyncio.create_task(self._resume_task(claim))
+                            cancel = CancellationToken()
+                            task = asyncio.create_task(self._resume_task(claim, cancel))
+                            tasks[(flow, run)] = task
+                            with self._lock:
+                                self._running[(flow, run)] = (claim, cancel, task)
             except Exception:
                 logger.exception("worker poll failed")
             for key in [k for k, t in tasks.items() if t.done()]:
                 del tasks[key]
+                with self._lock:
+                    self._running.pop(key, None)
             await asyncio.sleep(self.poll_seconds)
+        self._hand_back_running()
         if tasks:
             await asyncio.wait(tasks.values(), timeout=30)
 
-    async def _resume_task(self, claim: Claim) -> None:
+    async def _resume_task(self, claim: Claim, cancel: CancellationToken) -> None:
         with self._outcome(claim) as record:
-            record(await self.recovery.resume_async(claim, self.flow_factory))
+            record(await self.recovery.resume_async(claim, self.flow_factory, cancel))
 
-    def _shutdown(self) -> None:
+    def _hand_back_running(self) -> list:
+        """Stopping: hand every running run's lease back at once (another worker continues) and cancel the run."""
         with self._lock:
             running = list(self._running.values())
         for claim, cancel, _ in running:
             try:
-                self.recovery.hand_back(claim, failed=False)  # another worker continues without waiting
+                self.recovery.hand_back(claim, failed=False)
             except Exception:
                 logger.exception("hand-back of run %s failed; its lease will run out instead", claim.run)
             cancel.cancel()
+        return running
+
+    def _shutdown(self) -> None:
+        running = self._hand_back_running()
         for _, _, future in running:
             try:
                 future.result(timeout=30)

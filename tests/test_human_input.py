@@ -109,3 +109,64 @@ def test_embedded_async_worker_resumes_an_answered_run(backend):
     done = asyncio.run(serve())
     assert done.status == S.COMPLETED and done.node_states["ask"].output_data == {"answer": {"choice": "green"}}
     assert worker.resumed == 1
+
+
+def test_answer_finds_the_flow_where_a_multi_flow_run_waits(backend):
+    """Review finding: a run with checkpoints in two flows, paused in the second: no need to name the flow."""
+    from tests.flows import chain_flow
+
+    chain_flow(backend, 2, flow_id="first-flow", words=10).run_sync({"q": 1}, config=RunnableConfig(run_id="wf-m"))
+    ask_flow(backend, "ask-m").run_sync({"q": 1}, config=RunnableConfig(run_id="wf-m"))
+    assert Recovery(backend).deliver_input("wf-m", {"choice": "x"}) == "ask"
+    assert Recovery(backend).find_due() == [("ask-m", "wf-m")]
+
+
+def test_stopping_the_async_worker_hands_running_runs_back(backend):
+    """Review finding: Worker.run_async().stop() hands leases back at once and cancels the runs."""
+    import asyncio
+    import os
+
+    from dynamiq_redis_ckpt.worker import Worker
+    from tests.flows import SLEEP_ENV, chain_flow
+
+    chain = lambda f: chain_flow(RedisCheckpointBackend(url=backend.url, prefix=backend.prefix), 6, flow_id=f, words=10)  # noqa: E731
+    lease = backend._core.keys.lease("chain-6-async", "wf-s")
+    from dynamiq_redis_ckpt.store import LeaseIntent
+
+    first = chain("chain-6-async")
+    backend._sync.run(backend._core.save(
+        make_first_checkpoint(first, "wf-s"), lease=LeaseIntent("take", "gone:1:x", 0, 200)
+    ))  # fmt: skip
+    time.sleep(0.3)
+    worker = Worker(Recovery(backend), chain, concurrency=1, poll_seconds=0.1)
+    os.environ[SLEEP_ENV] = "0.5"
+
+    async def serve():
+        task = asyncio.create_task(worker.run_async())
+        for _ in range(100):
+            if backend.redis.hget(lease, "owner") not in (None, b"", b"gone:1:x"):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.6)
+        worker.stop()
+        stopped = time.monotonic()
+        while backend.redis.hget(lease, "owner") != b"" and time.monotonic() - stopped < 2:
+            await asyncio.sleep(0.02)
+        handed_back_after = time.monotonic() - stopped
+        await task
+        return handed_back_after
+
+    try:
+        handed_back_after = asyncio.run(serve())
+    finally:
+        os.environ.pop(SLEEP_ENV, None)
+    assert handed_back_after < 1.5, "the lease was handed back when the loop stopped"
+    assert Recovery(backend).find_orphans() == [("chain-6-async", "wf-s")]
+
+
+def make_first_checkpoint(flow, wf_run_id):
+    """The run-start checkpoint Dynamiq would have saved for ``flow``."""
+    from dynamiq.checkpoints.checkpoint import FlowCheckpoint
+
+    return FlowCheckpoint(flow_id=flow.id, run_id="gone", wf_run_id=wf_run_id, original_input={"q": 1},
+                          pending_node_ids=[n.id for n in flow.nodes])  # fmt: skip

@@ -267,3 +267,96 @@ def test_renewing_an_expired_lease_says_it_ran_out(leased):
     held = REGISTRY.get((leased._namespace, "f", "wf"))
     leased.redis.hset(leased._core.keys.lease("f", "wf"), "exp", 1)
     assert leased._sync.run(renew_op(leased._core, held)) == "EXPIRED"
+
+
+def test_a_paused_run_stays_resumable_as_long_as_its_checkpoints(leased):
+    """A timer due in 8 days (or an answer after a week) must still find the run: the lease is not expired early."""
+    pause = make("p", "f", "r", "wf", S.PENDING_INPUT)
+    from dynamiq.checkpoints.checkpoint import PendingInputContext
+
+    due = datetime.now(timezone.utc) + timedelta(days=8)
+    pause.pending_inputs["n"] = PendingInputContext(node_id="n", prompt="", timestamp=due, resume_at=due)
+    leased.save(make("a", "f", "r", "wf", S.ACTIVE))
+    leased.save(pause)
+    assert leased.redis.pttl(leased._core.keys.lease("f", "wf")) == -1, "kept as long as the checkpoints (no ttl)"
+    with_ttl = RedisCheckpointBackend(url=leased.url, prefix=leased.prefix + "t", ttl_seconds=3600)
+    with_ttl.save(make("a", "f", "r", "wf2", S.ACTIVE))
+    with_ttl.save(pause.model_copy(update={"wf_run_id": "wf2"}))
+    left = leased.redis.pttl(with_ttl._core.keys.lease("f", "wf2"))
+    assert left > 8 * 86400_000, "and past the timer's due time"
+    with_ttl.clear()
+
+
+def test_a_stale_run_cannot_write_under_a_workers_claim_in_the_same_process(leased):
+    """Review finding: an embedded worker claims a run whose holder here stalled; the stale run must stay fenced."""
+    leased.save(make("a", "f", "stale-run", "wf", S.ACTIVE))
+    leased.redis.hset(leased._core.keys.lease("f", "wf"), "exp", 0)  # the holder stalled: its lease ran out
+    leased.redis.zadd(leased._core.keys.lease_index("f"), {"wf": 0})
+    claim = Recovery(leased).claim("f", "wf")
+    assert claim is not None and claim.head == "a"
+    held = HeldLease(leased._namespace, "f", "wf", claim.owner, claim.token, 3, 1, (leased._sync, leased._core),
+                     head=claim.head)  # fmt: skip
+    REGISTRY.adopt(held, time.monotonic())
+    with pytest.raises(LeaseLostError):
+        leased.save(make("stale", "f", "stale-run", "wf", S.ACTIVE, minute=1, parent="a"))
+    assert leased.load("stale") is None
+    leased.save(make("resumed", "f", "worker-run", "wf", S.ACTIVE, minute=2, parent="a"))  # the worker's run
+    assert lease_of(leased, "f", "wf")["head"] == "resumed" and lease_of(leased, "f", "wf")["token"] == str(claim.token)
+    with pytest.raises(LeaseLostError):
+        leased.save(make("stale2", "f", "stale-run", "wf", S.ACTIVE, minute=3, parent="a"))
+
+
+def test_a_superseded_run_sync_never_takes_the_run_back_even_after_an_hour(leased):
+    """Review finding: two run_syncs of one run in a process; the older one is fenced for good."""
+    leased.save(make("a", "f", "old-run", "wf", S.ACTIVE))
+    leased.save(make("b", "f", "new-run", "wf", S.ACTIVE, minute=1, parent="a"))  # an explicit resume here
+    with pytest.raises(LeaseLostError):
+        leased.save(make("c", "f", "old-run", "wf", S.ACTIVE, minute=2, parent="a"))
+    REGISTRY.drop((leased._namespace, "f", "wf"))  # what the hourly purge of lost entries does
+    with pytest.raises(LeaseLostError):
+        leased.save(make("d", "f", "old-run", "wf", S.ACTIVE, minute=3, parent="a"))
+    assert leased.load("c") is None and leased.load("d") is None
+    assert lease_of(leased, "f", "wf")["token"] == "2"
+
+
+def test_a_pause_saved_mid_run_is_retaken_only_if_nobody_claimed_the_run(leased):
+    """Dynamiq saves PENDING_INPUT mid-run on an input timeout, then goes on ACTIVE: it must not steal the run."""
+    leased.save(make("a", "f", "r", "wf", S.ACTIVE))
+    leased.save(make("b", "f", "r", "wf", S.PENDING_INPUT, minute=1, parent="a"))
+    leased.save(make("c", "f", "r", "wf", S.ACTIVE, minute=2, parent="b"))  # nobody claimed it: same token
+    assert lease_of(leased, "f", "wf")["token"] == "1" and lease_of(leased, "f", "wf")["owner"] == process_owner()
+    leased.save(make("d", "f", "r", "wf", S.PENDING_INPUT, minute=3, parent="c"))
+    other_holder_saves(leased, make("e", "f", "elsewhere", "wf", S.ACTIVE, minute=4, parent="d"))
+    with pytest.raises(LeaseLostError):
+        leased.save(make("f", "f", "r", "wf", S.ACTIVE, minute=5, parent="d"))
+    assert lease_of(leased, "f", "wf")["head"] == "e"
+
+
+def test_a_forked_child_does_not_renew_its_parents_leases(leased):
+    import os
+
+    leased.save(make("a", "f", "r", "wf", S.ACTIVE))
+    assert REGISTRY.get((leased._namespace, "f", "wf")) is not None
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if REGISTRY.get((leased._namespace, "f", "wf")) is None else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_run_that_returns_still_holding_its_lease_is_handed_back(leased):
+    """Review finding: if the final save is lost (Dynamiq swallows it), the worker must not keep the lease."""
+    from tests.flows import chain_flow
+
+    def without_final_saves(flow_id):
+        flow = chain_flow(RedisCheckpointBackend(url=leased.url, prefix=leased.prefix), 3, flow_id=flow_id, words=10)
+        flow.checkpoint.checkpoint_after_node_enabled = False  # no COMPLETED save will hand the lease back
+        return flow
+
+    orphan(leased, flow="chain-3-x")
+    recovery = Recovery(leased, backoff_seconds=0.1)
+    claim = recovery.claim("chain-3-x", "wf")
+    assert recovery.resume(claim, without_final_saves).status.value == "success"
+    assert lease_of(leased, "chain-3-x", "wf")["owner"] == "", "handed back, not renewed forever"
+    time.sleep(0.3)
+    assert recovery.find_orphans() == [("chain-3-x", "wf")]

@@ -15,7 +15,8 @@
 -- ARGV[14] parent id ('' = none)   ARGV[15] created_at (µs, the index score)   ARGV[16] root document blob
 -- ARGV[17] root checksum   ARGV[18] format version   ARGV[19] new pack blob ('' = none)   ARGV[20] pack count
 -- ARGV[21] pack ids, comma separated (same order as the keys)   ARGV[22] raw size   ARGV[23] stored size
--- ARGV[24] lease mode: '' (no lease), 'take' (acquire, or take over bumping the token), 'held' (compare-and-set)
+-- ARGV[24] lease mode: '' (no lease), 'take' (acquire, or take over bumping the token), 'held' (compare-and-set),
+--          'resume' (re-take a lease this writer handed back on a pause, only if its token is still the current one)
 -- ARGV[25] lease owner   ARGV[26] the writer's fencing token   ARGV[27] lease ttl (ms)   ARGV[28] the run's key
 -- ARGV[29] resume_at (ms since epoch, '' = none): where a paused run's timer is indexed
 -- ARGV[30] how many nodes the checkpoint has completed: progress resets the run's failed-recovery count
@@ -63,6 +64,12 @@ local lease_mode, lease = ARGV[24], KEYS[11]
 if lease_mode == 'held' then
   local l = redis.call('HMGET', lease, 'owner', 'token', 'exp')
   if l[1] ~= ARGV[25] or l[2] ~= ARGV[26] or (tonumber(l[3]) or 0) <= now_ms then
+    return {'FENCED', l[1] or '', l[2] or '0'}
+  end
+elseif lease_mode == 'resume' then
+  local l = redis.call('HMGET', lease, 'owner', 'token', 'exp')
+  local someone_else = l[1] ~= '' and l[1] ~= ARGV[25] and (tonumber(l[3]) or 0) > now_ms
+  if l[2] ~= ARGV[26] or someone_else then
     return {'FENCED', l[1] or '', l[2] or '0'}
   end
 end
@@ -169,8 +176,16 @@ if lease_mode ~= '' then
     else
       redis.call('ZREM', KEYS[13], run_key)
     end
-    -- The token must outlive any holder that could still write: far longer than any lease.
-    redis.call('PEXPIRE', lease, math.max(ttl, 7 * 86400000))
+    -- An ended run's token only has to outlive any holder that could still write (a week is far longer than
+    -- any lease). A paused run's lease (its head) must live as long as the run can be resumed: as long as its
+    -- checkpoints (forever without a ttl), and past its timer's due time.
+    local paused = st == 'pending_input' or st == 'paused'
+    if paused and ttl == 0 then
+      redis.call('PERSIST', lease)
+    else
+      local due = paused and (tonumber(ARGV[29]) or 0) or 0
+      redis.call('PEXPIRE', lease, math.max(ttl, 7 * 86400000, due - now_ms + 86400000))
+    end
   end
 end
 return {'OK', server_us, token}
