@@ -100,6 +100,9 @@ async def _close_at_loop_shutdown(client: Any):
         yield
     finally:
         await client.aclose()
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:  # a client built on an explicit pool does not close it itself
+            await pool.disconnect()
 
 
 class AsyncDriver:
