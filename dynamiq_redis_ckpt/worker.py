@@ -164,29 +164,28 @@ class Recovery:
         The lease is heartbeated while the run goes on; if it is lost, ``cancel`` is canceled and the run's
         remaining writes are refused. Raises LeaseLostError if the run stopped because its lease was lost.
         """
-        held, flow, config, served = self._prepare(claim, flow_factory, cancel)
-        try:
-            result = flow.run_sync(None, config=config)
-        finally:
-            lost = held.lost  # before _after_run, whose own hand-back would read as a loss
-            self._after_run(claim, held, served)
-        if lost is not None:
-            raise LeaseLostError(claim.run, lost)
-        return result
+        with self._resumed(claim, flow_factory, cancel) as (flow, config):
+            return flow.run_sync(None, config=config)
 
     async def resume_async(
         self, claim: Claim, flow_factory: FlowFactory, cancel: CancellationToken | None = None
     ) -> RunnableResult:
         """Async :meth:`resume`, through Dynamiq's ``run_async``."""
+        with self._resumed(claim, flow_factory, cancel) as (flow, config):
+            return await flow.run_async(None, config=config)
+
+    @contextmanager
+    def _resumed(self, claim: Claim, flow_factory: FlowFactory, cancel: CancellationToken | None):
+        """Around running a claimed run: yields (flow, config); afterwards forgets used answers, hands back a lease
+        the run still holds, and raises LeaseLostError if the lease was lost while the run went on."""
         held, flow, config, served = self._prepare(claim, flow_factory, cancel)
         try:
-            result = await flow.run_async(None, config=config)
+            yield flow, config
         finally:
-            lost = held.lost  # before _after_run, whose own hand-back would read as a loss
+            lost = held.lost  # read before _after_run, whose own hand-back would look like a loss
             self._after_run(claim, held, served)
         if lost is not None:
             raise LeaseLostError(claim.run, lost)
-        return result
 
     def _prepare(self, claim: Claim, flow_factory: FlowFactory, cancel: CancellationToken | None):
         """Heartbeat the claimed lease, rebuild the flow, hand it any stored answers, and build the run config."""
