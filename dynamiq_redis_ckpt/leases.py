@@ -29,7 +29,7 @@ from dynamiq.checkpoints.types import CheckpointStatus
 
 from dynamiq_redis_ckpt.errors import CheckpointStoreError, LeaseLostError, WrongKeyTypeError
 from dynamiq_redis_ckpt.requests import Script
-from dynamiq_redis_ckpt.store import LeaseIntent, Saved, StoreCore, run_key
+from dynamiq_redis_ckpt.store import LeaseIntent, Saved, StoreCore, run_key, text
 
 logger = logging.getLogger(__name__)
 
@@ -81,21 +81,22 @@ def renew_op(core: StoreCore, held: HeldLease):
     """Extend a lease (a store operation: yields the renew script)."""
     keys = (core.keys.lease(held.flow, held.run), core.keys.lease_index(held.flow))
     reply = yield Script("renew", keys, (held.owner, held.token, int(held.ttl * 1000), held.run))
-    return _verdict(reply, held.run)
+    return verdict(reply)
 
 
 def release_op(core: StoreCore, flow: str, run: str, owner: str, token: int, *, failed: bool, backoff_ms: int = 0):
     """Hand a lease back: at once for another worker (``failed=False``), or after a backoff (a failed attempt)."""
     keys = (core.keys.lease(flow, run), core.keys.lease_index(flow))
     reply = yield Script("release", keys, (owner, token, run, "failed" if failed else "handback", backoff_ms))
-    return _verdict(reply, run)
+    return verdict(reply)
 
 
-def _verdict(reply: list, run: str) -> str:
-    verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-    if verdict == "WRONGTYPE":
-        raise WrongKeyTypeError("lease key", (reply[1].decode(),))
-    return verdict
+def verdict(reply: list) -> str:
+    """The first word of a lease or worker script's reply; a WRONGTYPE answer raises WrongKeyTypeError."""
+    word = text(reply[0])
+    if word == "WRONGTYPE":
+        raise WrongKeyTypeError("a run-lease script found a key of another type; nothing was written", (text(reply[1]),))
+    return word
 
 
 class LeaseRegistry:

@@ -42,7 +42,8 @@ def micros(moment: datetime) -> int:
     return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
-def _text(value: bytes | str | int | None) -> str:
+def text(value: bytes | str | int | None) -> str:
+    """A Redis reply value as str ('' for nil)."""
     if value is None:
         return ""
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -56,7 +57,7 @@ def _status(value: CheckpointStatus | str) -> str:
 class LeaseIntent:
     """What a save asks of the run's lease: take it (acquire or take over) or write under the one it holds."""
 
-    mode: str  # "take" | "held"
+    mode: str  # "take" | "held" | "resume" (see LeaseRegistry.intent)
     owner: str
     token: int
     ttl_ms: int
@@ -92,7 +93,7 @@ class Record:
     fields: dict[str, bytes]
 
     def get(self, name: str) -> str:
-        return _text(self.fields.get(name))
+        return text(self.fields.get(name))
 
     @property
     def packs(self) -> list[str]:
@@ -149,24 +150,24 @@ class StoreCore:
                 encoded.raw_size, stored_size, lease,
             )  # fmt: skip
             reply = yield Script("save", keys, args)
-            verdict = _text(reply[0])
+            verdict = text(reply[0])
             if verdict == "OK":
                 self.cache.remember(cp_id, StoredState(flow, status, run, wf, parent, ",".join(pack_ids), chunk_packs))
                 if pack_id:
                     self.cache.add_pack(flow, pack_id, {d: encoded.chunks[d] for d, p in chunk_packs.items() if p == pack_id})
-                return Saved(cp_id, int(_text(reply[2]) or 0))
+                return Saved(cp_id, int(text(reply[2]) or 0))
             if verdict == "NOTFOUND":
                 raise CheckpointNotFoundError(cp_id)
             if verdict == "RETRY":
-                present, *fields = [_text(v) for v in reply[1:]]
+                present, *fields = [text(v) for v in reply[1:]]
                 stored = StoredState(flow, *fields) if present == "1" else None
             elif verdict == "MISSING":
                 base = {}
             elif verdict == "FENCED":
-                holder, token = _text(reply[1]), _text(reply[2])
+                holder, token = text(reply[1]), text(reply[2])
                 raise LeaseLostError(run_key(checkpoint), f"the lease is now held by {holder or 'nobody'} with token {token}")
             elif verdict == "WRONGTYPE":
-                raise WrongKeyTypeError("the save found a key of another type; nothing was written", (_text(reply[1]),))
+                raise WrongKeyTypeError("the save found a key of another type; nothing was written", (text(reply[1]),))
             else:
                 raise CheckpointStoreError(f"unexpected reply from save script: {reply!r}")
         raise CheckpointStoreError(f"Checkpoint {cp_id}: save kept racing with concurrent writers; gave up")
@@ -230,10 +231,6 @@ class StoreCore:
                      len(cp.completed_node_ids)]  # fmt: skip
         return tuple(keys), tuple(args)
 
-    def update(self, checkpoint: FlowCheckpoint) -> Op:
-        """Overwrite a stored checkpoint; raises :class:`CheckpointNotFoundError` when it is absent."""
-        return self.save(checkpoint, must_exist=True)
-
     # ---- load -------------------------------------------------------------------------------------------------
 
     def load(self, checkpoint_id: str) -> Op:
@@ -241,7 +238,7 @@ class StoreCore:
         flow = yield cmd("GET", self.keys.locator(checkpoint_id))
         if flow is None:
             return None
-        flow = _text(flow)
+        flow = text(flow)
         fields = yield cmd("HGETALL", self.keys.checkpoint(flow, checkpoint_id))
         if not fields:
             return None
@@ -330,7 +327,7 @@ class StoreCore:
     def list_by_run(self, run_id: str, limit: int | None) -> Op:
         """Checkpoints of every flow whose run_id or wf_run_id is ``run_id``, newest first."""
         flows = yield cmd("SMEMBERS", self.keys.run_flows(run_id))
-        sources = [(f, self.keys.run_index(f, run_id)) for f in sorted(_text(x) for x in flows)]
+        sources = [(f, self.keys.run_index(f, run_id)) for f in sorted(text(x) for x in flows)]
         records = yield from self._walk(sources, limit)
         return (yield from self._decode(records))
 
@@ -353,7 +350,7 @@ class StoreCore:
                     for i in refill
                 ))  # fmt: skip
                 for i, rows in zip(refill, replies):
-                    heads[i] = _score_pairs(rows)
+                    heads[i] = score_pairs(rows)
                     offsets[i] += len(heads[i])
                     done[i] = len(heads[i]) < page
             if not any(heads):
@@ -393,7 +390,7 @@ class StoreCore:
             flow = yield cmd("GET", locator)
             if flow is None:
                 return False
-            flow = _text(flow)
+            flow = text(flow)
             fields = yield cmd("HGETALL", self.keys.checkpoint(flow, checkpoint_id))
             if not fields:
                 yield cmd("DEL", locator)
@@ -417,9 +414,9 @@ class StoreCore:
                 keys += [k.pack(flow, p) for p in rec.packs]
                 args += [rec.id, st, run, wf, par, rec.get("pk"), rec.get("ts"), len(rec.packs)]
             reply = yield Script("delete", tuple(keys), tuple(args))
-            if _text(reply[0]) == "WRONGTYPE":
-                raise WrongKeyTypeError("the delete found a key of another type; nothing was deleted", (_text(reply[1]),))
-            deleted += [_text(x) for x in reply[1:]]
+            if text(reply[0]) == "WRONGTYPE":
+                raise WrongKeyTypeError("the delete found a key of another type; nothing was deleted", (text(reply[1]),))
+            deleted += [text(x) for x in reply[1:]]
         if deleted:
             yield Batch(tuple(cmd("DEL", k.locator(i)) for i in deleted))
             for cp_id in deleted:
@@ -452,18 +449,18 @@ class StoreCore:
                 cursor, found = yield cmd("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
                 if found:  # one key per command: on a cluster the keys of one SCAN page span many slots
                     removed += sum((yield Batch(tuple(cmd("UNLINK", key) for key in found))))
-                if _text(cursor) == "0":
+                if text(cursor) == "0":
                     break
         self.cache.clear()
         return removed
 
 
 def _fields(raw: dict) -> dict[str, bytes]:
-    return {_text(k): v for k, v in raw.items()}
+    return {text(k): v for k, v in raw.items()}
 
 
-def _score_pairs(rows: list) -> list[tuple[float, str]]:
+def score_pairs(rows: list) -> list[tuple[float, str]]:
     """ZRANGE ... WITHSCORES replies, flat (raw RESP2) or already paired by a client callback."""
     if rows and isinstance(rows[0], (list, tuple)):
-        return [(float(score), _text(member)) for member, score in rows]
-    return [(float(rows[i + 1]), _text(rows[i])) for i in range(0, len(rows), 2)]
+        return [(float(score), text(member)) for member, score in rows]
+    return [(float(rows[i + 1]), text(rows[i])) for i in range(0, len(rows), 2)]

@@ -27,16 +27,13 @@ from dynamiq_redis_ckpt.backend import RedisCheckpointBackend
 from dynamiq_redis_ckpt.errors import ConfigurationError, LeaseLostError
 from dynamiq_redis_ckpt.inbox import attach_answers
 from dynamiq_redis_ckpt.keys import FLOW_SHARDS
-from dynamiq_redis_ckpt.leases import REGISTRY, HeldLease, process_owner, release_op
+from dynamiq_redis_ckpt.leases import REGISTRY, HeldLease, process_owner, release_op, verdict
 from dynamiq_redis_ckpt.metrics import WorkerMetrics
 from dynamiq_redis_ckpt.requests import Batch, Script, cmd
+from dynamiq_redis_ckpt.store import score_pairs, text
 
 logger = logging.getLogger(__name__)
 FlowFactory = Callable[[str], Any]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -63,7 +60,7 @@ class DeadLetter:
 
 def _script(name: str, keys: tuple, args: tuple):
     reply = yield Script(name, keys, args)
-    return _text(reply[0])
+    return verdict(reply)
 
 
 def load_flow_factory(flows: str | None = None, yaml_path: str | None = None) -> FlowFactory:
@@ -109,15 +106,19 @@ class Recovery:
 
     # ---- store operations (generators, shared by the sync and async paths) --------------------------------------
 
-    def _find_op(self, index_of: Callable[[str], str], limit: int):
+    def _registered_flows_op(self):
+        """Every flow that has leases, timers or dead letters (the 16 registry shards, one round trip)."""
         shards = yield Batch(tuple(cmd("SMEMBERS", self._keys.flow_registry(i)) for i in range(FLOW_SHARDS)))
-        flows = sorted({_text(f) for shard in shards for f in shard})
+        return sorted({text(f) for shard in shards for f in shard})
+
+    def _find_op(self, index_of: Callable[[str], str], limit: int):
+        flows = yield from self._registered_flows_op()
         if not flows:
             return []
         seconds, micros = (yield cmd("TIME"))
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         replies = yield Batch(tuple(cmd("ZRANGEBYSCORE", index_of(f), "-inf", now_ms, "LIMIT", 0, limit) for f in flows))
-        return [(flow, _text(run)) for flow, runs in zip(flows, replies) for run in runs][:limit]
+        return [(flow, text(run)) for flow, runs in zip(flows, replies) for run in runs][:limit]
 
     def _claim_op(self, flow: str, run: str, reason: str):
         k = self._keys
@@ -125,24 +126,19 @@ class Recovery:
         owner = process_owner()
         args = (run, owner, int(self.backend.lease_ttl_seconds * 1000), reason, self.max_attempts)
         reply = yield Script("claim", keys, args)
-        verdict = _text(reply[0])
-        if verdict == "OK":
-            return Claim(flow, run, int(_text(reply[1])), _text(reply[2]), int(_text(reply[3])), owner, reason)
-        if verdict == "DEAD":
+        outcome = verdict(reply)
+        if outcome == "OK":
+            return Claim(flow, run, int(text(reply[1])), text(reply[2]), int(text(reply[3])), owner, reason)
+        if outcome == "DEAD":
             logger.error("run %s of flow %s failed %d recoveries: moved to dead letters", run, flow, self.max_attempts)
             if self.on_dead is not None:
                 self.on_dead(flow, run)
         return None
 
     def _dead_op(self):
-        shards = yield Batch(tuple(cmd("SMEMBERS", self._keys.flow_registry(i)) for i in range(FLOW_SHARDS)))
-        flows = sorted({_text(f) for shard in shards for f in shard})
+        flows = yield from self._registered_flows_op()
         replies = yield Batch(tuple(cmd("ZRANGE", self._keys.dead_index(f), 0, -1, "WITHSCORES") for f in flows))
-        letters = []
-        for flow, rows in zip(flows, replies):
-            pairs = rows if rows and isinstance(rows[0], (list, tuple)) else list(zip(rows[::2], rows[1::2]))
-            letters += [DeadLetter(flow, _text(run), int(float(score))) for run, score in pairs]
-        return letters
+        return [DeadLetter(flow, run, int(score)) for flow, rows in zip(flows, replies) for score, run in score_pairs(rows)]
 
     # ---- sync API ---------------------------------------------------------------------------------------------
 
@@ -198,7 +194,7 @@ class Recovery:
         REGISTRY.adopt(held, time.monotonic())
         flow = flow_factory(claim.flow)
         inbox = self.backend.redis.hgetall(self._keys.inbox(claim.flow, claim.run))
-        served = attach_answers(flow, {_text(k): _text(v) for k, v in inbox.items()})
+        served = attach_answers(flow, {text(k): text(v) for k, v in inbox.items()})
         config = RunnableConfig(
             run_id=claim.run,
             checkpoint=CheckpointConfig(resume_from=claim.head, backend=self.backend),
@@ -239,12 +235,12 @@ class Recovery:
         node reads: for an approval ``{"feedback": ..., "is_approved": ..., "data": {...}}``, for a
         HumanFeedbackTool ``{"content": ...}``, for a custom node whatever it expects. Returns the node id.
         """
-        flows = [flow] if flow else sorted(_text(f) for f in self.backend.redis.smembers(self._keys.run_flows(run)))
+        flows = [flow] if flow else sorted(text(f) for f in self.backend.redis.smembers(self._keys.run_flows(run)))
         for candidate in flows:
             head = self.backend.redis.hget(self._keys.lease(candidate, run), "head")
             if head is None:
                 continue
-            checkpoint = self.backend.load(_text(head))
+            checkpoint = self.backend.load(text(head))
             waiting = list(checkpoint.pending_inputs) if checkpoint else []
             if node_id is None and len(waiting) > 1:
                 raise ConfigurationError(f"run {run} waits on {waiting} in flow {candidate}: name the node")

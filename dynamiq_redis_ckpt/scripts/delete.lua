@@ -13,35 +13,28 @@
 --
 -- Reply: {'OK', ids deleted...}, or {'WRONGTYPE', key} (nothing deleted) when a key holds another type.
 
--- A script is not rolled back when a command fails, so every key's type is checked before the first write.
+-- A script is not rolled back when a command fails, so this first pass (which only reads) checks every key's
+-- type and judges every candidate before the first write.
 local function wrong(key, want)
   local t = redis.call('TYPE', key)['ok']
   return t ~= 'none' and t ~= want
 end
 if wrong(KEYS[1], 'zset') then return {'WRONGTYPE', KEYS[1]} end
-do
-  local k, a = 2, 2
-  while a <= #ARGV do
-    local npacks = tonumber(ARGV[a + 7])
-    for i = k, k + 4 + npacks do
-      local want = (i == k + 1 or i == k + 2 or i == k + 3) and 'zset' or 'hash'
-      if wrong(KEYS[i], want) then return {'WRONGTYPE', KEYS[i]} end
-    end
-    k = k + 5 + npacks
-    a = a + 8
-  end
-end
 
 local protect = ARGV[1] == '1'
 local live = {active = true, paused = true, pending_input = true}
 local doomed = {}
 local k, a = 2, 2
 while a <= #ARGV do
+  local npacks = tonumber(ARGV[a + 7])
+  for i = k, k + 4 + npacks do
+    local want = (i == k + 1 or i == k + 2 or i == k + 3) and 'zset' or 'hash'
+    if wrong(KEYS[i], want) then return {'WRONGTYPE', KEYS[i]} end
+  end
   local cur = redis.call('HMGET', KEYS[k], 'st', 'run', 'wf', 'par', 'pk', 'ts', 'kids')
   local same = cur[1] == ARGV[a + 1] and cur[2] == ARGV[a + 2] and (cur[3] or '') == ARGV[a + 3]
     and (cur[4] or '') == ARGV[a + 4] and (cur[5] or '') == ARGV[a + 5] and cur[6] == ARGV[a + 6]
   local head_in_flight = live[ARGV[a + 1]] and (tonumber(cur[7]) or 0) <= 0
-  local npacks = tonumber(ARGV[a + 7])
   if same and not (protect and head_in_flight) then
     doomed[#doomed + 1] = {k, a, npacks}
   end
