@@ -17,7 +17,7 @@ from typing import Any, Callable
 import redis
 import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dynamiq_redis_ckpt import scripts
@@ -52,13 +52,31 @@ def _translate(error: Exception, request: Any) -> Exception:
     return error
 
 
+def _wire(request: Command | Script) -> tuple:
+    """The command a request is sent as: itself, or EVALSHA of its script (whose sha :mod:`scripts` knows)."""
+    if isinstance(request, Script):
+        return ("EVALSHA", scripts.sha(request.name), len(request.keys), *request.keys, *request.args)
+    return request.args
+
+
+def _scripts_of(request: Script | Batch) -> set[str]:
+    parts = request.commands if isinstance(request, Batch) else (request,)
+    return {part.name for part in parts if isinstance(part, Script)}
+
+
+def _first_error(replies: list) -> list:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
 class SyncDriver:
     """Runs operations on a ``redis.Redis`` client (thread-safe: the client's pool serves every thread)."""
 
     def __init__(self, client: redis.Redis, policy: RetryPolicy):
         self.client = client
         self.policy = policy
-        self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
 
     def run(self, op) -> Any:
         """Drive a store operation (a generator) to its result."""
@@ -81,15 +99,21 @@ class SyncDriver:
                 raise _translate(e, request) from e
 
     def _once(self, request: Any) -> Any:
-        if isinstance(request, Command):
-            return self.client.execute_command(*request.args)
-        if isinstance(request, Script):
-            return self._scripts[request.name](keys=request.keys, args=request.args, client=self.client)
+        try:
+            return self._send(request)
+        except NoScriptError:  # the server lost its scripts (restart, SCRIPT FLUSH): load them and send again
+            for name in _scripts_of(request):
+                self.client.script_load(scripts.source(name))
+            return self._send(request)
+
+    def _send(self, request: Any) -> Any:
+        if isinstance(request, (Command, Script)):
+            return self.client.execute_command(*_wire(request))
         if isinstance(request, Batch):
             pipe = self.client.pipeline(transaction=False)
-            for command in request.commands:
-                pipe.execute_command(*command.args)
-            return pipe.execute()
+            for part in request.commands:
+                pipe.execute_command(*_wire(part))
+            return _first_error(pipe.execute(raise_on_error=False))
         raise TypeError(f"unknown request {request!r}")
 
 
@@ -117,16 +141,16 @@ class AsyncDriver:
         self.policy = policy
         self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    async def _client(self) -> tuple[Any, dict]:
+    async def _client(self) -> Any:
         loop = asyncio.get_running_loop()
         found = self._per_loop.get(loop)
         if found is None:
             client = self._make_client()
             closer = _close_at_loop_shutdown(client)
             await closer.__anext__()
-            found = (client, {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}, closer)
+            found = (client, closer)
             self._per_loop[loop] = found
-        return found
+        return found[0]
 
     async def run(self, op) -> Any:
         """Drive a store operation (a generator) to its result."""
@@ -149,16 +173,23 @@ class AsyncDriver:
                 raise _translate(e, request) from e
 
     async def _once(self, request: Any) -> Any:
-        client, registered, _ = await self._client()
-        if isinstance(request, Command):
-            return await client.execute_command(*request.args)
-        if isinstance(request, Script):
-            return await registered[request.name](keys=request.keys, args=request.args, client=client)
+        client = await self._client()
+        try:
+            return await self._send(client, request)
+        except NoScriptError:
+            for name in _scripts_of(request):
+                await client.script_load(scripts.source(name))
+            return await self._send(client, request)
+
+    @staticmethod
+    async def _send(client: Any, request: Any) -> Any:
+        if isinstance(request, (Command, Script)):
+            return await client.execute_command(*_wire(request))
         if isinstance(request, Batch):
             pipe = client.pipeline(transaction=False)
-            for command in request.commands:
-                pipe.execute_command(*command.args)
-            return await pipe.execute()
+            for part in request.commands:
+                pipe.execute_command(*_wire(part))
+            return _first_error(await pipe.execute(raise_on_error=False))
         raise TypeError(f"unknown request {request!r}")
 
     async def aclose(self) -> None:

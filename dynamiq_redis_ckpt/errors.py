@@ -64,12 +64,12 @@ class CheckpointCorruptedError(CheckpointStoreError):
 
 
 class UnsupportedFormatError(CheckpointStoreError):
-    """The checkpoint was written in a storage format newer than this reader understands."""
+    """The checkpoint was written in a storage format this reader does not understand (newer, or pre-release)."""
 
     def __init__(self, checkpoint_id: str, version: str, supported: int):
         super().__init__(
             f"Checkpoint {checkpoint_id} uses storage format {version}; this version of dynamiq-redis-ckpt reads "
-            f"formats up to {supported}. Upgrade dynamiq-redis-ckpt to read it."
+            f"format {supported}. A newer format needs a newer dynamiq-redis-ckpt."
         )
         self.checkpoint_id = checkpoint_id
         self.version = version

@@ -1,11 +1,12 @@
 """Lua scripts, one ``.lua`` file per operation, read once from package data.
 
-redis-py's ``Script`` objects run them: EVALSHA first, and on NOSCRIPT (server restart, SCRIPT FLUSH) they load
-the source and retry, so a script is sent in full only when the server has lost it.
+The drivers send EVALSHA (alone or inside a pipeline) and, on NOSCRIPT (server restart, SCRIPT FLUSH), load the
+source and send again, so a script travels in full only when the server has lost it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from functools import cache
 from importlib.resources import files
 
@@ -18,3 +19,9 @@ def source(name: str) -> str:
     if name not in NAMES:
         raise KeyError(name)
     return files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+@cache
+def sha(name: str) -> str:
+    """The SHA1 that EVALSHA names script ``name`` by."""
+    return hashlib.sha1(source(name).encode("utf-8")).hexdigest()
