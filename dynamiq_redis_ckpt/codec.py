@@ -83,8 +83,25 @@ class EncodedCheckpoint:
         return len(self.root) + sum(len(c) for c in self.chunks.values())
 
 
+_stamps: dict[tuple, msgpack.ExtType] = {}
+
+
 def _datetime(moment: datetime) -> msgpack.ExtType:
-    return msgpack.ExtType(MARK_EXT, _DATETIME_HEAD + msgpack.packb(moment.isoformat()))
+    # A node's timestamps are re-encoded on every later save of the run, and isoformat() is slow: keep them.
+    key = (moment, moment.tzinfo, moment.fold)
+    found = _stamps.get(key)
+    if found is None:
+        text = moment.isoformat().encode()  # ascii, at most 32 bytes: a msgpack fixstr or str8, written by hand
+        head = bytes((0xA0 | len(text),)) if len(text) < 32 else bytes((0xD9, len(text)))
+        if len(_stamps) >= 4096:
+            _stamps.clear()
+        found = _stamps[key] = msgpack.ExtType(MARK_EXT, _DATETIME_HEAD + head + text)
+    return found
+
+
+def _stamped(fields: dict) -> dict:
+    """``fields`` with its datetime values as marker extensions (so the packer needs no callback for them)."""
+    return {k: _datetime(v) if type(v) is datetime else v for k, v in fields.items()}
 
 
 class _ValuePacker:
@@ -184,12 +201,9 @@ def _packer() -> _ValuePacker:
 
 
 def _node_record(state: NodeCheckpointState) -> dict:
-    record = dict(state.__dict__)
+    record = _stamped(state.__dict__)
     if state.__pydantic_extra__:
         record.update(state.__pydantic_extra__)
-    for name in ("started_at", "completed_at"):
-        if type(record.get(name)) is datetime:
-            record[name] = _datetime(record[name])
     return record
 
 
@@ -208,7 +222,8 @@ def encode_checkpoint(checkpoint: FlowCheckpoint) -> EncodedCheckpoint:
     where: tuple = ()
     value: Any = None
     try:
-        doc = checkpoint.model_dump(exclude={"original_input", "node_states"})
+        doc = _stamped(checkpoint.model_dump(exclude={"original_input", "node_states"}))
+        doc["pending_inputs"] = {k: _stamped(v) for k, v in doc["pending_inputs"].items()}
         nodes = {}
         for node_id, state in checkpoint.node_states.items():
             where, value = ("node_states", node_id), state

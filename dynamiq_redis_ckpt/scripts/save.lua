@@ -28,12 +28,22 @@
 --      | {'WRONGTYPE', key}                             a key holds another type; nothing was written
 --      | {'FENCED', owner, token}                       'held' and the lease is no longer the writer's
 
--- A script is not rolled back when a command fails, so every key's type is checked before the first write.
+-- A script is not rolled back when a command fails, so every key's type is checked before the first write
+-- (TYPE is the costliest call here: each distinct key is asked once; the packs are asked below, where their
+-- existence is checked too).
+local P = 13
 local expected_type = {'hash', 'zset', 'zset', 'zset', 'zset', 'hash', 'zset', 'zset', 'zset', 'hash', 'hash', 'zset',
   'zset'}
-for i = 1, #KEYS do
-  local t = redis.call('TYPE', KEYS[i])['ok']
-  if t ~= 'none' and t ~= (expected_type[i] or 'hash') then
+local type_of = {}
+local function check(key, expected)
+  if type_of[key] == nil then
+    type_of[key] = redis.call('TYPE', key)['ok']
+  end
+  local t = type_of[key]
+  return t == 'none' or t == expected
+end
+for i = 1, P do
+  if not check(KEYS[i], expected_type[i]) then
     return {'WRONGTYPE', KEYS[i]}
   end
 end
@@ -74,12 +84,16 @@ elseif lease_mode == 'resume' then
   end
 end
 
-local P = 13
 local npacks = tonumber(ARGV[20])
 local first_old = P + 1 + npacks
 local has_new_pack = ARGV[19] ~= ''
+for i = P + 1, #KEYS do
+  if not check(KEYS[i], 'hash') then
+    return {'WRONGTYPE', KEYS[i]}
+  end
+end
 for i = (has_new_pack and P + 2 or P + 1), P + npacks do
-  if redis.call('EXISTS', KEYS[i]) == 0 then
+  if type_of[KEYS[i]] == 'none' then
     local ids = {}
     for id in string.gmatch(ARGV[21], '[^,]+') do ids[#ids + 1] = id end
     return {'MISSING', ids[i - P]}
@@ -101,7 +115,7 @@ end
 
 -- References are taken before old ones are dropped, so a pack both versions use never reaches zero.
 local pack_created = false
-if has_new_pack and redis.call('EXISTS', KEYS[P + 1]) == 0 then
+if has_new_pack and type_of[KEYS[P + 1]] == 'none' then
   redis.call('HSET', KEYS[P + 1], 'd', ARGV[19], 'n', 0)
   pack_created = true
 end
@@ -124,18 +138,19 @@ local id = ARGV[9]
 local parent = ARGV[14]
 local old_parent = present and (stored[4] or '') or ''
 if old_parent ~= parent then
-  if old_parent ~= '' and redis.call('EXISTS', KEYS[10]) == 1 then
+  if old_parent ~= '' and type_of[KEYS[10]] ~= 'none' then
     redis.call('HINCRBY', KEYS[10], 'kids', -1)
   end
-  if parent ~= '' and parent ~= id and redis.call('EXISTS', KEYS[6]) == 1 then
+  if parent ~= '' and parent ~= id and type_of[KEYS[6]] ~= 'none' then
     redis.call('HINCRBY', KEYS[6], 'kids', 1)
   end
 end
 
 local score = ARGV[15]
 for i = 2, 5 do
-  local created = redis.call('EXISTS', KEYS[i]) == 0
+  local created = type_of[KEYS[i]] == 'none'
   redis.call('ZADD', KEYS[i], score, id)
+  type_of[KEYS[i]] = 'zset'
   extend(KEYS[i], created)
 end
 
