@@ -37,7 +37,7 @@ from dynamiq.utils import REVERSIBLE_MARKERS, decode_reversible, encode_reversib
 from dynamiq_redis_ckpt.errors import CheckpointCorruptedError, CheckpointEncodeError, UnsupportedFormatError
 
 FORMAT_VERSION = 2
-CHUNK_MIN = 192
+CHUNK_MIN = 512  # smaller node states stay inline in the root: a small checkpoint loads without a pack
 DIGEST_SIZE = 16
 REF_EXT = 1
 MARK_EXT = 2

@@ -159,6 +159,9 @@ class LeaseRegistry:
                     self._lose_locked(previous, "a new run_sync of the run took the lease over")
                 self._retire_locked(previous)
             held = self._leases.get(key)
+            # The heartbeat is woken only for a lease it does not renew yet: waking it on every save cost each
+            # save a thread switch, and a confirmed save only moves the next renewal later.
+            wake = intent.mode == "take" or held is None or held.paused
             if intent.mode == "take" or held is None:
                 callbacks = list(previous.on_lost) if previous is not None else []
                 held = HeldLease(namespace, checkpoint.flow_id, key[2], intent.owner, saved.token, ttl, interval,
@@ -170,7 +173,7 @@ class LeaseRegistry:
             held.token = saved.token
             held.paused = status != ACTIVE  # a pause (maybe mid-run): handed back, token kept, no heartbeat
             held.confirmed(sent_at)
-        if not held.paused:
+        if wake and not held.paused:
             self._ensure_heartbeat()
 
     def lost_write(self, namespace: str, checkpoint: FlowCheckpoint, held: HeldLease | None, reason: str) -> None:
