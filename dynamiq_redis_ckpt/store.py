@@ -33,6 +33,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _PAGE = 100
 _SAVE_ATTEMPTS = 8
 _DELETE_BATCH = 100
+_PACK_COUNT = 8  # a pack string starts with its reference count, 8 ASCII digits (see save.lua)
 
 
 def micros(moment: datetime) -> int:
@@ -256,7 +257,8 @@ class StoreCore:
                     wanted.setdefault((rec.flow, pack_id), rec)
         if wanted:
             order = list(wanted)
-            blobs = yield Batch(tuple(cmd("HGET", self.keys.pack(f, p), "d") for f, p in order))
+            stored = yield Batch(tuple(cmd("GET", self.keys.pack(f, p)) for f, p in order))
+            blobs = [None if b is None else b[_PACK_COUNT:] for b in stored]  # after the reference count
             gone = []
             for (flow, pack_id), blob in zip(order, blobs):
                 rec = wanted[(flow, pack_id)]

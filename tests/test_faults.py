@@ -156,11 +156,11 @@ def test_damaged_content_pack_gives_typed_error(backend, how):
     backend.save(cp)
     raw = backend.redis
     (pack,) = raw.scan_iter(match=f"{backend.prefix}:pack:*")
-    blob = raw.hget(pack, "d")
+    blob = raw.get(pack)
     if how == "flip":
-        raw.hset(pack, "d", blob[:-20] + bytes(b ^ 0x55 for b in blob[-20:]))
+        raw.set(pack, blob[:-20] + bytes(b ^ 0x55 for b in blob[-20:]))
     elif how == "truncate":
-        raw.hset(pack, "d", blob[: len(blob) // 2])
+        raw.set(pack, blob[: len(blob) // 2])
     else:
         raw.delete(pack)
     with pytest.raises(CheckpointCorruptedError) as caught:

@@ -189,6 +189,10 @@ class RedisTarget(Target):
                 parts.append(value)
                 used["checkpoint"].append(name.decode())
         for key in packs:
+            if self.client.type(key) == b"string":  # format 2: reference count, then the blob
+                parts.append(self.client.get(key))
+                used["pack"] = ["(string)"]
+                continue
             for name, value in sorted(self.client.hgetall(key).items()):
                 if _is_blob(value):
                     parts.append(value)

@@ -7,7 +7,7 @@
 --
 -- KEYS[1]  flow index (zset)
 -- then per candidate, in order: checkpoint hash, status index, run_id index, wf_run_id index, parent hash,
---                               and its packs
+--                               and its packs (strings: 8 ASCII digits of reference count, then the blob)
 -- ARGV[1]  protect '1'|'0'
 -- then per candidate, 8 values: id, st, run, wf, par, pk, ts (as read), number of packs
 --
@@ -28,7 +28,7 @@ local k, a = 2, 2
 while a <= #ARGV do
   local npacks = tonumber(ARGV[a + 7])
   for i = k, k + 4 + npacks do
-    local want = (i == k + 1 or i == k + 2 or i == k + 3) and 'zset' or 'hash'
+    local want = (i == k + 1 or i == k + 2 or i == k + 3) and 'zset' or (i > k + 4 and 'string' or 'hash')
     if wrong(KEYS[i], want) then return {'WRONGTYPE', KEYS[i]} end
   end
   local cur = redis.call('HMGET', KEYS[k], 'st', 'run', 'wf', 'par', 'pk', 'ts', 'kids')
@@ -54,7 +54,10 @@ for _, c in ipairs(doomed) do
     redis.call('HINCRBY', KEYS[k + 4], 'kids', -1)
   end
   for i = k + 5, k + 4 + npacks do
-    if redis.call('HINCRBY', KEYS[i], 'n', -1) <= 0 then
+    local n = tonumber(redis.call('GETRANGE', KEYS[i], 0, 7))
+    if n ~= nil and n > 1 then
+      redis.call('SETRANGE', KEYS[i], 0, string.format('%08d', n - 1))
+    elseif n ~= nil then
       redis.call('DEL', KEYS[i])
     end
   end

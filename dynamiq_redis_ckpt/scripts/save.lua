@@ -8,6 +8,7 @@
 -- KEYS[11] the run's lease hash      KEYS[12] the flow's lease index (zset)   KEYS[13] the flow's due timers (zset)
 -- KEYS[14 .. 13+ARGV[20]]  packs the new version references (the new pack first when ARGV[19] ~= '')
 -- KEYS[14+ARGV[20] .. ]    packs the old version references
+-- A pack is a string: its reference count as 8 ASCII digits, then its blob (a hash would cost twice the memory).
 --
 -- ARGV[1] must_exist '1'|'0'          ARGV[2] ttl in ms, '0' = keep forever
 -- ARGV[3] '1' if the caller believes the checkpoint is stored; ARGV[4..8] the stored st, run, wf, par, pk it expects
@@ -88,7 +89,7 @@ local npacks = tonumber(ARGV[20])
 local first_old = P + 1 + npacks
 local has_new_pack = ARGV[19] ~= ''
 for i = P + 1, #KEYS do
-  if not check(KEYS[i], 'hash') then
+  if not check(KEYS[i], 'string') then
     return {'WRONGTYPE', KEYS[i]}
   end
 end
@@ -115,19 +116,26 @@ end
 
 -- References are taken before old ones are dropped, so a pack both versions use never reaches zero.
 local pack_created = false
+local function add_refs(pack, delta)
+  local n = tonumber(redis.call('GETRANGE', pack, 0, 7))
+  if n == nil then return end  -- gone (expired): nothing to count
+  if n + delta <= 0 then
+    redis.call('DEL', pack)
+  else
+    redis.call('SETRANGE', pack, 0, string.format('%08d', n + delta))
+  end
+end
 if has_new_pack and type_of[KEYS[P + 1]] == 'none' then
-  redis.call('HSET', KEYS[P + 1], 'd', ARGV[19], 'n', 0)
+  redis.call('SET', KEYS[P + 1], '00000000' .. ARGV[19])
   pack_created = true
 end
 for i = P + 1, P + npacks do
-  redis.call('HINCRBY', KEYS[i], 'n', 1)
+  add_refs(KEYS[i], 1)
   extend(KEYS[i], i == P + 1 and pack_created)
 end
 if present then
   for i = first_old, #KEYS do
-    if redis.call('HINCRBY', KEYS[i], 'n', -1) <= 0 then
-      redis.call('DEL', KEYS[i])
-    end
+    add_refs(KEYS[i], -1)
   end
   redis.call('ZREM', KEYS[7], ARGV[9])
   redis.call('ZREM', KEYS[8], ARGV[9])
