@@ -108,14 +108,15 @@ class SyncDriver:
 
     def _send(self, request: Any) -> Any:
         if isinstance(request, (Command, Script)):
-            return self.client.execute_command(*_wire(request))
+            return _first_error(self._pipeline([_wire(request)]))[0]
         if isinstance(request, Batch):
             return _first_error(self._pipeline([_wire(part) for part in request.commands]))
         raise TypeError(f"unknown request {request!r}")
 
     def _pipeline(self, wired: list[tuple]) -> list:
-        # redis-py's Pipeline object costs more than the round trip it saves on a small batch; this is its core:
-        # send every command in one write, then read one reply each, parsed by the client's response callbacks.
+        # redis-py's Pipeline object (and, less so, execute_command's wrappers) cost more CPU than the round trip
+        # itself on this path; this is their core: send every command in one write, then read one reply each,
+        # parsed by the client's own response callbacks. Used for single commands too.
         pool = self.client.connection_pool
         conn = pool.get_connection(wired[0][0])
         try:
@@ -226,7 +227,7 @@ class AsyncDriver:
     @staticmethod
     async def _send(client: Any, request: Any) -> Any:
         if isinstance(request, (Command, Script)):
-            return await client.execute_command(*_wire(request))
+            return _first_error(await _pipeline_async(client, [_wire(request)]))[0]
         if isinstance(request, Batch):
             return _first_error(await _pipeline_async(client, [_wire(part) for part in request.commands]))
         raise TypeError(f"unknown request {request!r}")
