@@ -332,7 +332,7 @@ class Bench:
                     if name in failed:
                         continue
 
-                    def body(name=name, target=target) -> dict[str, Any]:
+                    def body(name=name, target=target, batch=batch) -> dict[str, Any]:
                         t0 = time.perf_counter()
                         target.fill(space, batch, backends[name])
                         fill_s = time.perf_counter() - t0
