@@ -1,0 +1,38 @@
+"""The benchmark's workloads: deterministic, shaped like a Flow's APPEND snapshots, and sized as documented."""
+
+from __future__ import annotations
+
+import json
+
+from dynamiq.utils import encode_reversible
+
+from dynamiq_redis_ckpt.bench.workloads import agent_loop, append_chain
+
+
+def test_same_seed_same_snapshots_other_seed_other_content():
+    first, again, other = list(append_chain(3, 10)), list(append_chain(3, 10)), list(append_chain(4, 10))
+    assert [c.model_dump() for c in first] == [c.model_dump() for c in again]
+    assert first[-1].original_input != other[-1].original_input
+
+
+def test_append_chain_links_snapshots_like_a_flow():
+    chain = list(append_chain(5, 10))
+    assert len(chain) == 11
+    assert [c.parent_checkpoint_id for c in chain[1:]] == [c.id for c in chain[:-1]]
+    assert [len(c.completed_node_ids) for c in chain] == list(range(11))
+    # unchanged node states are the same objects in every later snapshot, as in Dynamiq's shallow copies
+    assert chain[-1].node_states["agent-00"] is chain[1].node_states["agent-00"]
+    # each node's input carries its upstream's output
+    assert chain[-1].node_states["agent-03"].input_data["agent-02"]["output"] == chain[-1].node_states[
+        "agent-02"
+    ].output_data
+    size = len(json.dumps(chain[-1].to_dict(), default=encode_reversible))
+    assert 50_000 < size < 80_000, size
+
+
+def test_agent_loop_history_grows_two_messages_per_iteration():
+    loop = list(agent_loop(2, 5))
+    lengths = [
+        len(c.node_states["agent"].internal_state["iteration"]["iteration_data"]["prompt_messages"]) for c in loop[1:]
+    ]
+    assert lengths == [4, 6, 8, 10, 12]
