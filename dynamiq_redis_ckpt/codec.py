@@ -309,17 +309,20 @@ def unwrap(blob: bytes, checkpoint_id: str, key: str | None = None) -> bytes:
     return body
 
 
-def build_pack(chunks: Mapping[bytes, bytes]) -> tuple[str, bytes]:
-    """Pack chunks into one stored blob; returns (pack id, blob).
+def pack_id(chunks: Mapping[bytes, bytes]) -> str:
+    """The id of the pack holding these chunks: a digest of their addresses (so of their content)."""
+    return digest(b"".join(sorted(chunks))).hex()
 
-    The id is a digest of the chunk addresses (so of the content); the blob is always zstd-framed, whose checksum
-    :func:`read_pack` verifies.
+
+def build_pack(chunks: Mapping[bytes, bytes]) -> tuple[str, bytes]:
+    """Pack chunks into one stored blob; returns (:func:`pack_id`, blob).
+
+    The blob is always zstd-framed, whose checksum :func:`read_pack` verifies.
     """
-    refs = sorted(chunks)
     flat: list[bytes] = []
-    for ref in refs:
+    for ref in sorted(chunks):
         flat += (ref, chunks[ref])
-    return digest(b"".join(refs)).hex(), wrap(msgpack.packb(flat), always=True)
+    return pack_id(chunks), wrap(msgpack.packb(flat), always=True)
 
 
 def read_pack(blob: bytes, checkpoint_id: str, key: str | None = None) -> dict[bytes, bytes]:

@@ -71,7 +71,7 @@ class Keys:
         return f"{self.prefix}:flow:{tag(flow_id)}:run:{run_id}"
 
     def pack(self, flow_id: str, pack_id: str) -> str:
-        """Hash holding one content pack of a flow."""
+        """String holding one content pack of a flow (its reference count, then its blob)."""
         return f"{self.prefix}:pack:{tag(flow_id)}:{pack_id}"
 
     def lease(self, flow_id: str, run_key: str) -> str:

@@ -266,7 +266,7 @@ class StoreCore:
                     gone.append(rec)
                     continue
                 chunks = codec.read_pack(blob, rec.id, self.keys.pack(flow, pack_id))
-                if codec.digest(b"".join(sorted(chunks))).hex() != pack_id:
+                if codec.pack_id(chunks) != pack_id:
                     raise CheckpointCorruptedError(rec.id, "pack is not the one named", self.keys.pack(flow, pack_id))
                 self.cache.add_pack(flow, pack_id, chunks)
             if gone:

@@ -165,11 +165,11 @@ class RedisTarget(Target):
     def stored_blobs(self, space: str, checkpoint: FlowCheckpoint) -> tuple[bytes, dict[str, list[str]]]:
         """The bytes the backend stored for ``checkpoint``'s own save, read back from Redis.
 
-        That is every binary field of the checkpoint's hash plus every binary field of the pack hashes it
-        references that its parent does not (an APPEND snapshot writes only the packs its parent lacks). Fields and
-        pack references are found by shape, not by name, so this survives codec changes: a field is binary unless it
-        is short ASCII text; a pack reference is a token of a comma-separated text field naming an existing
-        ``Keys.pack`` key. Returns the concatenated bytes and the field names used.
+        That is every binary field of the checkpoint's hash plus every pack (a string: reference count, then blob)
+        it references that its parent does not (an APPEND snapshot writes only the packs its parent lacks). Fields
+        and pack references are found by shape, not by name: a field is binary unless it is short ASCII text; a pack
+        reference is a token of a comma-separated text field naming an existing ``Keys.pack`` key. Returns the
+        concatenated bytes and the checkpoint fields used.
         """
         from dynamiq_redis_ckpt.keys import Keys
 
@@ -183,35 +183,20 @@ class RedisTarget(Target):
             parent = self.client.hgetall(keys.checkpoint(flow, checkpoint.parent_checkpoint_id))
             inherited = set(self._pack_refs(keys, flow, parent)) if parent else set()
             packs = [p for p in packs if p not in inherited]
-        parts, used = [], {"checkpoint": [], "pack": []}
-        for name, value in sorted(own.items()):
-            if _is_blob(value):
-                parts.append(value)
-                used["checkpoint"].append(name.decode())
+        blobs = [(name.decode(), value) for name, value in sorted(own.items()) if _is_blob(value)]
+        pipe = self.client.pipeline(transaction=False)
         for key in packs:
-            if self.client.type(key) == b"string":  # format 2: reference count, then the blob
-                parts.append(self.client.get(key))
-                used["pack"] = ["(string)"]
-                continue
-            for name, value in sorted(self.client.hgetall(key).items()):
-                if _is_blob(value):
-                    parts.append(value)
-                    if name.decode() not in used["pack"]:
-                        used["pack"].append(name.decode())
-        return b"".join(parts), used
+            pipe.get(key)
+        stored_packs = [blob for blob in (pipe.execute() if packs else []) if blob is not None]
+        return b"".join([v for _, v in blobs] + stored_packs), {"checkpoint": [n for n, _ in blobs]}
 
-    def _pack_refs(self, keys: Any, flow: str, fields: dict[bytes, bytes]) -> list[str]:
+    @staticmethod
+    def _pack_refs(keys: Any, flow: str, fields: dict[bytes, bytes]) -> list[str]:
         candidates: list[str] = []
         for value in fields.values():
             if len(value) <= 64 * 1024 and not _is_blob(value) and _TOKENS.fullmatch(value.decode("ascii")):
                 candidates += [keys.pack(flow, t) for t in value.decode("ascii").split(",")]
-        candidates = list(dict.fromkeys(candidates))
-        if not candidates:
-            return []
-        pipe = self.client.pipeline(transaction=False)
-        for key in candidates:
-            pipe.exists(key)
-        return [key for key, found in zip(candidates, pipe.execute()) if found]
+        return list(dict.fromkeys(candidates))
 
     def version(self) -> str:
         return str(self.client.info("server").get("redis_version"))
