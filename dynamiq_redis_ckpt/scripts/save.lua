@@ -126,12 +126,15 @@ local function add_refs(pack, delta)
   end
 end
 if has_new_pack and type_of[KEYS[P + 1]] == 'none' then
-  redis.call('SET', KEYS[P + 1], '00000000' .. ARGV[19])
+  redis.call('SET', KEYS[P + 1], '00000001' .. ARGV[19])  -- born with this save's reference
   pack_created = true
 end
 for i = P + 1, P + npacks do
-  add_refs(KEYS[i], 1)
-  extend(KEYS[i], i == P + 1 and pack_created)
+  local created = i == P + 1 and pack_created
+  if not created then
+    add_refs(KEYS[i], 1)
+  end
+  extend(KEYS[i], created)
 end
 if present then
   for i = first_old, #KEYS do
