@@ -3,7 +3,8 @@
 * :class:`StoredState` remembers, per checkpoint id, what this process last wrote or read: the fields the save
   script checks before it overwrites (so the common save needs no read first) and which pack holds each content
   chunk (so an APPEND snapshot sends only the chunks its parent does not already have).
-* Packs are immutable (their id is a digest of their content), so decoded packs are kept by id.
+* Packs are immutable (their id is a digest of their content), so decoded packs are kept by id; their bodies are
+  the dictionaries later packs of a run are compressed against.
 
 The save script verifies every assumption taken from here and answers RETRY or MISSING when one is stale.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from dynamiq_redis_ckpt.codec import Pack
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,12 @@ class StoredState:
     parent: str
     packs: str
     chunk_packs: dict[bytes, str] = field(default_factory=dict, compare=False)
+    bases: dict[str, str] = field(default_factory=dict, compare=False)  # pack id -> its base's id, for ``packs``
+
+    @property
+    def pack_ids(self) -> list[str]:
+        """The packs it references, its newest first."""
+        return [p for p in self.packs.split(",") if p]
 
 
 class Cache:
@@ -34,7 +43,7 @@ class Cache:
     def __init__(self, max_states: int = 4096, max_pack_bytes: int = 64 << 20):
         self._lock = threading.Lock()
         self._states: OrderedDict[str, StoredState] = OrderedDict()
-        self._packs: OrderedDict[tuple[str, str], tuple[dict[bytes, bytes], int]] = OrderedDict()
+        self._packs: OrderedDict[tuple[str, str], tuple[Pack, int]] = OrderedDict()
         self._pack_bytes = 0
         self._max_states = max_states
         self._max_pack_bytes = max_pack_bytes
@@ -62,7 +71,7 @@ class Cache:
         with self._lock:
             self._states.pop(checkpoint_id, None)
 
-    def pack(self, flow: str, pack_id: str) -> dict[bytes, bytes] | None:
+    def pack(self, flow: str, pack_id: str) -> Pack | None:
         """A decoded pack, if this process holds it."""
         with self._lock:
             found = self._packs.get((flow, pack_id))
@@ -71,13 +80,13 @@ class Cache:
             self._packs.move_to_end((flow, pack_id))
             return found[0]
 
-    def add_pack(self, flow: str, pack_id: str, chunks: dict[bytes, bytes]) -> None:
+    def add_pack(self, flow: str, pack: Pack) -> None:
         """Keep a decoded pack; evicts the least recently used ones past the byte budget."""
-        size = sum(len(c) for c in chunks.values())
+        size = len(pack.body) + sum(len(c) for c in pack.chunks.values())
         with self._lock:
-            if (flow, pack_id) in self._packs:
+            if (flow, pack.id) in self._packs:
                 return
-            self._packs[(flow, pack_id)] = (chunks, size)
+            self._packs[(flow, pack.id)] = (pack, size)
             self._pack_bytes += size
             while self._pack_bytes > self._max_pack_bytes and len(self._packs) > 1:
                 _, (_, dropped) = self._packs.popitem(last=False)

@@ -6,16 +6,18 @@ Layers, innermost first:
    packed natively; every other value Dynamiq can restore (datetime, UUID, tuple, set, Decimal, BytesIO, ...)
    becomes an extension (type 2) holding Dynamiq's reversible marker, so ``decode_reversible`` restores it exactly as
    Dynamiq's own backends do, while a user's dict that merely looks like a marker stays a dict. A value with no
-   faithful encoding (a function, a lock, a bytearray) raises :class:`CheckpointEncodeError` naming the node and the
+   faithful encoding (a function, a lock, an open file) raises :class:`CheckpointEncodeError` naming the node and the
    field, where Dynamiq's helpers would store ``{}``.
 2. **Chunks.** Each node state and the flow's original input is one chunk, stored once under its content address
    (SHA-256, first 16 bytes) and referenced from the root document (extension type 1). An APPEND snapshot shares
    every unchanged node state with its parent, so it stores only the nodes that changed.
-3. **Packs.** The chunks a save adds are packed together and compressed with zstd (with its frame checksum); the
-   small root document is compressed alone.
+3. **Packs.** The chunks a save adds are packed together and compressed with zstd (with its frame checksum),
+   against the body of an earlier pack of the run when the store has one (a *based* pack: a new version of a node
+   state costs about what it adds). The small root document is compressed alone.
 
-A blob starts with one byte naming the layers applied to it (1 = zstd); bit 2 is reserved for encryption.
-Format 2 (this one) replaced format 1, which walked every value in Python and cost ten times more per save.
+A blob starts with one byte naming the layers applied to it: 1 = zstd, 4 = compressed against a base pack (packs
+only); 2 is reserved for encryption at rest. Format 3 (this one) added based packs and reads format 2, which lacked
+them; format 1 walked every value in Python, cost ten times more per save, was never released and is refused.
 """
 
 from __future__ import annotations
@@ -36,13 +38,16 @@ from dynamiq.utils import REVERSIBLE_MARKERS, decode_reversible, encode_reversib
 
 from dynamiq_redis_ckpt.errors import CheckpointCorruptedError, CheckpointEncodeError, UnsupportedFormatError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)  # format 3 added based packs; a format-2 record is a format-3 record without them
 CHUNK_MIN = 512  # smaller node states stay inline in the root: a small checkpoint loads without a pack
 DIGEST_SIZE = 16
 REF_EXT = 1
 MARK_EXT = 2
 INLINE_EXT = 3
 LAYER_ZSTD = 1
+LAYER_SEALED = 2  # reserved: encryption at rest
+LAYER_BASE = 4  # packs only: zstd with an earlier pack's body as dictionary, whose id follows the layer byte
 KNOWN_LAYERS = LAYER_ZSTD
 ZSTD_LEVEL = 3
 ZSTD_MIN = 64
@@ -284,6 +289,17 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return ctx
 
 
+def _based_compressor(dictionary: bytes) -> zstandard.ZstdCompressor:
+    # A context per call (about 15 µs): python-zstandard binds a dictionary to a context when it is built.
+    as_dict = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, dict_data=as_dict)
+
+
+def _based_decompressor(dictionary: bytes) -> zstandard.ZstdDecompressor:
+    as_dict = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return zstandard.ZstdDecompressor(dict_data=as_dict)
+
+
 def wrap(data: bytes, *, always: bool = False) -> bytes:
     """Apply the storage layers (zstd when it pays, or ``always``) and prefix the layer byte."""
     if always or len(data) >= ZSTD_MIN:
@@ -309,27 +325,66 @@ def unwrap(blob: bytes, checkpoint_id: str, key: str | None = None) -> bytes:
     return body
 
 
-def pack_id(chunks: Mapping[bytes, bytes]) -> str:
-    """The id of the pack holding these chunks: a digest of their addresses (so of their content)."""
-    return digest(b"".join(sorted(chunks))).hex()
+@dataclass(frozen=True)
+class Pack:
+    """A decoded content pack: its chunks, and its body (the chunks packed, before compression)."""
+
+    id: str
+    chunks: dict[bytes, bytes]
+    body: bytes
+    base: str = ""  # the pack whose body was this one's compression dictionary ('' = none)
 
 
-def build_pack(chunks: Mapping[bytes, bytes]) -> tuple[str, bytes]:
-    """Pack chunks into one stored blob; returns (:func:`pack_id`, blob).
+def pack_id(chunks: Mapping[bytes, bytes], base: str = "") -> str:
+    """The id of the pack holding these chunks compressed against ``base``: a digest of the chunks' addresses and
+    the base's id (the same chunks against another base are another blob, so another pack)."""
+    return digest(b"".join(sorted(chunks)) + bytes.fromhex(base)).hex()
 
-    The blob is always zstd-framed, whose checksum :func:`read_pack` verifies.
+
+def build_pack(chunks: Mapping[bytes, bytes], base: Pack | None = None) -> tuple[Pack, bytes]:
+    """Pack chunks into one stored blob, compressed against ``base``'s body when given; returns (pack, blob).
+
+    A later version of a node state repeats most of the earlier one (a growing message history, an upstream
+    output quoted in the next node's input), so zstd with the earlier pack's body as a raw-content dictionary stores
+    a few hundred bytes where the pack alone would take kilobytes. The blob is always zstd-framed, with the frame
+    checksum :func:`read_pack` verifies; a based blob names its base in the 16 bytes after the layer byte.
     """
     flat: list[bytes] = []
     for ref in sorted(chunks):
         flat += (ref, chunks[ref])
-    return pack_id(chunks), wrap(msgpack.packb(flat), always=True)
+    body = msgpack.packb(flat)
+    if base is None:
+        return Pack(pack_id(chunks), dict(chunks), body), wrap(body, always=True)
+    frame = _based_compressor(base.body).compress(body)
+    blob = bytes([LAYER_ZSTD | LAYER_BASE]) + bytes.fromhex(base.id) + frame
+    return Pack(pack_id(chunks, base.id), dict(chunks), body, base.id), blob
 
 
-def read_pack(blob: bytes, checkpoint_id: str, key: str | None = None) -> dict[bytes, bytes]:
-    """Unpack a pack blob into ``{address: chunk}``; zstd's frame checksum guards the content."""
+def pack_base(blob: bytes) -> str:
+    """The id of the pack a pack blob was compressed against, or '' (read before :func:`read_pack`)."""
+    if len(blob) > DIGEST_SIZE and blob[0] & LAYER_BASE:
+        return blob[1 : 1 + DIGEST_SIZE].hex()
+    return ""
+
+
+def read_pack(
+    expected_id: str, blob: bytes, checkpoint_id: str, key: str | None = None, base: Pack | None = None
+) -> Pack:
+    """Decode a pack blob (``base`` is the pack :func:`pack_base` names); zstd's frame checksum guards the content
+    and the id, recomputed from the content, must be the one the checkpoint names."""
     if not blob or not blob[0] & LAYER_ZSTD:
         raise CheckpointCorruptedError(checkpoint_id, "pack is not zstd-framed", key)
-    body = unwrap(blob, checkpoint_id, key)
+    if blob[0] & LAYER_BASE:
+        if base is None or base.id != pack_base(blob):
+            raise CheckpointCorruptedError(checkpoint_id, "the pack this pack was compressed against is missing", key)
+        if blob[0] & ~(LAYER_ZSTD | LAYER_BASE):
+            raise UnsupportedFormatError(checkpoint_id, f"layer mask {blob[0]}", FORMAT_VERSION)
+        try:
+            body = _based_decompressor(base.body).decompress(blob[1 + DIGEST_SIZE :])
+        except zstandard.ZstdError as e:
+            raise CheckpointCorruptedError(checkpoint_id, f"zstd: {e}", key) from e
+    else:
+        base, body = None, unwrap(blob, checkpoint_id, key)
     try:
         flat = msgpack.unpackb(body, raw=False)
         chunks = dict(zip(flat[::2], flat[1::2]))
@@ -337,5 +392,7 @@ def read_pack(blob: bytes, checkpoint_id: str, key: str | None = None) -> dict[b
         raise CheckpointCorruptedError(checkpoint_id, f"pack does not decode: {e!r}", key) from e
     if not all(type(c) is bytes and len(r) == DIGEST_SIZE for r, c in chunks.items()):
         raise CheckpointCorruptedError(checkpoint_id, "pack holds malformed chunks", key)
-    return chunks
-
+    base_id = base.id if base is not None else ""
+    if pack_id(chunks, base_id) != expected_id:
+        raise CheckpointCorruptedError(checkpoint_id, "pack is not the one named", key)
+    return Pack(expected_id, chunks, body, base_id)

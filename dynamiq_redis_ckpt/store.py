@@ -7,7 +7,7 @@ Nothing here does I/O or imports redis.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Generator, Iterable
 
@@ -34,6 +34,7 @@ _PAGE = 100
 _SAVE_ATTEMPTS = 8
 _DELETE_BATCH = 100
 _PACK_COUNT = 8  # a pack string starts with its reference count, 8 ASCII digits (see save.lua)
+_MAX_EXTRA_PACKS = 8  # superseded packs a checkpoint may keep as the dictionary chain of its new pack
 
 
 def micros(moment: datetime) -> int:
@@ -86,6 +87,32 @@ def resume_at_ms(checkpoint: FlowCheckpoint) -> int | None:
 
 
 @dataclass
+class _Known:
+    """Stored content a save may build on: chunk address -> pack, and pack -> its base ('' = none), newest first."""
+
+    chunks: dict[bytes, str] = field(default_factory=dict)
+    packs: dict[str, str] = field(default_factory=dict)
+
+    def closure(self, packs: Iterable[str]) -> set[str]:
+        """``packs`` and every pack they were compressed against, transitively (what loading them needs)."""
+        found: set[str] = set()
+        for pack in packs:
+            while pack and pack not in found:
+                found.add(pack)
+                pack = self.packs.get(pack, "")
+        return found
+
+
+@dataclass
+class _PackPlan:
+    new: codec.Pack | None
+    blob: bytes
+    pack_ids: list[str]
+    chunk_packs: dict[bytes, str]
+    bases: dict[str, str]
+
+
+@dataclass
 class Record:
     """One checkpoint hash as read from Redis (fields decoded to str, the blobs left as bytes)."""
 
@@ -100,10 +127,10 @@ class Record:
     def packs(self) -> list[str]:
         return [p for p in self.get("pk").split(",") if p]
 
-    def state(self, chunk_packs: dict[bytes, str] | None = None) -> StoredState:
+    def state(self, chunk_packs: dict[bytes, str], bases: dict[str, str]) -> StoredState:
         return StoredState(
             self.flow, self.get("st"), self.get("run"), self.get("wf"), self.get("par"), self.get("pk"),
-            chunk_packs or {},
+            chunk_packs, bases,
         )  # fmt: skip
 
 
@@ -132,7 +159,7 @@ class StoreCore:
         run, wf, parent = checkpoint.run_id, checkpoint.wf_run_id or "", checkpoint.parent_checkpoint_id or ""
         root = codec.wrap(encoded.root)
         root_sum = codec.short_sum(encoded.root)
-        base = self._delta_base(flow, cp_id, parent)
+        known = self._known_content(flow, cp_id, parent)
         stored = self.cache.state(cp_id)
         if stored is not None and stored.flow != flow:
             stored = None
@@ -143,7 +170,8 @@ class StoreCore:
         if lease is not None and lease.mode == "take":  # so workers find the flow's leases
             writes += (cmd("SADD", self.keys.flow_registry_for(flow), flow),)
         for _ in range(_SAVE_ATTEMPTS):
-            pack_id, pack_blob, pack_ids, chunk_packs = self._plan_packs(encoded.chunks, base)
+            plan = self._plan_packs(flow, encoded.chunks, known)
+            pack_id, pack_blob, pack_ids = plan.new.id if plan.new else "", plan.blob, plan.pack_ids
             stored_size = len(root) + len(pack_blob)
             keys, args = self._save_call(
                 checkpoint, must_exist, status, stored, root, root_sum, pack_id, pack_blob, pack_ids,
@@ -154,9 +182,10 @@ class StoreCore:
             writes, reply = (), replies[-1]
             verdict = text(reply[0])
             if verdict == "OK":
-                self.cache.remember(cp_id, StoredState(flow, status, run, wf, parent, ",".join(pack_ids), chunk_packs))
-                if pack_id:
-                    self.cache.add_pack(flow, pack_id, {d: encoded.chunks[d] for d, p in chunk_packs.items() if p == pack_id})
+                state = StoredState(flow, status, run, wf, parent, ",".join(pack_ids), plan.chunk_packs, plan.bases)
+                self.cache.remember(cp_id, state)
+                if plan.new is not None:
+                    self.cache.add_pack(flow, plan.new)
                 return Saved(cp_id, int(text(reply[2]) or 0))
             if verdict == "NOTFOUND":
                 raise CheckpointNotFoundError(cp_id)
@@ -164,7 +193,7 @@ class StoreCore:
                 present, *fields = [text(v) for v in reply[1:]]
                 stored = StoredState(flow, *fields) if present == "1" else None
             elif verdict == "MISSING":
-                base = {}
+                known = _Known()
             elif verdict == "FENCED":
                 holder, token = text(reply[1]), text(reply[2])
                 raise LeaseLostError(run_key(checkpoint), f"the lease is now held by {holder or 'nobody'} with token {token}")
@@ -174,21 +203,47 @@ class StoreCore:
                 raise CheckpointStoreError(f"unexpected reply from save script: {reply!r}")
         raise CheckpointStoreError(f"Checkpoint {cp_id}: save kept racing with concurrent writers; gave up")
 
-    def _delta_base(self, flow: str, cp_id: str, parent: str) -> dict[bytes, str]:
-        """Chunks already stored in packs this save may reference: those of its parent or of its own id."""
-        base: dict[bytes, str] = {}
-        for known in (self.cache.state(parent or None), self.cache.state(cp_id)):
-            if known is not None and known.flow == flow:
-                base.update(known.chunk_packs)
-        return base
+    def _known_content(self, flow: str, cp_id: str, parent: str) -> _Known:
+        """What is already stored that this save may reference: the packs of its own id's stored version and of its
+        parent, as this process knows them (the save script checks that they still exist)."""
+        known = _Known()
+        for state in (self.cache.state(cp_id), self.cache.state(parent or None)):
+            if state is None or state.flow != flow:
+                continue
+            for pack in state.pack_ids:
+                known.packs.setdefault(pack, state.bases.get(pack, ""))
+            for ref, pack in state.chunk_packs.items():
+                known.chunks.setdefault(ref, pack)
+        return known
 
-    @staticmethod
-    def _plan_packs(chunks: dict[bytes, bytes], base: dict[bytes, str]):
-        new = {d: c for d, c in chunks.items() if d not in base}
-        pack_id, blob = codec.build_pack(new) if new else ("", b"")
-        chunk_packs = {d: base.get(d, pack_id) for d in chunks}
-        reused = sorted({p for p in chunk_packs.values() if p != pack_id})
-        return pack_id, blob, ([pack_id] if pack_id else []) + reused, chunk_packs
+    def _plan_packs(self, flow: str, chunks: dict[bytes, bytes], known: _Known) -> _PackPlan:
+        """Which packs the save references, and the new pack of the chunks not stored yet.
+
+        The new pack is compressed against the newest known pack (the one the version it replaces or extends added)
+        unless that would keep more than ``_MAX_EXTRA_PACKS`` packs alive only as dictionaries.
+        """
+        reused = {known.chunks[ref] for ref in chunks if ref in known.chunks}
+        needed = known.closure(reused)
+        new = {ref: chunk for ref, chunk in chunks.items() if ref not in known.chunks}
+        pack, blob, base_id = None, b"", ""
+        if new:
+            base = None
+            for candidate in list(known.packs)[:1]:
+                extra = known.closure({candidate}) - needed
+                if len(extra) <= _MAX_EXTRA_PACKS:
+                    base = self.cache.pack(flow, candidate)
+            if base is not None:
+                base_id = base.id
+                needed |= known.closure({base_id})
+            pack, blob = codec.build_pack(new, base)
+        order = [p for p in known.packs if p in needed]  # newest first, as the stored versions listed them
+        order += sorted(needed.difference(order))
+        pack_ids = ([pack.id] if pack else []) + order
+        bases = {p: known.packs[p] for p in order}
+        if pack is not None:
+            bases[pack.id] = base_id
+        chunk_packs = {ref: known.chunks.get(ref) or pack.id for ref in chunks}
+        return _PackPlan(pack, blob, pack_ids, chunk_packs, bases)
 
     def _locator_writes(self, cp_id: str, flow: str, runs: Iterable[str], locate: bool) -> tuple[Command, ...]:
         px = ("PX", self.ttl_ms) if self.ttl_ms else ()
@@ -249,26 +304,24 @@ class StoreCore:
 
     def _decode(self, records: list[Record]) -> Op:
         """Checkpoints from records, fetching the packs this process does not hold in one round trip."""
-        wanted = {}
+        held: dict[tuple[str, str], codec.Pack] = {}
+        wanted: dict[tuple[str, str], Record] = {}
         for rec in records:
             self._check_format(rec)
             for pack_id in rec.packs:
-                if self.cache.pack(rec.flow, pack_id) is None:
+                pack = self.cache.pack(rec.flow, pack_id)
+                if pack is not None:
+                    held[(rec.flow, pack_id)] = pack
+                else:
                     wanted.setdefault((rec.flow, pack_id), rec)
         if wanted:
             order = list(wanted)
             stored = yield Batch(tuple(cmd("GET", self.keys.pack(f, p)) for f, p in order))
-            blobs = [None if b is None else b[_PACK_COUNT:] for b in stored]  # after the reference count
-            gone = []
-            for (flow, pack_id), blob in zip(order, blobs):
-                rec = wanted[(flow, pack_id)]
-                if blob is None:
-                    gone.append(rec)
-                    continue
-                chunks = codec.read_pack(blob, rec.id, self.keys.pack(flow, pack_id))
-                if codec.pack_id(chunks) != pack_id:
-                    raise CheckpointCorruptedError(rec.id, "pack is not the one named", self.keys.pack(flow, pack_id))
-                self.cache.add_pack(flow, pack_id, chunks)
+            blobs = {where: b[_PACK_COUNT:] for where, b in zip(order, stored) if b is not None}  # after the count
+            gone = [rec for where, rec in wanted.items() if where not in blobs]
+            for where in order:
+                if where in blobs:
+                    self._read_pack(where, wanted[where], blobs, held)
             if gone:
                 still = yield Batch(tuple(cmd("EXISTS", self.keys.checkpoint(r.flow, r.id)) for r in gone))
                 for rec, exists in zip(gone, still):
@@ -276,17 +329,40 @@ class StoreCore:
                         raise CheckpointCorruptedError(rec.id, "a content pack it references is missing")
                 dropped = {id(r) for r in gone}
                 records = [r for r in records if id(r) not in dropped]
-        return [self._decode_one(rec) for rec in records]
+        return [self._decode_one(rec, held) for rec in records]
+
+    def _read_pack(self, where: tuple[str, str], rec: Record, blobs: dict, held: dict) -> None:
+        """Decode a fetched pack, and first the packs it was compressed against (oldest first, no recursion)."""
+        flow = where[0]
+        chain = []
+        while where not in held:
+            blob = blobs.get(where)
+            if blob is None:
+                raise CheckpointCorruptedError(rec.id, "the pack a pack was compressed against is missing",
+                                               self.keys.pack(*where))  # fmt: skip
+            chain.append((where, blob))
+            base = codec.pack_base(blob)
+            if not base:
+                break
+            where = (flow, base)
+            cached = self.cache.pack(flow, base)
+            if cached is not None:
+                held[where] = cached
+        for where, blob in reversed(chain):
+            base_id = codec.pack_base(blob)
+            pack = codec.read_pack(where[1], blob, rec.id, self.keys.pack(*where), held.get((flow, base_id)))
+            held[where] = pack
+            self.cache.add_pack(flow, pack)
 
     @staticmethod
     def _check_format(rec: Record) -> None:
         version = rec.get("fmt")
         if not version.isdigit():
             raise CheckpointCorruptedError(rec.id, f"format version field is {version!r}")
-        if int(version) != codec.FORMAT_VERSION:  # format 1 was never released; a newer one needs a newer reader
+        if int(version) not in codec.READABLE_FORMATS:  # format 1 was never released; a newer one needs a newer reader
             raise UnsupportedFormatError(rec.id, version, codec.FORMAT_VERSION)
 
-    def _decode_one(self, rec: Record) -> FlowCheckpoint:
+    def _decode_one(self, rec: Record, held: dict[tuple[str, str], codec.Pack]) -> FlowCheckpoint:
         key = self.keys.checkpoint(rec.flow, rec.id)
         blob = rec.fields.get("doc")
         if blob is None:
@@ -294,20 +370,18 @@ class StoreCore:
         root = codec.unwrap(blob, rec.id, key)
         if codec.short_sum(root) != rec.get("sum"):
             raise CheckpointCorruptedError(rec.id, "root document fails its checksum", key)
-        packs = [self.cache.pack(rec.flow, p) or {} for p in rec.packs]
+        packs = [held[(rec.flow, p)] for p in rec.packs]
         chunk_packs: dict[bytes, str] = {}
-        for pack_id, chunks in zip(rec.packs, packs):
-            for ref in chunks:
-                chunk_packs.setdefault(ref, pack_id)
+        for pack in packs:
+            for ref in pack.chunks:
+                chunk_packs.setdefault(ref, pack.id)
 
         def chunk_of(ref: bytes) -> bytes | None:
-            for chunks in packs:
-                if ref in chunks:
-                    return chunks[ref]
-            return None
+            pack_id = chunk_packs.get(ref)
+            return None if pack_id is None else held[(rec.flow, pack_id)].chunks[ref]
 
         checkpoint = codec.decode_checkpoint(rec.id, root, chunk_of)
-        self.cache.remember(rec.id, rec.state(chunk_packs))
+        self.cache.remember(rec.id, rec.state(chunk_packs, {p.id: p.base for p in packs}))
         return checkpoint
 
     # ---- lists ------------------------------------------------------------------------------------------------

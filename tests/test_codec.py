@@ -11,11 +11,14 @@ from datetime import date, datetime, timezone
 from decimal import Decimal
 from enum import Enum
 
+import random
+
 import pytest
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint, NodeCheckpointState, PendingInputContext
 from pydantic import BaseModel
 
 from dynamiq_redis_ckpt import CheckpointCorruptedError, CheckpointEncodeError
+from dynamiq_redis_ckpt.bench.workloads import prose
 from dynamiq_redis_ckpt import codec
 
 
@@ -185,10 +188,40 @@ def test_repeated_text_in_a_pack_is_stored_once():
 
 
 def test_pack_checksum_detects_a_flipped_byte():
-    pack_id, blob = codec.build_pack({codec.digest(b"\xa3abc" * 40): b"\xa3abc" * 40})
-    assert codec.read_pack(blob, "c")
+    pack, blob = codec.build_pack({codec.digest(b"\xa3abc" * 40): b"\xa3abc" * 40})
+    assert codec.read_pack(pack.id, blob, "c").chunks == pack.chunks
     for at in range(1, len(blob)):
         damaged = bytearray(blob)
         damaged[at] ^= 0xFF
         with pytest.raises(CheckpointCorruptedError):
-            codec.read_pack(bytes(damaged), "c")
+            codec.read_pack(pack.id, bytes(damaged), "c")
+
+
+def _history(turns: int) -> bytes:
+    return prose(random.Random(5), 120 * turns).encode()  # the same turns, then one more
+
+
+def test_a_based_pack_stores_what_the_new_version_adds():
+    older, newer = _history(10), _history(11)  # a message history that grew by one turn
+    base, _ = codec.build_pack({codec.digest(older): older})
+    _, alone = codec.build_pack({codec.digest(newer): newer})
+    pack, blob = codec.build_pack({codec.digest(newer): newer}, base)
+    assert codec.pack_base(blob) == base.id and pack.base == base.id
+    assert len(blob) * 4 < len(alone)
+    assert codec.read_pack(pack.id, blob, "c", base=base).chunks == {codec.digest(newer): newer}
+    assert pack.id != codec.pack_id({codec.digest(newer): newer})  # same chunks, another base: another pack
+
+
+def test_a_based_pack_is_refused_without_its_base_or_with_another():
+    older, newer = _history(3), _history(4)
+    base, _ = codec.build_pack({codec.digest(older): older})
+    other, _ = codec.build_pack({codec.digest(b"x" * 600): b"x" * 600})
+    pack, blob = codec.build_pack({codec.digest(newer): newer}, base)
+    for wrong in (None, other, codec.Pack(base.id, {}, b"not the base body " * 40)):
+        with pytest.raises(CheckpointCorruptedError):
+            codec.read_pack(pack.id, blob, "c", base=wrong)
+    for at in range(1, len(blob)):
+        damaged = bytearray(blob)
+        damaged[at] ^= 0xFF
+        with pytest.raises(CheckpointCorruptedError):
+            codec.read_pack(pack.id, bytes(damaged), "c", base=base)
