@@ -351,14 +351,13 @@ class Bench:
                 except Exception as e:
                     say(f"  {name}: teardown of {space} failed: {e}")
 
-    def bytes_per_run(self) -> None:
-        """What the 21 snapshots of one 20-node APPEND run occupy in each store."""
-        entry = self.metric("bytes_20", "bytes per 20-node APPEND run", "bytes", "bytes")
-        chain = list(append_chain(SEED_BYTES, 20))
+    def bytes_per_run(self, key: str, label: str, chain: list[Any], what: str) -> None:
+        """What the snapshots of one run occupy in each store."""
+        entry = self.metric(key, label, "bytes", "bytes")
         final, total = json_size(chain[-1]), sum(json_size(cp) for cp in chain)
-        self.context["JSON bytes, 20-node run, final snapshot"] = final
-        self.context["JSON bytes, 20-node run, all 21 snapshots"] = total
-        say(f"  context: JSON of the final snapshot {final:,} B, of all 21 snapshots {total:,} B")
+        self.context[f"JSON bytes, {what}, final snapshot"] = final
+        self.context[f"JSON bytes, {what}, all {len(chain)} snapshots"] = total
+        say(f"  context: JSON of the final snapshot {final:,} B, of all {len(chain)} snapshots {total:,} B")
 
         def body(name: str, target: Target, space: str) -> dict[str, Any]:
             backend = target.make(space)
@@ -375,7 +374,7 @@ class Bench:
             main = {"redis": "memory_usage", "filesystem": "files", "postgresql": "total_relation_size"}[name]
             return {"bytes": grown[main], "measure": main, **{k: v for k, v in grown.items() if k != main}}
 
-        self.each("bytes", entry, body)
+        self.each(key, entry, body)
 
     def throughput(self) -> None:
         """Total saves/s of 1, 4, 16... concurrent clients saving APPEND chains."""
@@ -443,7 +442,10 @@ class Bench:
         self.load("load_10", "load (10 nodes)", finals10, a.samples, "ld10")
         self.load("load_50", "load (50 nodes)", self.finals50, a.samples_50, "ld50")
         self.listing()
-        self.bytes_per_run()
+        self.bytes_per_run("bytes_20", "bytes per 20-node APPEND run", list(append_chain(SEED_BYTES, 20)),
+                           "20-node run")  # fmt: skip
+        self.bytes_per_run("bytes_loop", "bytes per agent loop (20 iterations)", list(agent_loop(SEED_BYTES, 20)),
+                           "agent loop")  # fmt: skip
         self.throughput()
         self.flow_overhead()
 
