@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from itertools import islice
 from dataclasses import dataclass, field
 
 from dynamiq_redis_ckpt.codec import Pack
@@ -44,6 +45,7 @@ class Cache:
         self._lock = threading.Lock()
         self._states: OrderedDict[str, StoredState] = OrderedDict()
         self._packs: OrderedDict[tuple[str, str], tuple[Pack, int]] = OrderedDict()
+        self._flow_packs: dict[str, OrderedDict[str, None]] = {}
         self._pack_bytes = 0
         self._max_states = max_states
         self._max_pack_bytes = max_pack_bytes
@@ -78,7 +80,16 @@ class Cache:
             if found is None:
                 return None
             self._packs.move_to_end((flow, pack_id))
+            self._flow_packs[flow].move_to_end(pack_id)
             return found[0]
+
+    def pack_ids(self, flow: str, limit: int) -> list[str]:
+        """Ids of up to ``limit`` decoded packs of a flow this process holds, most recently used first."""
+        with self._lock:
+            held = self._flow_packs.get(flow)
+            if not held:
+                return []
+            return list(islice(reversed(held), limit))
 
     def add_pack(self, flow: str, pack: Pack) -> None:
         """Keep a decoded pack; evicts the least recently used ones past the byte budget."""
@@ -87,14 +98,20 @@ class Cache:
             if (flow, pack.id) in self._packs:
                 return
             self._packs[(flow, pack.id)] = (pack, size)
+            self._flow_packs.setdefault(flow, OrderedDict())[pack.id] = None
             self._pack_bytes += size
             while self._pack_bytes > self._max_pack_bytes and len(self._packs) > 1:
-                _, (_, dropped) = self._packs.popitem(last=False)
+                (old_flow, old_id), (_, dropped) = self._packs.popitem(last=False)
                 self._pack_bytes -= dropped
+                held = self._flow_packs[old_flow]
+                del held[old_id]
+                if not held:
+                    del self._flow_packs[old_flow]
 
     def clear(self) -> None:
         """Forget everything."""
         with self._lock:
             self._states.clear()
             self._packs.clear()
+            self._flow_packs.clear()
             self._pack_bytes = 0

@@ -74,6 +74,10 @@ class Keys:
         """String holding one content pack of a flow (its reference count, then its blob)."""
         return f"{self.prefix}:pack:{tag(flow_id)}:{pack_id}"
 
+    def pack_prefix(self, flow_id: str) -> str:
+        """What every pack key of a flow starts with (the load script appends pack ids)."""
+        return f"{self.prefix}:pack:{tag(flow_id)}:"
+
     def lease(self, flow_id: str, run_key: str) -> str:
         """Hash holding a run's lease (owner, token, exp, head, attempts)."""
         return f"{self.prefix}:lease:{tag(flow_id)}:{run_key}"

@@ -35,6 +35,7 @@ _SAVE_ATTEMPTS = 8
 _DELETE_BATCH = 100
 _PACK_COUNT = 8  # a pack string starts with its reference count, 8 ASCII digits (see save.lua)
 _MAX_EXTRA_PACKS = 8  # superseded packs a checkpoint may keep as the dictionary chain of its new pack
+_HELD_PACKS_SENT = 64  # a load tells the server up to this many packs of the flow it need not send
 
 
 def micros(moment: datetime) -> int:
@@ -142,6 +143,7 @@ class StoreCore:
         self.ttl_ms = ttl_ms
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.cache = cache or Cache()
+        self._last_flow: str | None = None  # the flow a load tries first (see load)
 
     # ---- save -------------------------------------------------------------------------------------------------
 
@@ -182,6 +184,7 @@ class StoreCore:
             writes, reply = (), replies[-1]
             verdict = text(reply[0])
             if verdict == "OK":
+                self._last_flow = flow
                 state = StoredState(flow, status, run, wf, parent, ",".join(pack_ids), plan.chunk_packs, plan.bases)
                 self.cache.remember(cp_id, state)
                 if plan.new is not None:
@@ -291,19 +294,39 @@ class StoreCore:
     # ---- load -------------------------------------------------------------------------------------------------
 
     def load(self, checkpoint_id: str) -> Op:
-        """The checkpoint with this id, or None."""
-        flow = yield cmd("GET", self.keys.locator(checkpoint_id))
+        """The checkpoint with this id, or None.
+
+        The locator names the checkpoint's flow. A process mostly loads checkpoints of the flow it last touched, so
+        the load script runs for that flow in the same round trip as the locator read; its answer is used only when
+        the locator confirms the flow (else the script runs again for the right one).
+        """
+        locator = cmd("GET", self.keys.locator(checkpoint_id))
+        guess = self._last_flow
+        if guess is None:
+            flow, reply = (yield locator), None
+        else:
+            flow, reply = yield Batch((locator, self._load_script(guess, checkpoint_id)))
         if flow is None:
             return None
         flow = text(flow)
-        fields = yield cmd("HGETALL", self.keys.checkpoint(flow, checkpoint_id))
-        if not fields:
+        if flow != guess:
+            reply = yield self._load_script(flow, checkpoint_id)
+        self._last_flow = flow
+        if not reply:
             return None
-        found = yield from self._decode([Record(flow, checkpoint_id, _fields(fields))])
+        fields, fetched = reply
+        blobs = {(flow, text(fetched[i])): fetched[i + 1] for i in range(0, len(fetched), 2)}
+        found = yield from self._decode([Record(flow, checkpoint_id, _fields(_pairs(fields)))], blobs)
         return found[0] if found else None
 
-    def _decode(self, records: list[Record]) -> Op:
-        """Checkpoints from records, fetching the packs this process does not hold in one round trip."""
+    def _load_script(self, flow: str, checkpoint_id: str) -> Script:
+        held = self.cache.pack_ids(flow, _HELD_PACKS_SENT)
+        return Script("load", (self.keys.checkpoint(flow, checkpoint_id),), (self.keys.pack_prefix(flow), *held))
+
+    def _decode(self, records: list[Record], fetched: dict[tuple[str, str], bytes | None] | None = None) -> Op:
+        """Checkpoints from records, fetching the packs this process does not hold (nor was given) in one round
+        trip. ``fetched`` maps (flow, pack id) to a pack string as stored, None when it was absent."""
+        fetched = fetched or {}
         held: dict[tuple[str, str], codec.Pack] = {}
         wanted: dict[tuple[str, str], Record] = {}
         for rec in records:
@@ -316,8 +339,11 @@ class StoreCore:
                     wanted.setdefault((rec.flow, pack_id), rec)
         if wanted:
             order = list(wanted)
-            stored = yield Batch(tuple(cmd("GET", self.keys.pack(f, p)) for f, p in order))
-            blobs = {where: b[_PACK_COUNT:] for where, b in zip(order, stored) if b is not None}  # after the count
+            missing = [w for w in order if w not in fetched]
+            if missing:
+                stored = yield Batch(tuple(cmd("GET", self.keys.pack(f, p)) for f, p in missing))
+                fetched = {**fetched, **dict(zip(missing, stored))}
+            blobs = {w: fetched[w][_PACK_COUNT:] for w in order if fetched[w] is not None}  # after the count
             gone = [rec for where, rec in wanted.items() if where not in blobs]
             for where in order:
                 if where in blobs:
@@ -534,6 +560,11 @@ class StoreCore:
 
 def _fields(raw: dict) -> dict[str, bytes]:
     return {text(k): v for k, v in raw.items()}
+
+
+def _pairs(flat: list) -> dict:
+    """A flat [field, value, ...] script reply as a dict."""
+    return dict(zip(flat[::2], flat[1::2]))
 
 
 def score_pairs(rows: list) -> list[tuple[float, str]]:

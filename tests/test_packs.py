@@ -105,3 +105,39 @@ def test_a_format_2_record_still_loads(backend):
     backend.save(cp)
     backend.redis.hset(backend._core.keys.checkpoint(cp.flow_id, cp.id), "fmt", "2")
     assert fresh(backend).load(cp.id) == cp
+
+
+def test_a_load_finds_the_right_flow_whatever_flow_it_tried_first(backend):
+    """A load runs the load script for the flow last used alongside the locator read; the locator decides."""
+    a, b = list(agent_loop(17, 2, flow_id="fa"))[-1], list(agent_loop(18, 2, flow_id="fb"))[-1]
+    moved_v1 = list(append_chain(19, 2, flow_id="fa"))[-1]
+    moved_v2 = moved_v1.model_copy(update={"flow_id": "fb", "metadata": {"moved": True}})
+    for cp in (a, b, moved_v1, moved_v2):  # the same id saved in fa, then in fb: the locator names fb
+        backend.save(cp)
+    reader = fresh(backend)
+    assert reader.load(a.id) == a
+    assert reader.load(b.id) == b  # tried fa first
+    assert reader.load(a.id) == a  # tried fb first
+    assert reader.load(moved_v2.id) == moved_v2  # tried fa first, where an older copy of the id also lives
+    assert reader.load("no-such-id") is None
+
+
+def test_a_load_fetches_packs_it_said_it_held_but_lost_meanwhile(backend):
+    """The server skips packs the reader claims to hold; if the reader's cache dropped them since, it asks again."""
+    chain = list(append_chain(20, 4, flow_id="fl"))
+    for cp in chain:
+        backend.save(cp)
+    reader = fresh(backend)
+    assert reader.load(chain[-2].id) == chain[-2]
+    core = reader._core
+    op = core.load(chain[-1].id)
+    request = next(op)  # the locator read and the load script, naming the packs held now
+    assert request.commands[1].args[1:], "the reader held packs of the flow"
+    reply = reader._sync._execute(request)
+    core.cache.clear()
+    try:
+        request = op.send(reply)
+        while True:
+            request = op.send(reader._sync._execute(request))
+    except StopIteration as done:
+        assert done.value == chain[-1]

@@ -10,7 +10,7 @@ import hashlib
 from functools import cache
 from importlib.resources import files
 
-NAMES = ("save", "delete", "prune", "renew", "release", "claim", "deliver")
+NAMES = ("save", "load", "delete", "prune", "renew", "release", "claim", "deliver")
 
 
 @cache
