@@ -104,6 +104,20 @@ def _datetime(moment: datetime) -> msgpack.ExtType:
     return found
 
 
+_moments: dict[bytes, datetime] = {}
+
+
+def _moment(marker: bytes) -> datetime:
+    """The datetime a datetime marker extension holds (datetimes are immutable: parsed once, kept)."""
+    found = _moments.get(marker)
+    if found is None:
+        found = decode_reversible(msgpack.unpackb(marker))
+        if len(_moments) >= 4096:
+            _moments.clear()
+        _moments[marker] = found
+    return found
+
+
 def _stamped(fields: dict) -> dict:
     """``fields`` with its datetime values as marker extensions (so the packer needs no callback for them)."""
     return {k: _datetime(v) if type(v) is datetime else v for k, v in fields.items()}
@@ -249,7 +263,7 @@ def decode_checkpoint(checkpoint_id: str, root: bytes, chunk_of: Callable[[bytes
 
     def ext_hook(code: int, data: bytes) -> Any:
         if code == MARK_EXT:
-            return decode_reversible(unpack(data))
+            return _moment(data) if data.startswith(_DATETIME_HEAD) else decode_reversible(unpack(data))
         if code == INLINE_EXT:
             return unpack(data)
         if code == REF_EXT:
