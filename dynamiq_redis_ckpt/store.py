@@ -230,11 +230,9 @@ class StoreCore:
         new = {ref: chunk for ref, chunk in chunks.items() if ref not in known.chunks}
         pack, blob, base_id = None, b"", ""
         if new:
-            base = None
-            for candidate in list(known.packs)[:1]:
-                extra = known.closure({candidate}) - needed
-                if len(extra) <= _MAX_EXTRA_PACKS:
-                    base = self.cache.pack(flow, candidate)
+            base, newest = None, next(iter(known.packs), None)
+            if newest is not None and len(known.closure({newest}) - needed) <= _MAX_EXTRA_PACKS:
+                base = self.cache.pack(flow, newest)  # None when this process no longer holds its body
             if base is not None:
                 base_id = base.id
                 needed |= known.closure({base_id})
@@ -242,7 +240,7 @@ class StoreCore:
         order = [p for p in known.packs if p in needed]  # newest first, as the stored versions listed them
         order += sorted(needed.difference(order))
         pack_ids = ([pack.id] if pack else []) + order
-        bases = {p: known.packs[p] for p in order}
+        bases = {p: known.packs.get(p, "") for p in order}
         if pack is not None:
             bases[pack.id] = base_id
         chunk_packs = {ref: known.chunks.get(ref) or pack.id for ref in chunks}
