@@ -192,7 +192,7 @@ def test_many_flows_on_threads_share_one_backend(backend):
         assert [c.id for c in backend.get_chain(runs[0].id)] == [c.id for c in runs]
 
 
-def test_append_run_footprint_is_at_most_a_fifth_of_its_final_snapshot(own_redis, capsys):
+def test_append_run_footprint_is_at_most_a_tenth_of_its_final_snapshot(own_redis, capsys):
     """20-node APPEND run: every snapshot holds the whole state; Redis keeps each repeated content once."""
     backend = RedisCheckpointBackend(url=own_redis.url, prefix="footprint")
     flow = chain_flow(backend, 20, flow_id="footprint")
@@ -207,7 +207,7 @@ def test_append_run_footprint_is_at_most_a_fifth_of_its_final_snapshot(own_redis
         print(f"\n[footprint] 20-node APPEND run: final snapshot JSON {final_json} B, all 22 snapshots JSON "
               f"{all_json} B ({all_json / final_json:.1f}x), Redis MEMORY USAGE {used} B "
               f"({used / final_json:.3f}x of the final snapshot)")
-    assert used <= 0.2 * final_json
+    assert used <= 0.1 * final_json  # 0.053x measured with based packs (format 2: 0.096x)
     fresh = RedisCheckpointBackend(url=own_redis.url, prefix="footprint")
     assert flow._checkpoint == fresh.load(flow._checkpoint.id), "the final snapshot loads whole and exact"
     for position, snap in enumerate(reversed(fresh.get_chain(snapshots[0].id))):
