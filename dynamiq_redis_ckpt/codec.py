@@ -48,7 +48,7 @@ INLINE_EXT = 3
 LAYER_ZSTD = 1
 LAYER_SEALED = 2  # reserved: encryption at rest
 LAYER_BASE = 4  # packs only: zstd with an earlier pack's body as dictionary, whose id follows the layer byte
-KNOWN_LAYERS = LAYER_ZSTD
+KNOWN_LAYERS = LAYER_ZSTD | LAYER_BASE
 ZSTD_LEVEL = 3
 ZSTD_MIN = 64
 _NOT_STORABLE = (
@@ -314,31 +314,6 @@ def _based_decompressor(dictionary: bytes) -> zstandard.ZstdDecompressor:
     return zstandard.ZstdDecompressor(dict_data=as_dict)
 
 
-def wrap(data: bytes, *, always: bool = False) -> bytes:
-    """Apply the storage layers (zstd when it pays, or ``always``) and prefix the layer byte."""
-    if always or len(data) >= ZSTD_MIN:
-        packed = _compressor().compress(data)
-        if always or len(packed) < len(data):
-            return bytes([LAYER_ZSTD]) + packed
-    return b"\x00" + data
-
-
-def unwrap(blob: bytes, checkpoint_id: str, key: str | None = None) -> bytes:
-    """Undo :func:`wrap`; raises a typed error for unknown layers or damaged data."""
-    if not blob:
-        raise CheckpointCorruptedError(checkpoint_id, "empty blob", key)
-    layers = blob[0]
-    if layers & ~KNOWN_LAYERS:
-        raise UnsupportedFormatError(checkpoint_id, f"layer mask {layers}", FORMAT_VERSION)
-    body = blob[1:]
-    if layers & LAYER_ZSTD:
-        try:
-            body = _decompressor().decompress(body)
-        except zstandard.ZstdError as e:
-            raise CheckpointCorruptedError(checkpoint_id, f"zstd: {e}", key) from e
-    return body
-
-
 @dataclass(frozen=True)
 class Pack:
     """A decoded content pack: its chunks, and its body (the chunks packed, before compression)."""
@@ -347,6 +322,40 @@ class Pack:
     chunks: dict[bytes, bytes]
     body: bytes
     base: str = ""  # the pack whose body was this one's compression dictionary ('' = none)
+
+
+def wrap(data: bytes, *, always: bool = False, base: Pack | None = None) -> bytes:
+    """Apply the storage layers and prefix the layer byte: zstd when it pays (or ``always``), against ``base``'s
+    body as a raw-content dictionary when given (then the base's id follows the layer byte)."""
+    if base is not None:
+        return bytes([LAYER_ZSTD | LAYER_BASE]) + bytes.fromhex(base.id) + _based_compressor(base.body).compress(data)
+    if always or len(data) >= ZSTD_MIN:
+        packed = _compressor().compress(data)
+        if always or len(packed) < len(data):
+            return bytes([LAYER_ZSTD]) + packed
+    return b"\x00" + data
+
+
+def unwrap(blob: bytes, checkpoint_id: str, key: str | None = None, base: Pack | None = None) -> bytes:
+    """Undo :func:`wrap` (``base`` is the pack :func:`pack_base` names); raises a typed error for unknown layers,
+    damaged data or a missing base."""
+    if not blob:
+        raise CheckpointCorruptedError(checkpoint_id, "empty blob", key)
+    layers = blob[0]
+    if layers & ~KNOWN_LAYERS:
+        raise UnsupportedFormatError(checkpoint_id, f"layer mask {layers}", FORMAT_VERSION)
+    start, decompressor = 1, _decompressor()
+    if layers & LAYER_BASE:
+        if base is None or base.id != pack_base(blob):
+            raise CheckpointCorruptedError(checkpoint_id, "the pack this blob was compressed against is missing", key)
+        start, decompressor = 1 + DIGEST_SIZE, _based_decompressor(base.body)
+    body = blob[start:]
+    if layers & LAYER_ZSTD:
+        try:
+            body = decompressor.decompress(body)
+        except zstandard.ZstdError as e:
+            raise CheckpointCorruptedError(checkpoint_id, f"zstd: {e}", key) from e
+    return body
 
 
 def pack_id(chunks: Mapping[bytes, bytes], base: str = "") -> str:
@@ -367,11 +376,8 @@ def build_pack(chunks: Mapping[bytes, bytes], base: Pack | None = None) -> tuple
     for ref in sorted(chunks):
         flat += (ref, chunks[ref])
     body = msgpack.packb(flat)
-    if base is None:
-        return Pack(pack_id(chunks), dict(chunks), body), wrap(body, always=True)
-    frame = _based_compressor(base.body).compress(body)
-    blob = bytes([LAYER_ZSTD | LAYER_BASE]) + bytes.fromhex(base.id) + frame
-    return Pack(pack_id(chunks, base.id), dict(chunks), body, base.id), blob
+    base_id = base.id if base is not None else ""
+    return Pack(pack_id(chunks, base_id), dict(chunks), body, base_id), wrap(body, always=True, base=base)
 
 
 def pack_base(blob: bytes) -> str:
@@ -388,17 +394,7 @@ def read_pack(
     and the id, recomputed from the content, must be the one the checkpoint names."""
     if not blob or not blob[0] & LAYER_ZSTD:
         raise CheckpointCorruptedError(checkpoint_id, "pack is not zstd-framed", key)
-    if blob[0] & LAYER_BASE:
-        if base is None or base.id != pack_base(blob):
-            raise CheckpointCorruptedError(checkpoint_id, "the pack this pack was compressed against is missing", key)
-        if blob[0] & ~(LAYER_ZSTD | LAYER_BASE):
-            raise UnsupportedFormatError(checkpoint_id, f"layer mask {blob[0]}", FORMAT_VERSION)
-        try:
-            body = _based_decompressor(base.body).decompress(blob[1 + DIGEST_SIZE :])
-        except zstandard.ZstdError as e:
-            raise CheckpointCorruptedError(checkpoint_id, f"zstd: {e}", key) from e
-    else:
-        base, body = None, unwrap(blob, checkpoint_id, key)
+    body = unwrap(blob, checkpoint_id, key, base)
     try:
         flat = msgpack.unpackb(body, raw=False)
         chunks = dict(zip(flat[::2], flat[1::2]))
@@ -406,7 +402,7 @@ def read_pack(
         raise CheckpointCorruptedError(checkpoint_id, f"pack does not decode: {e!r}", key) from e
     if not all(type(c) is bytes and len(r) == DIGEST_SIZE for r, c in chunks.items()):
         raise CheckpointCorruptedError(checkpoint_id, "pack holds malformed chunks", key)
-    base_id = base.id if base is not None else ""
+    base_id = pack_base(blob)
     if pack_id(chunks, base_id) != expected_id:
         raise CheckpointCorruptedError(checkpoint_id, "pack is not the one named", key)
     return Pack(expected_id, chunks, body, base_id)
