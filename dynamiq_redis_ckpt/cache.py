@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 
 from dynamiq_redis_ckpt.codec import Pack
+
+
+def pack_list(field_value: str) -> list[str]:
+    """The pack ids of a checkpoint's ``pk`` field (comma separated, its newest pack first)."""
+    return [p for p in field_value.split(",") if p]
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class StoredState:
     @property
     def pack_ids(self) -> list[str]:
         """The packs it references, its newest first."""
-        return [p for p in self.packs.split(",") if p]
+        return pack_list(self.packs)
 
 
 class Cache:

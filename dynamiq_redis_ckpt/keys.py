@@ -72,7 +72,7 @@ class Keys:
 
     def pack(self, flow_id: str, pack_id: str) -> str:
         """String holding one content pack of a flow (its reference count, then its blob)."""
-        return f"{self.prefix}:pack:{tag(flow_id)}:{pack_id}"
+        return self.pack_prefix(flow_id) + pack_id
 
     def pack_prefix(self, flow_id: str) -> str:
         """What every pack key of a flow starts with (the load script appends pack ids)."""
