@@ -15,7 +15,7 @@ from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.types import CheckpointStatus
 
 from dynamiq_redis_ckpt import codec
-from dynamiq_redis_ckpt.cache import Cache, StoredState
+from dynamiq_redis_ckpt.cache import Cache, StoredState, pack_list
 from dynamiq_redis_ckpt.errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
@@ -126,7 +126,7 @@ class Record:
 
     @property
     def packs(self) -> list[str]:
-        return [p for p in self.get("pk").split(",") if p]
+        return pack_list(self.get("pk"))
 
     def state(self, chunk_packs: dict[bytes, str], bases: dict[str, str]) -> StoredState:
         return StoredState(
@@ -273,7 +273,7 @@ class StoreCore:
             k.lease(flow, run_key(cp)), k.lease_index(flow), k.due_index(flow),
         ]  # fmt: skip
         keys += [k.pack(flow, p) for p in pack_ids]
-        keys += [k.pack(flow, p) for p in old.packs.split(",") if p and stored is not None]
+        keys += [k.pack(flow, p) for p in old.pack_ids if stored is not None]
         args = [
             "1" if must_exist else "0", self.ttl_ms, "1" if stored is not None else "0",
             old.status, old.run, old.wf, old.parent, old.packs,
@@ -313,7 +313,7 @@ class StoreCore:
         if not reply:
             return None
         fields, fetched = reply
-        blobs = {(flow, text(fetched[i])): fetched[i + 1] for i in range(0, len(fetched), 2)}
+        blobs = {(flow, text(pack_id)): blob for pack_id, blob in _pairs(fetched).items()}
         found = yield from self._decode([Record(flow, checkpoint_id, _fields(_pairs(fields)))], blobs)
         return found[0] if found else None
 
@@ -336,23 +336,23 @@ class StoreCore:
                 else:
                     wanted.setdefault((rec.flow, pack_id), rec)
         if wanted:
-            order = list(wanted)
-            missing = [w for w in order if w not in fetched]
+            missing = [w for w in wanted if w not in fetched]
             if missing:
                 stored = yield Batch(tuple(cmd("GET", self.keys.pack(f, p)) for f, p in missing))
                 fetched = {**fetched, **dict(zip(missing, stored))}
-            blobs = {w: fetched[w][_PACK_COUNT:] for w in order if fetched[w] is not None}  # after the count
-            gone = [rec for where, rec in wanted.items() if where not in blobs]
-            for where in order:
-                if where in blobs:
-                    self._read_pack(where, wanted[where], blobs, held)
-            if gone:
+            blobs = {w: fetched[w][_PACK_COUNT:] for w in wanted if fetched[w] is not None}  # after the count
+            gone = [r for r in records if any((r.flow, p) not in held and (r.flow, p) not in blobs for p in r.packs)]
+            if gone:  # deleted meanwhile (skipped), or damaged (an error)
                 still = yield Batch(tuple(cmd("EXISTS", self.keys.checkpoint(r.flow, r.id)) for r in gone))
                 for rec, exists in zip(gone, still):
                     if exists:
                         raise CheckpointCorruptedError(rec.id, "a content pack it references is missing")
                 dropped = {id(r) for r in gone}
                 records = [r for r in records if id(r) not in dropped]
+            for rec in records:
+                for pack_id in rec.packs:
+                    if (rec.flow, pack_id) not in held:
+                        self._read_pack((rec.flow, pack_id), rec, blobs, held)
         return [self._decode_one(rec, held) for rec in records]
 
     def _read_pack(self, where: tuple[str, str], rec: Record, blobs: dict, held: dict) -> None:
@@ -364,17 +364,16 @@ class StoreCore:
             if blob is None:
                 raise CheckpointCorruptedError(rec.id, "the pack a pack was compressed against is missing",
                                                self.keys.pack(*where))  # fmt: skip
-            chain.append((where, blob))
             base = codec.pack_base(blob)
+            chain.append((where, blob, base))
             if not base:
                 break
             where = (flow, base)
             cached = self.cache.pack(flow, base)
             if cached is not None:
                 held[where] = cached
-        for where, blob in reversed(chain):
-            base_id = codec.pack_base(blob)
-            pack = codec.read_pack(where[1], blob, rec.id, self.keys.pack(*where), held.get((flow, base_id)))
+        for where, blob, base in reversed(chain):
+            pack = codec.read_pack(where[1], blob, rec.id, self.keys.pack(*where), held.get((flow, base)))
             held[where] = pack
             self.cache.add_pack(flow, pack)
 
