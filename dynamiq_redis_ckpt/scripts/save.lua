@@ -195,9 +195,10 @@ if lease_mode ~= '' then
     redis.call('ZREM', KEYS[13], run_key)
     redis.call('PERSIST', lease)
   else
+    local paused = st == 'pending_input' or st == 'paused'
     redis.call('HSET', lease, 'owner', '', 'exp', 0, 'head', id, 'flow', ARGV[10], 'attempts', 0, 'done', done)
     redis.call('ZREM', KEYS[12], run_key)
-    if (st == 'pending_input' or st == 'paused') and ARGV[29] ~= '' then
+    if paused and ARGV[29] ~= '' then
       redis.call('ZADD', KEYS[13], ARGV[29], run_key)
     else
       redis.call('ZREM', KEYS[13], run_key)
@@ -205,7 +206,6 @@ if lease_mode ~= '' then
     -- An ended run's token only has to outlive any holder that could still write (a week is far longer than
     -- any lease). A paused run's lease (its head) must live as long as the run can be resumed: as long as its
     -- checkpoints (forever without a ttl), and past its timer's due time.
-    local paused = st == 'pending_input' or st == 'paused'
     if paused and ttl == 0 then
       redis.call('PERSIST', lease)
     else
