@@ -44,6 +44,11 @@ def tag(value: str) -> str:
     return "{" + value.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
 
 
+def glob_escape(text: str) -> str:
+    """``text`` as a literal inside a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 @dataclass(frozen=True)
 class Keys:
     """Builds every key of one namespace (``prefix``)."""
@@ -119,5 +124,5 @@ class Keys:
 
         Each kind is followed by ``{``, so a namespace nested under this one (prefix ``app:tenant``) does not match.
         """
-        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
+        escaped = glob_escape(self.prefix)
         return tuple(f"{escaped}:{kind}:\\{{*" for kind in KINDS)

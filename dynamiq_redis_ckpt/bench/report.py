@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from typing import Any, Callable
 
 COLUMNS = ("redis", "inmemory", "filesystem", "postgresql")
 HEADERS = {"redis": "redis", "inmemory": "inmemory", "filesystem": "filesystem", "postgresql": "postgresql"}
 MISSING = "—"
-
-
-def mask(url: str | None) -> str | None:
-    """A connection string with its password replaced by ``***``."""
-    if url is None:
-        return None
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
 def _ms(value: float) -> str:

@@ -19,6 +19,9 @@ from typing import Any, Callable, Iterable
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.types import CheckpointStatus
 
+from dynamiq_redis_ckpt.config import mask_url
+from dynamiq_redis_ckpt.keys import glob_escape
+
 ORDER = ("redis", "inmemory", "filesystem", "postgresql")
 _TOKENS = re.compile(r"[0-9A-Za-z_.-]+(,[0-9A-Za-z_.-]+)*")
 _METADATA_MAX = 256
@@ -112,16 +115,11 @@ class RedisTarget(Target):
         return RedisCheckpointBackend(url=self.url, prefix=self.prefix(space), leases=leases, socket_timeout=30)
 
     def _keys(self, space: str) -> Iterable[bytes]:
-        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix(space)) + ":*"
+        pattern = glob_escape(self.prefix(space)) + ":*"
         return self.client.scan_iter(match=pattern, count=1000)
 
     def teardown(self, space: str) -> None:
-        backend = self.make(space, leases=False)
-        try:
-            backend.clear()
-        finally:
-            backend.close()
-        keys = list(self._keys(space))  # anything clear() does not know about (raw SET keys)
+        keys = list(self._keys(space))  # every key of the space starts with its prefix (raw SET keys too)
         for start in range(0, len(keys), 1000):
             self.client.unlink(*keys[start : start + 1000])
         self._spaces.discard(space)
@@ -386,7 +384,7 @@ def build_targets(names: Iterable[str], *, redis_url: str | None, pg_dsn: str, t
                 targets[name] = PostgresTarget(pg_dsn, tag)
             except Exception as e:  # psycopg.OperationalError, bad DSN, ...
                 reason = " ".join(str(e).split()) or type(e).__name__
-                say(f"PostgreSQL: not reachable at {pg_dsn} ({reason}); its column is left out")
+                say(f"PostgreSQL: not reachable at {mask_url(pg_dsn)} ({reason}); its column is left out")
                 continue
-            say(f"PostgreSQL: {pg_dsn} (server {targets[name].version()})")
+            say(f"PostgreSQL: {mask_url(pg_dsn)} (server {targets[name].version()})")
     return targets
