@@ -128,7 +128,6 @@ class LeaseRegistry:
         pause mid-run, only if nobody took the run meanwhile.
         """
         key = (namespace, checkpoint.flow_id, run_key(checkpoint))
-        take = LeaseIntent("take", process_owner(), 0, int(ttl * 1000))
         with self._lock:
             if key + (checkpoint.run_id,) in self._retired:
                 raise LeaseLostError(key[2], "this run_sync lost the run's lease earlier in this process")
@@ -136,18 +135,22 @@ class LeaseRegistry:
             if held is not None and held.lost is None and not held.paused and time.monotonic() >= held.deadline:
                 self._lose_locked(held, "no renewal was confirmed before the lease could run out (self-fenced)")
             if held is None:
-                return take, None
+                return self._take(ttl), None
             if held.run_id is None and held.head not in (checkpoint.parent_checkpoint_id, checkpoint.id):
                 # A worker claimed the run here; only the run it resumes (from the claimed head) may write under it.
                 raise LeaseLostError(key[2], "the run was claimed by a worker of this process")
             if held.run_id is not None and held.run_id != checkpoint.run_id:
-                return take, held  # a new run_sync of this run: it takes over, and the old run_sync is retired
+                return self._take(ttl), held  # a new run_sync of this run: it takes over; the old one is retired
             if held.lost is not None:
                 raise LeaseLostError(held.run, held.lost)
             held.run_id = checkpoint.run_id
             if held.paused:
                 return LeaseIntent("resume", held.owner, held.token, int(held.ttl * 1000)), held
             return LeaseIntent("held", held.owner, held.token, int(held.ttl * 1000)), held
+
+    @staticmethod
+    def _take(ttl: float) -> LeaseIntent:
+        return LeaseIntent("take", process_owner(), 0, int(ttl * 1000))
 
     def saved(self, namespace, checkpoint, intent, previous, saved: Saved, sent_at, ttl, interval, renewer) -> None:
         """Record the lease state a confirmed save left behind."""
@@ -186,11 +189,14 @@ class LeaseRegistry:
             while len(self._retired) > 100_000:
                 self._retired.popitem(last=False)
 
-    def fence(self, namespace: str, flow: str, run: str, reason: str) -> None:
-        """Mark the run's current lease in this process lost (handed back, or refused by the store)."""
+    def fence(self, namespace: str, flow: str, run: str, token: int, reason: str) -> None:
+        """Mark the run's lease with this fencing token lost (handed back) and retire its run_sync.
+
+        A lease of the run this process took later (a newer token) is another holder's and is left alone.
+        """
         with self._lock:
             held = self._leases.get((namespace, flow, run))
-            if held is not None:
+            if held is not None and held.token == token:
                 if held.lost is None:
                     self._lose_locked(held, reason)
                 self._retire_locked(held)

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from dynamiq.checkpoints.config import CheckpointConfig
 from dynamiq.runnables import RunnableConfig, RunnableResult
@@ -28,9 +28,11 @@ from dynamiq_redis_ckpt.errors import ConfigurationError, LeaseLostError
 from dynamiq_redis_ckpt.inbox import attach_answers
 from dynamiq_redis_ckpt.keys import FLOW_SHARDS
 from dynamiq_redis_ckpt.leases import REGISTRY, HeldLease, process_owner, release_op, verdict
-from dynamiq_redis_ckpt.metrics import WorkerMetrics
 from dynamiq_redis_ckpt.requests import Batch, Script, cmd
 from dynamiq_redis_ckpt.store import score_pairs, text
+
+if TYPE_CHECKING:  # prometheus_client is imported only by those who serve metrics (see cli)
+    from dynamiq_redis_ckpt.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 FlowFactory = Callable[[str], Any]
@@ -213,11 +215,11 @@ class Recovery:
         try:
             self._forget_used_answers(claim, served)
         finally:
-            current = REGISTRY.get(held.key)
-            if current is not None and current.lost is None and not current.paused and current.owner == claim.owner:
+            # The owner name is the process's, shared by every lease here: only this very lease is this claim's.
+            if REGISTRY.get(held.key) is held and held.lost is None and not held.paused:
                 logger.warning("run %s returned still holding its lease (its last save failed?): handing it back",
                                claim.run)  # fmt: skip
-                self._release(claim.flow, claim.run, current.owner, current.token, failed=True, attempt=claim.attempt)
+                self._release(claim.flow, claim.run, held.owner, held.token, failed=True, attempt=claim.attempt)
 
     def _forget_used_answers(self, claim: Claim, served: list[str]) -> None:
         """Drop the answers of nodes the run has completed since; the others stay for the next resume."""
@@ -258,14 +260,15 @@ class Recovery:
         raise ConfigurationError(f"no run {run!r} is paused waiting on {node_id or 'a node'}")
 
     def hand_back(self, claim: Claim, *, failed: bool = False) -> bool:
-        """Give a claimed lease back: at once (graceful stop), or after a backoff when the attempt failed."""
-        current = REGISTRY.get((self.backend._namespace, claim.flow, claim.run))
-        token = current.token if current is not None and current.owner == claim.owner else claim.token
-        return self._release(claim.flow, claim.run, claim.owner, token, failed=failed, attempt=claim.attempt)
+        """Give a claimed lease back: at once (graceful stop), or after a backoff when the attempt failed.
+
+        The claim's token is still its lease's: the resumed run writes under it and never takes the lease anew.
+        """
+        return self._release(claim.flow, claim.run, claim.owner, claim.token, failed=failed, attempt=claim.attempt)
 
     def _release(self, flow: str, run: str, owner: str, token: int, *, failed: bool, attempt: int) -> bool:
         # Fenced here first: the run's thread, if still going, must never take the lease back by itself.
-        REGISTRY.fence(self.backend._namespace, flow, run, "handed back by this worker")
+        REGISTRY.fence(self.backend._namespace, flow, run, token, "handed back by this worker")
         backoff_ms = int(self.backoff_seconds * 1000 * 2 ** max(attempt - 1, 0))
         op = release_op(self._core, flow, run, owner, token, failed=failed, backoff_ms=backoff_ms)
         return self.backend._sync.run(op) == "OK"
@@ -401,7 +404,7 @@ class Worker:
             self.resumed += 1
             logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, ended[0])
         except LeaseLostError as lost:
-            ended[0] = "lease_lost"
+            ended[0] = "handed_back" if self._stop.is_set() else "lease_lost"  # a stop fences the runs it hands back
             logger.warning("run %s stopped: %s", claim.run, lost)
         except Exception:
             logger.exception("recovery of run %s failed (attempt %d)", claim.run, claim.attempt)

@@ -252,7 +252,8 @@ def test_progress_resets_the_failed_recovery_count(leased):
     for step in range(1, 5):
         claim = recovery.claim("f", "wf")
         assert claim is not None and claim.attempt == 1, f"attempt count reset by progress (claim {step})"
-        held = HeldLease(leased._namespace, "f", "wf", claim.owner, claim.token, 3, 1, None, run_id=f"resumed-{step}")
+        held = HeldLease(leased._namespace, "f", "wf", claim.owner, claim.token, 3, 1, (leased._sync, leased._core),
+                         run_id=f"resumed-{step}")  # fmt: skip
         REGISTRY.adopt(held, time.monotonic())
         progressed = make(f"p{step}", "f", f"resumed-{step}", "wf", S.ACTIVE, minute=step)
         progressed.completed_node_ids = [f"n{i}" for i in range(step)]
@@ -260,6 +261,26 @@ def test_progress_resets_the_failed_recovery_count(leased):
         REGISTRY.drop(held.key)
         leased.redis.hset(leased._core.keys.lease("f", "wf"), "exp", 0)  # the worker died: its lease runs out
         leased.redis.zadd(leased._core.keys.lease_index("f"), {"wf": 0})
+
+
+def test_handing_back_a_claim_leaves_a_newer_lease_of_the_run_alone(leased):
+    """Every lease of a process has the same owner name: a stale claim's hand-back goes by its token, so a run_sync
+    of this process that took the run over afterwards keeps its lease, in Redis and in the registry."""
+    orphan(leased)
+    recovery = Recovery(leased, max_attempts=3)
+    claim = recovery.claim("f", "wf")
+    assert claim is not None and claim.owner == process_owner()
+    held = HeldLease(leased._namespace, "f", "wf", claim.owner, claim.token, 3, 1, (leased._sync, leased._core),
+                     run_id="resumed")  # fmt: skip
+    REGISTRY.adopt(held, time.monotonic())
+    leased.save(make("t1", "f", "takeover", "wf", S.ACTIVE, minute=1))  # a new run_sync takes the run over
+    newer = REGISTRY.get(held.key)
+    assert newer is not held and newer.token > claim.token and held.lost is not None
+    assert not recovery.hand_back(claim, failed=True), "the store refuses the claim's stale token"
+    assert REGISTRY.get(held.key) is newer and newer.lost is None
+    assert lease_of(leased, "f", "wf")["token"] == str(newer.token)
+    assert int(lease_of(leased, "f", "wf")["exp"]) > server_ms(leased.redis), "the newer lease was not released"
+    leased.save(make("t2", "f", "takeover", "wf", S.COMPLETED, minute=2, parent="t1"))  # still writes under it
 
 
 def test_renewing_an_expired_lease_says_it_ran_out(leased):
