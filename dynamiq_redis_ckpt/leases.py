@@ -158,9 +158,7 @@ class LeaseRegistry:
         status = checkpoint.status.value if isinstance(checkpoint.status, CheckpointStatus) else str(checkpoint.status)
         with self._lock:
             if intent.mode == "take" and previous is not None:
-                if previous.lost is None:
-                    self._lose_locked(previous, "a new run_sync of the run took the lease over")
-                self._retire_locked(previous)
+                self._retire_locked(previous, "a new run_sync of the run took the lease over")
             held = self._leases.get(key)
             # The heartbeat is woken only for a lease it does not renew yet: waking it on every save cost each
             # save a thread switch, and a confirmed save only moves the next renewal later.
@@ -185,9 +183,7 @@ class LeaseRegistry:
         with self._lock:
             if held is not None and held.lost is None:
                 self._lose_locked(held, reason)
-            self._retired[key + (checkpoint.run_id,)] = None
-            while len(self._retired) > 100_000:
-                self._retired.popitem(last=False)
+            self._retire_run_locked(key, checkpoint.run_id)
 
     def fence(self, namespace: str, flow: str, run: str, token: int, reason: str) -> None:
         """Mark the run's lease with this fencing token lost (handed back) and retire its run_sync.
@@ -197,15 +193,19 @@ class LeaseRegistry:
         with self._lock:
             held = self._leases.get((namespace, flow, run))
             if held is not None and held.token == token:
-                if held.lost is None:
-                    self._lose_locked(held, reason)
-                self._retire_locked(held)
+                self._retire_locked(held, reason)
 
-    def _retire_locked(self, held: HeldLease) -> None:
+    def _retire_locked(self, held: HeldLease, reason: str) -> None:
+        """The lease is lost (if it was not already) and the run_sync that wrote under it never writes again."""
+        if held.lost is None:
+            self._lose_locked(held, reason)
         if held.run_id is not None:
-            self._retired[held.key + (held.run_id,)] = None
-            while len(self._retired) > 100_000:
-                self._retired.popitem(last=False)
+            self._retire_run_locked(held.key, held.run_id)
+
+    def _retire_run_locked(self, key: tuple[str, str, str], run_id: str) -> None:
+        self._retired[key + (run_id,)] = None
+        while len(self._retired) > 100_000:
+            self._retired.popitem(last=False)
 
     # ---- used by workers --------------------------------------------------------------------------------------
 
@@ -218,9 +218,7 @@ class LeaseRegistry:
         with self._lock:
             previous = self._leases.get(held.key)
             if previous is not None:
-                if previous.lost is None:
-                    self._lose_locked(previous, "the run was claimed by a worker")
-                self._retire_locked(previous)
+                self._retire_locked(previous, "the run was claimed by a worker")
             self._leases[held.key] = held
         self._ensure_heartbeat()
 
