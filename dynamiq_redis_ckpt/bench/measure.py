@@ -11,6 +11,7 @@ import asyncio
 import gc
 import math
 import multiprocessing
+import queue
 import statistics
 import threading
 import time
@@ -134,10 +135,10 @@ def load_each(backend: Any, ids: Sequence[str], warmup: int, budget: float | Non
     return _timed(((lambda i=i: load(i)) for i in ids[warmup:]), budget)
 
 
-def list_newest(backend: Any, flow_id: str, samples: int, budget: float | None, expect: int = 10) -> list[float]:
+def list_newest(backend: Any, flow_id: str, samples: int, budget: float | None) -> list[float]:
     """Time ``get_list_by_flow(flow_id, limit=10)`` ``samples`` times (one untimed call first)."""
     found = backend.get_list_by_flow(flow_id, limit=10)
-    if len(found) != min(expect, 10):
+    if len(found) != 10:
         raise RuntimeError(f"{type(backend).__name__}: listing returned {len(found)} checkpoints, expected 10")
     return _timed((lambda: backend.get_list_by_flow(flow_id, limit=10) for _ in range(samples)), budget)
 
@@ -215,7 +216,7 @@ def throughput(make: Callable[[], Any], pool: Sequence[Sequence[FlowCheckpoint]]
     """
     if mode == "threads":
         shared = make()
-        ready, results, spawn = threading.Barrier(clients), _ListQueue(), threading.Thread
+        ready, results, spawn = threading.Barrier(clients), queue.Queue(), threading.Thread
         make, own = (lambda: shared), False
     else:
         ctx = multiprocessing.get_context("fork")
@@ -231,23 +232,6 @@ def throughput(make: Callable[[], Any], pool: Sequence[Sequence[FlowCheckpoint]]
     if errors:
         raise RuntimeError(f"{len(errors)} of {clients} clients failed: {errors[0]}")
     return sum(saves for _, saves, _ in reports) / seconds
-
-
-class _ListQueue:
-    def __init__(self) -> None:
-        self._items: list = []
-        self._cond = threading.Condition()
-
-    def put(self, item: Any) -> None:
-        with self._cond:
-            self._items.append(item)
-            self._cond.notify_all()
-
-    def get(self, timeout: float) -> Any:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._items, timeout):
-                raise TimeoutError("a throughput client did not report")
-            return self._items.pop(0)
 
 
 # ---- a real Flow ------------------------------------------------------------------------------------------------

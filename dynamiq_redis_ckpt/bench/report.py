@@ -7,8 +7,8 @@ import math
 import os
 from typing import Any, Callable
 
-COLUMNS = ("redis", "inmemory", "filesystem", "postgresql")
-HEADERS = {"redis": "redis", "inmemory": "inmemory", "filesystem": "filesystem", "postgresql": "postgresql"}
+from dynamiq_redis_ckpt.bench.targets import ORDER as COLUMNS
+
 MISSING = "—"
 
 
@@ -165,7 +165,7 @@ def markdown(results: dict[str, Any]) -> str:
         "for throughput rows † redis / other).",
         "",
     ]
-    header = ["metric"] + [HEADERS[t] for t in COLUMNS] + ["raw SET", "PG / redis", "FS / redis", "redis / raw SET"]
+    header = ["metric"] + list(COLUMNS) + ["raw SET", "PG / redis", "FS / redis", "redis / raw SET"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for entry in results.get("metrics", []):

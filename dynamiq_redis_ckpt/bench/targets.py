@@ -20,11 +20,9 @@ from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.types import CheckpointStatus
 
 from dynamiq_redis_ckpt.config import mask_url
-from dynamiq_redis_ckpt.keys import glob_escape
+from dynamiq_redis_ckpt.keys import Keys, glob_escape
 
 ORDER = ("redis", "inmemory", "filesystem", "postgresql")
-_TOKENS = re.compile(r"[0-9A-Za-z_.-]+(,[0-9A-Za-z_.-]+)*")
-_METADATA_MAX = 256
 
 
 def close_backend(backend: Any) -> None:
@@ -41,15 +39,11 @@ class Target:
         name: column name.
         parallel: how throughput clients run: ``"processes"`` (one backend per forked process) or ``"threads"``.
         list_max: largest checkpoint count this target's flow is filled to for the listing benchmark.
-        notes: things worth printing about how this target was measured.
     """
 
     name = ""
     parallel = "processes"
     list_max: int | None = None
-
-    def __init__(self) -> None:
-        self.notes: list[str] = []
 
     def make(self, space: str) -> Any:
         """A backend on ``space`` (created empty on first use)."""
@@ -86,7 +80,6 @@ class RedisTarget(Target):
     fill_processes = 3
 
     def __init__(self, url: str | None, tag: str) -> None:
-        super().__init__()
         import redis
 
         self._server = None
@@ -163,38 +156,29 @@ class RedisTarget(Target):
     def stored_blobs(self, space: str, checkpoint: FlowCheckpoint) -> tuple[bytes, dict[str, list[str]]]:
         """The bytes the backend stored for ``checkpoint``'s own save, read back from Redis.
 
-        That is every binary field of the checkpoint's hash plus every pack (a string: reference count, then blob)
-        it references that its parent does not (an APPEND snapshot writes only the packs its parent lacks). Fields
-        and pack references are found by shape, not by name: a field is binary unless it is short ASCII text; a pack
-        reference is a token of a comma-separated text field naming an existing ``Keys.pack`` key. Returns the
-        concatenated bytes and the checkpoint fields used.
+        That is its root document (the hash's ``doc`` field) plus every pack (a string: reference count, then
+        blob) it references that its parent does not (an APPEND snapshot writes only the packs its parent lacks).
+        Returns the concatenated bytes and the checkpoint fields used.
         """
-        from dynamiq_redis_ckpt.keys import Keys
+        from dynamiq_redis_ckpt.store import Record
 
-        keys = Keys(self.prefix(space))
-        flow = checkpoint.flow_id
-        own = self.client.hgetall(keys.checkpoint(flow, checkpoint.id))
-        if not own:
+        keys, flow = Keys(self.prefix(space)), checkpoint.flow_id
+
+        def record(cp_id: str) -> Record | None:
+            fields = self.client.hgetall(keys.checkpoint(flow, cp_id))
+            return Record(flow, cp_id, {k.decode(): v for k, v in fields.items()}) if fields else None
+
+        own = record(checkpoint.id)
+        if own is None:
             raise RuntimeError(f"checkpoint {checkpoint.id} is not stored under {keys.checkpoint(flow, checkpoint.id)}")
-        packs = self._pack_refs(keys, flow, own)
-        if checkpoint.parent_checkpoint_id:
-            parent = self.client.hgetall(keys.checkpoint(flow, checkpoint.parent_checkpoint_id))
-            inherited = set(self._pack_refs(keys, flow, parent)) if parent else set()
-            packs = [p for p in packs if p not in inherited]
-        blobs = [(name.decode(), value) for name, value in sorted(own.items()) if _is_blob(value)]
+        parent = record(checkpoint.parent_checkpoint_id) if checkpoint.parent_checkpoint_id else None
+        inherited = set(parent.packs) if parent is not None else set()
+        packs = [keys.pack(flow, p) for p in own.packs if p not in inherited]
         pipe = self.client.pipeline(transaction=False)
         for key in packs:
             pipe.get(key)
         stored_packs = [blob for blob in (pipe.execute() if packs else []) if blob is not None]
-        return b"".join([v for _, v in blobs] + stored_packs), {"checkpoint": [n for n, _ in blobs]}
-
-    @staticmethod
-    def _pack_refs(keys: Any, flow: str, fields: dict[bytes, bytes]) -> list[str]:
-        candidates: list[str] = []
-        for value in fields.values():
-            if len(value) <= 64 * 1024 and not _is_blob(value) and _TOKENS.fullmatch(value.decode("ascii")):
-                candidates += [keys.pack(flow, t) for t in value.decode("ascii").split(",")]
-        return list(dict.fromkeys(candidates))
+        return own.fields["doc"] + b"".join(stored_packs), {"checkpoint": ["doc"]}
 
     def version(self) -> str:
         return str(self.client.info("server").get("redis_version"))
@@ -210,15 +194,6 @@ class RedisTarget(Target):
             self._server.close()
 
 
-def _is_blob(value: bytes) -> bool:
-    """A stored value that is content rather than metadata: not ASCII, or long ASCII that is not a token list."""
-    try:
-        decoded = value.decode("ascii")
-    except UnicodeDecodeError:
-        return True
-    return len(decoded) > _METADATA_MAX and not _TOKENS.fullmatch(decoded)
-
-
 class InMemoryTarget(Target):
     """Dynamiq's InMemory backend: one instance per space (a second ``make`` returns the same instance)."""
 
@@ -226,7 +201,6 @@ class InMemoryTarget(Target):
     parallel = "threads"
 
     def __init__(self) -> None:
-        super().__init__()
         self._instances: dict[str, Any] = {}
 
     def make(self, space: str) -> Any:
@@ -251,7 +225,6 @@ class FileSystemTarget(Target):
     list_max = 10_000  # its save globs every run directory of the flow: filling is O(N^2)
 
     def __init__(self) -> None:
-        super().__init__()
         self.root = tempfile.mkdtemp(prefix="dynamiq-ckpt-bench-fs-")
 
     def path(self, space: str) -> str:
@@ -287,7 +260,6 @@ class PostgresTarget(Target):
     name = "postgresql"
 
     def __init__(self, dsn: str, tag: str, connect_timeout: float = 2.0) -> None:
-        super().__init__()
         import psycopg
         from psycopg.conninfo import conninfo_to_dict
 
