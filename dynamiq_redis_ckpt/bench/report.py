@@ -89,6 +89,14 @@ def ratio(entry: dict[str, Any], other: str, base: str = "redis") -> float | Non
     return b / a if entry["kind"] == "throughput" else a / b
 
 
+def floor_ratio(entry: dict[str, Any]) -> float | None:
+    """How many times the raw SET of the same bytes our p50 save takes (None without a usable floor)."""
+    raw, ours = entry.get("raw_set"), headline(entry, entry["values"].get("redis"))
+    if not raw or "error" in raw or ours is None or raw["p50_ms"] <= 0:
+        return None
+    return ours / raw["p50_ms"]
+
+
 def _x(value: float | None) -> str:
     if value is None:
         return MISSING
@@ -139,10 +147,7 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         f"{share * 100:.1f}%" if share is not None else None)
 
     ms = _metric(results, "save_first_10")
-    floor = None
-    if ms and ms.get("raw_set") and "error" not in ms["raw_set"]:
-        r = headline(ms, ms["values"].get("redis"))
-        floor = r / ms["raw_set"]["p50_ms"] if r is not None and ms["raw_set"]["p50_ms"] > 0 else None
+    floor = floor_ratio(ms) if ms else None
     add("save p50 (first, 10 nodes) within 10× of the raw SET floor", floor, lambda f: f <= 10)
     return out
 
@@ -176,10 +181,7 @@ def markdown(results: dict[str, Any]) -> str:
         row.append(cell(entry, raw) if raw else MISSING)
         row.append(_x(ratio(entry, "postgresql")))
         row.append(_x(ratio(entry, "filesystem")))
-        floor = None
-        if raw and "error" not in raw and headline(entry, entry["values"].get("redis")):
-            floor = headline(entry, entry["values"]["redis"]) / raw["p50_ms"]
-        row.append(_x(floor))
+        row.append(_x(floor_ratio(entry)))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Targets", "", "| check | measured | met |", "|---|---:|:---:|"]
     for c in results.get("checks", []):
