@@ -11,13 +11,16 @@ Layers, innermost first:
 2. **Chunks.** Each node state and the flow's original input is one chunk, stored once under its content address
    (SHA-256, first 16 bytes) and referenced from the root document (extension type 1). An APPEND snapshot shares
    every unchanged node state with its parent, so it stores only the nodes that changed.
-3. **Packs.** The chunks a save adds are packed together and compressed with zstd (with its frame checksum),
-   against the body of an earlier pack of the run when the store has one (a *based* pack: a new version of a node
-   state costs about what it adds). The small root document is compressed alone.
+3. **Packs.** The chunks a save adds, its root document among them, are packed together and compressed with zstd
+   (with its frame checksum), against the body of an earlier pack of the run when the store has one (a *based*
+   pack: a new version of a node state, or of the root, costs about what it adds).
 
-A blob starts with one byte naming the layers applied to it: 1 = zstd, 4 = compressed against a base pack (packs
-only); 2 is reserved for encryption at rest. Format 3 (this one) added based packs and reads format 2, which lacked
-them; format 1 walked every value in Python, cost ten times more per save, was never released and is refused.
+A blob starts with one byte naming the layers applied to it: 1 = zstd, 4 = compressed against a base pack, 8 = the
+base's id is 12 bytes and the pack holds a reference on it (packs only); 2 is reserved for encryption at rest.
+
+Format 4 (this one) keeps the root document in the pack and links each pack to its base, so a checkpoint names only
+its newest packs and its hash stays small. It reads format 3 (root in the hash, every pack named, 16-byte pack ids)
+and format 2 (no based packs); format 1 walked every value in Python, was never released and is refused.
 """
 
 from __future__ import annotations
@@ -38,17 +41,19 @@ from dynamiq.utils import REVERSIBLE_MARKERS, decode_reversible, encode_reversib
 
 from dynamiq_redis_ckpt.errors import CheckpointCorruptedError, CheckpointEncodeError, UnsupportedFormatError
 
-FORMAT_VERSION = 3
-READABLE_FORMATS = (2, 3)  # format 3 added based packs; a format-2 record is a format-3 record without them
+FORMAT_VERSION = 4
+READABLE_FORMATS = (2, 3, 4)  # 3 added based packs, 4 linked them and moved the root into them
 CHUNK_MIN = 512  # smaller node states stay inline in the root: a small checkpoint loads without a pack
 DIGEST_SIZE = 16
+PACK_ID_SIZE = 12  # format 4: 24 hex digits, so a checkpoint naming two packs still fits a compact Redis hash
 REF_EXT = 1
 MARK_EXT = 2
 INLINE_EXT = 3
 LAYER_ZSTD = 1
 LAYER_SEALED = 2  # reserved: encryption at rest
 LAYER_BASE = 4  # packs only: zstd with an earlier pack's body as dictionary, whose id follows the layer byte
-KNOWN_LAYERS = LAYER_ZSTD | LAYER_BASE
+LAYER_LINKED = 8  # with LAYER_BASE: that id is PACK_ID_SIZE bytes and the pack holds a reference on its base
+KNOWN_LAYERS = LAYER_ZSTD | LAYER_BASE | LAYER_LINKED
 ZSTD_LEVEL = 3
 ZSTD_MIN = 64
 _NOT_STORABLE = (
@@ -328,7 +333,8 @@ def wrap(data: bytes, *, always: bool = False, base: Pack | None = None) -> byte
     """Apply the storage layers and prefix the layer byte: zstd when it pays (or ``always``), against ``base``'s
     body as a raw-content dictionary when given (then the base's id follows the layer byte)."""
     if base is not None:
-        return bytes([LAYER_ZSTD | LAYER_BASE]) + bytes.fromhex(base.id) + _based_compressor(base.body).compress(data)
+        layers = LAYER_ZSTD | LAYER_BASE | (LAYER_LINKED if linked(base.id) else 0)
+        return bytes([layers]) + bytes.fromhex(base.id) + _based_compressor(base.body).compress(data)
     if always or len(data) >= ZSTD_MIN:
         packed = _compressor().compress(data)
         if always or len(packed) < len(data):
@@ -348,7 +354,7 @@ def unwrap(blob: bytes, checkpoint_id: str, key: str | None = None, base: Pack |
     if layers & LAYER_BASE:
         if base is None or base.id != pack_base(blob):
             raise CheckpointCorruptedError(checkpoint_id, "the pack this blob was compressed against is missing", key)
-        start, decompressor = 1 + DIGEST_SIZE, _based_decompressor(base.body)
+        start, decompressor = 1 + len(base.id) // 2, _based_decompressor(base.body)
     body = blob[start:]
     if layers & LAYER_ZSTD:
         try:
@@ -358,10 +364,17 @@ def unwrap(blob: bytes, checkpoint_id: str, key: str | None = None, base: Pack |
     return body
 
 
-def pack_id(chunks: Mapping[bytes, bytes], base: str = "") -> str:
+def pack_id(chunks: Mapping[bytes, bytes], base: str = "", size: int = PACK_ID_SIZE) -> str:
     """The id of the pack holding these chunks compressed against ``base``: a digest of the chunks' addresses and
-    the base's id (the same chunks against another base are another blob, so another pack)."""
-    return digest(b"".join(sorted(chunks)) + bytes.fromhex(base)).hex()
+    the base's id (the same chunks against another base are another blob, so another pack). Format 3 ids were 16
+    bytes (``size``)."""
+    return hashlib.sha256(b"".join(sorted(chunks)) + bytes.fromhex(base)).digest()[:size].hex()
+
+
+def linked(pack: str) -> bool:
+    """Whether a pack (by its id) holds a reference on its base: format-4 packs do, so a checkpoint names only the
+    newest pack of a chain; a format-3 checkpoint named every pack of it."""
+    return len(pack) == 2 * PACK_ID_SIZE
 
 
 def build_pack(chunks: Mapping[bytes, bytes], base: Pack | None = None) -> tuple[Pack, bytes]:
@@ -382,9 +395,10 @@ def build_pack(chunks: Mapping[bytes, bytes], base: Pack | None = None) -> tuple
 
 def pack_base(blob: bytes) -> str:
     """The id of the pack a pack blob was compressed against, or '' (read before :func:`read_pack`)."""
-    if len(blob) > DIGEST_SIZE and blob[0] & LAYER_BASE:
-        return blob[1 : 1 + DIGEST_SIZE].hex()
-    return ""
+    if not blob or not blob[0] & LAYER_BASE:
+        return ""
+    size = PACK_ID_SIZE if blob[0] & LAYER_LINKED else DIGEST_SIZE
+    return blob[1 : 1 + size].hex() if len(blob) > size else ""
 
 
 def read_pack(
@@ -403,6 +417,6 @@ def read_pack(
     if not all(type(c) is bytes and len(r) == DIGEST_SIZE for r, c in chunks.items()):
         raise CheckpointCorruptedError(checkpoint_id, "pack holds malformed chunks", key)
     base_id = pack_base(blob)
-    if pack_id(chunks, base_id) != expected_id:
+    if pack_id(chunks, base_id, len(expected_id) // 2) != expected_id:
         raise CheckpointCorruptedError(checkpoint_id, "pack is not the one named", key)
     return Pack(expected_id, chunks, body, base_id)

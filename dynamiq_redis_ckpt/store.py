@@ -103,14 +103,24 @@ class _Known:
                 pack = self.packs.get(pack, "")
         return found
 
+    def named(self, packs: list[str]) -> list[str]:
+        """Of ``packs`` (a closure), those a checkpoint must name: the others are bases that a linked pack among
+        them holds (format 4), directly or down its chain."""
+        held: set[str] = set()
+        for pack in packs:
+            while codec.linked(pack) and (base := self.packs.get(pack, "")) and base not in held:
+                held.add(base)
+                pack = base
+        return [p for p in packs if p not in held]
+
 
 @dataclass
 class _PackPlan:
     new: codec.Pack | None
     blob: bytes
-    pack_ids: list[str]
+    named: list[str]  # what the checkpoint's 'pk' field lists
     chunk_packs: dict[bytes, str]
-    bases: dict[str, str]
+    bases: dict[str, str]  # every pack loading it needs -> its base, newest first
 
 
 @dataclass
@@ -127,6 +137,12 @@ class Record:
     @property
     def packs(self) -> list[str]:
         return pack_list(self.get("pk"))
+
+    @property
+    def root(self) -> bytes | None:
+        """The root document's address (format 4), None when the hash holds the document itself (format 2, 3)."""
+        found = self.fields.get("root")
+        return None if found is None else bytes.fromhex(text(found))
 
     def state(self, chunk_packs: dict[bytes, str], bases: dict[str, str]) -> StoredState:
         return StoredState(
@@ -159,8 +175,8 @@ class StoreCore:
         cp_id, flow = checkpoint.id, checkpoint.flow_id
         status = _status(checkpoint.status)
         run, wf, parent = checkpoint.run_id, checkpoint.wf_run_id or "", checkpoint.parent_checkpoint_id or ""
-        root = codec.wrap(encoded.root)
-        root_sum = codec.short_sum(encoded.root)
+        root = codec.digest(encoded.root)
+        chunks = {**encoded.chunks, root: encoded.root}  # packed with the rest: compressed against the parent's root
         known = self._known_content(flow, cp_id, parent)
         stored = self.cache.state(cp_id)
         if stored is not None and stored.flow != flow:
@@ -172,20 +188,15 @@ class StoreCore:
         if lease is not None and lease.mode == "take":  # so workers find the flow's leases
             writes += (cmd("SADD", self.keys.flow_registry_for(flow), flow),)
         for _ in range(_SAVE_ATTEMPTS):
-            plan = self._plan_packs(flow, encoded.chunks, known)
-            pack_id, pack_blob, pack_ids = plan.new.id if plan.new else "", plan.blob, plan.pack_ids
-            stored_size = len(root) + len(pack_blob)
-            keys, args = self._save_call(
-                checkpoint, must_exist, status, stored, root, root_sum, pack_id, pack_blob, pack_ids,
-                encoded.raw_size, stored_size, lease,
-            )  # fmt: skip
+            plan = self._plan_packs(flow, chunks, known)
+            keys, args = self._save_call(checkpoint, must_exist, status, stored, root, plan, encoded.raw_size, lease)
             # One round trip: the server runs a pipeline in order, so the lookup writes still land first.
             replies = yield Batch((*writes, Script("save", keys, args)))
             writes, reply = (), replies[-1]
             verdict = text(reply[0])
             if verdict == "OK":
                 self._last_flow = flow
-                state = StoredState(flow, status, run, wf, parent, ",".join(pack_ids), plan.chunk_packs, plan.bases)
+                state = StoredState(flow, status, run, wf, parent, ",".join(plan.named), plan.chunk_packs, plan.bases)
                 self.cache.remember(cp_id, state)
                 if plan.new is not None:
                     self.cache.add_pack(flow, plan.new)
@@ -213,8 +224,8 @@ class StoreCore:
         for state in (self.cache.state(cp_id), self.cache.state(parent or None)):
             if state is None or state.flow != flow:
                 continue
-            for pack in state.pack_ids:
-                known.packs.setdefault(pack, state.bases.get(pack, ""))
+            for pack, base in state.bases.items():
+                known.packs.setdefault(pack, base)
             for ref, pack in state.chunk_packs.items():
                 known.chunks.setdefault(ref, pack)
         return known
@@ -223,28 +234,26 @@ class StoreCore:
         """Which packs the save references, and the new pack of the chunks not stored yet.
 
         The new pack is compressed against the newest known pack (the one the version it replaces or extends added)
-        unless that would keep more than ``_MAX_EXTRA_PACKS`` packs alive only as dictionaries.
+        unless that would keep more than ``_MAX_EXTRA_PACKS`` packs alive only as dictionaries, or the newest is a
+        format-3 pack (a linked pack holds its base, so its base must be linked too).
         """
         reused = {known.chunks[ref] for ref in chunks if ref in known.chunks}
         needed = known.closure(reused)
         new = {ref: chunk for ref, chunk in chunks.items() if ref not in known.chunks}
-        pack, blob, base_id = None, b"", ""
+        pack, blob, bases = None, b"", {}
         if new:
             base, newest = None, next(iter(known.packs), None)
-            if newest is not None and len(known.closure({newest}) - needed) <= _MAX_EXTRA_PACKS:
+            if newest and codec.linked(newest) and len(known.closure({newest}) - needed) <= _MAX_EXTRA_PACKS:
                 base = self.cache.pack(flow, newest)  # None when this process no longer holds its body
             if base is not None:
-                base_id = base.id
-                needed |= known.closure({base_id})
+                needed |= known.closure({base.id})
             pack, blob = codec.build_pack(new, base)
+            bases[pack.id] = pack.base
+            known = _Known(known.chunks, bases | known.packs)
         order = [p for p in known.packs if p in needed]  # newest first, as the stored versions listed them
-        order += sorted(needed.difference(order))
-        pack_ids = ([pack.id] if pack else []) + order
-        bases = {p: known.packs.get(p, "") for p in order}
-        if pack is not None:
-            bases[pack.id] = base_id
+        bases |= {p: known.packs.get(p, "") for p in order + sorted(needed.difference(order))}
         chunk_packs = {ref: known.chunks.get(ref) or pack.id for ref in chunks}
-        return _PackPlan(pack, blob, pack_ids, chunk_packs, bases)
+        return _PackPlan(pack, blob, known.named(list(bases)), chunk_packs, bases)
 
     def _locator_writes(self, cp_id: str, flow: str, runs: Iterable[str], locate: bool) -> tuple[Command, ...]:
         px = ("PX", self.ttl_ms) if self.ttl_ms else ()
@@ -258,9 +267,7 @@ class StoreCore:
                 writes.append(cmd("PERSIST", key))
         return tuple(writes)
 
-    def _save_call(
-        self, cp, must_exist, status, stored, root, root_sum, pack_id, pack_blob, pack_ids, raw_size, stored_size, lease
-    ):
+    def _save_call(self, cp, must_exist, status, stored, root: bytes, plan: _PackPlan, raw_size: int, lease):
         k, flow, cp_id = self.keys, cp.flow_id, cp.id
         run, wf, parent = cp.run_id, cp.wf_run_id or cp.run_id, cp.parent_checkpoint_id or ""
         old = stored or StoredState(flow, status, run, wf, parent, "")
@@ -272,14 +279,14 @@ class StoreCore:
             k.checkpoint(flow, old.parent) if old.parent else k.checkpoint(flow, cp_id),
             k.lease(flow, run_key(cp)), k.lease_index(flow), k.due_index(flow),
         ]  # fmt: skip
-        keys += [k.pack(flow, p) for p in pack_ids]
+        keys += [k.pack(flow, p) for p in plan.named]
         keys += [k.pack(flow, p) for p in old.pack_ids if stored is not None]
         args = [
             "1" if must_exist else "0", self.ttl_ms, "1" if stored is not None else "0",
             old.status, old.run, old.wf, old.parent, old.packs,
             cp_id, flow, status, cp.run_id, cp.wf_run_id or "", parent, micros(cp.created_at),
-            root, root_sum, codec.FORMAT_VERSION, pack_blob, len(pack_ids), ",".join(pack_ids),
-            raw_size, stored_size,
+            root.hex(), plan.new.base if plan.new else "", codec.FORMAT_VERSION, plan.blob, len(plan.named),
+            ",".join(plan.named), raw_size, len(plan.blob),
         ]  # fmt: skip
         due = resume_at_ms(cp)
         if lease is None:
@@ -324,36 +331,70 @@ class StoreCore:
     def _decode(self, records: list[Record], fetched: dict[tuple[str, str], bytes | None] | None = None) -> Op:
         """Checkpoints from records, fetching the packs this process does not hold (nor was given) in one round
         trip. ``fetched`` maps (flow, pack id) to a pack string as stored, None when it was absent."""
-        fetched = fetched or {}
+        fetched = dict(fetched or {})
         held: dict[tuple[str, str], codec.Pack] = {}
-        wanted: dict[tuple[str, str], Record] = {}
         for rec in records:
             self._check_format(rec)
-            for pack_id in rec.packs:
-                pack = self.cache.pack(rec.flow, pack_id)
+        for attempt in range(3):  # a pack a script skipped as held may have left the cache meanwhile: fetch it
+            walks = [self._needs(rec, held, fetched) for rec in records]
+            unknown = {w for _, missing, _ in walks for w in missing}
+            if not unknown or attempt == 2:
+                break
+            fetched |= yield from self._fetch_packs(unknown)
+        gone = [rec for rec, (_, missing, lost) in zip(records, walks) if missing or lost]
+        if gone:  # deleted meanwhile (skipped), or damaged (an error)
+            still = yield Batch(tuple(cmd("EXISTS", self.keys.checkpoint(r.flow, r.id)) for r in gone))
+            for rec, exists in zip(gone, still):
+                if exists:
+                    raise CheckpointCorruptedError(rec.id, "a content pack it references is missing")
+        blobs = {w: b[_PACK_COUNT:] for w, b in fetched.items() if b is not None}  # after the count
+        found = []
+        for rec, (order, missing, lost) in zip(records, walks):
+            if missing or lost:
+                continue
+            for pack_id in order:
+                if (rec.flow, pack_id) not in held:
+                    self._read_pack((rec.flow, pack_id), rec, blobs, held)
+            found.append(self._decode_one(rec, [held[(rec.flow, p)] for p in order]))
+        return found
+
+    def _needs(self, rec: Record, held: dict, fetched: dict) -> tuple[list[str], set[tuple[str, str]], bool]:
+        """The packs ``rec`` needs (those it names and their bases, newest first), which of them are neither held
+        nor fetched yet, and whether one is gone. Held packs found in the cache are added to ``held``."""
+        order: dict[str, None] = {}
+        missing: set[tuple[str, str]] = set()
+        for pack_id in rec.packs:
+            while pack_id and pack_id not in order:
+                order[pack_id] = None
+                where = (rec.flow, pack_id)
+                pack = held.get(where) or self.cache.pack(*where)
                 if pack is not None:
-                    held[(rec.flow, pack_id)] = pack
+                    held[where] = pack
+                    pack_id = pack.base
+                elif where not in fetched:
+                    missing.add(where)
+                    break
+                elif fetched[where] is None:
+                    return list(order), missing, True
                 else:
-                    wanted.setdefault((rec.flow, pack_id), rec)
-        if wanted:
-            missing = [w for w in wanted if w not in fetched]
-            if missing:
-                stored = yield Batch(tuple(cmd("GET", self.keys.pack(f, p)) for f, p in missing))
-                fetched = {**fetched, **dict(zip(missing, stored))}
-            blobs = {w: fetched[w][_PACK_COUNT:] for w in wanted if fetched[w] is not None}  # after the count
-            gone = [r for r in records if any((r.flow, p) not in held and (r.flow, p) not in blobs for p in r.packs)]
-            if gone:  # deleted meanwhile (skipped), or damaged (an error)
-                still = yield Batch(tuple(cmd("EXISTS", self.keys.checkpoint(r.flow, r.id)) for r in gone))
-                for rec, exists in zip(gone, still):
-                    if exists:
-                        raise CheckpointCorruptedError(rec.id, "a content pack it references is missing")
-                dropped = {id(r) for r in gone}
-                records = [r for r in records if id(r) not in dropped]
-            for rec in records:
-                for pack_id in rec.packs:
-                    if (rec.flow, pack_id) not in held:
-                        self._read_pack((rec.flow, pack_id), rec, blobs, held)
-        return [self._decode_one(rec, held) for rec in records]
+                    pack_id = codec.pack_base(fetched[where][_PACK_COUNT:])
+        return list(order), missing, False
+
+    def _fetch_packs(self, wanted: set[tuple[str, str]]) -> Op:
+        """Pack strings of ``wanted`` (flow, pack id) and of the bases they hold, one script per flow."""
+        by_flow: dict[str, list[str]] = {}
+        for flow, pack_id in sorted(wanted):
+            by_flow.setdefault(flow, []).append(pack_id)
+        calls = []
+        for flow, ids in by_flow.items():
+            held = [p for p in self.cache.pack_ids(flow, _HELD_PACKS_SENT) if (flow, p) not in wanted]
+            args = (self.keys.pack_prefix(flow), len(ids), *ids, *held)
+            calls.append(Script("packs", (self.keys.pack(flow, ids[0]),), args))
+        replies = yield Batch(tuple(calls))
+        fetched: dict[tuple[str, str], bytes | None] = {}
+        for flow, reply in zip(by_flow, replies):
+            fetched |= {(flow, text(p)): blob for p, blob in _pairs(reply).items()}
+        return fetched
 
     def _read_pack(self, where: tuple[str, str], rec: Record, blobs: dict, held: dict) -> None:
         """Decode a fetched pack, and first the packs it was compressed against (oldest first, no recursion)."""
@@ -385,25 +426,30 @@ class StoreCore:
         if int(version) not in codec.READABLE_FORMATS:  # format 1 was never released; a newer one needs a newer reader
             raise UnsupportedFormatError(rec.id, version, codec.FORMAT_VERSION)
 
-    def _decode_one(self, rec: Record, held: dict[tuple[str, str], codec.Pack]) -> FlowCheckpoint:
+    def _decode_one(self, rec: Record, packs: list[codec.Pack]) -> FlowCheckpoint:
         key = self.keys.checkpoint(rec.flow, rec.id)
-        blob = rec.fields.get("doc")
-        if blob is None:
-            raise CheckpointCorruptedError(rec.id, "root document field is missing", key)
-        root = codec.unwrap(blob, rec.id, key)
-        if codec.short_sum(root) != rec.get("sum"):
-            raise CheckpointCorruptedError(rec.id, "root document fails its checksum", key)
-        packs = [held[(rec.flow, p)] for p in rec.packs]
         chunk_packs: dict[bytes, str] = {}
+        chunks: dict[bytes, bytes] = {}
         for pack in packs:
-            for ref in pack.chunks:
-                chunk_packs.setdefault(ref, pack.id)
-
-        def chunk_of(ref: bytes) -> bytes | None:
-            pack_id = chunk_packs.get(ref)
-            return None if pack_id is None else held[(rec.flow, pack_id)].chunks[ref]
-
-        checkpoint = codec.decode_checkpoint(rec.id, root, chunk_of)
+            for ref, chunk in pack.chunks.items():
+                if ref not in chunks:
+                    chunk_packs[ref], chunks[ref] = pack.id, chunk
+        try:
+            address = rec.root
+        except ValueError:
+            raise CheckpointCorruptedError(rec.id, f"root address {rec.get('root')!r} is not hex", key) from None
+        if address is not None:
+            root = chunks.get(address)
+            if root is None or codec.digest(root) != address:
+                raise CheckpointCorruptedError(rec.id, "root document is missing from its packs", key)
+        else:  # format 2 and 3 kept it in the hash
+            blob = rec.fields.get("doc")
+            if blob is None:
+                raise CheckpointCorruptedError(rec.id, "root document field is missing", key)
+            root = codec.unwrap(blob, rec.id, key)
+            if codec.short_sum(root) != rec.get("sum"):
+                raise CheckpointCorruptedError(rec.id, "root document fails its checksum", key)
+        checkpoint = codec.decode_checkpoint(rec.id, root, chunks.get)
         self.cache.remember(rec.id, rec.state(chunk_packs, {p.id: p.base for p in packs}))
         return checkpoint
 

@@ -156,9 +156,9 @@ class RedisTarget(Target):
     def stored_blobs(self, space: str, checkpoint: FlowCheckpoint) -> tuple[bytes, dict[str, list[str]]]:
         """The bytes the backend stored for ``checkpoint``'s own save, read back from Redis.
 
-        That is its root document (the hash's ``doc`` field) plus every pack (a string: reference count, then
-        blob) it references that its parent does not (an APPEND snapshot writes only the packs its parent lacks).
-        Returns the concatenated bytes and the checkpoint fields used.
+        That is every pack (a string: reference count, then blob) it names that its parent does not (an APPEND
+        snapshot writes one new pack, holding its root document and the node states its parent lacks), and a
+        format-3 hash's ``doc`` field. Returns the concatenated bytes and where they came from.
         """
         from dynamiq_redis_ckpt.store import Record
 
@@ -178,7 +178,8 @@ class RedisTarget(Target):
         for key in packs:
             pipe.get(key)
         stored_packs = [blob for blob in (pipe.execute() if packs else []) if blob is not None]
-        return own.fields["doc"] + b"".join(stored_packs), {"checkpoint": ["doc"]}
+        doc = own.fields.get("doc", b"")
+        return doc + b"".join(stored_packs), {"checkpoint": ["doc"] if doc else [], "packs": [str(len(stored_packs))]}
 
     def version(self) -> str:
         return str(self.client.info("server").get("redis_version"))

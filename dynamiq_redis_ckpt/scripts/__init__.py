@@ -1,7 +1,8 @@
 """Lua scripts, one ``.lua`` file per operation, read once from package data.
 
 The drivers send EVALSHA (alone or inside a pipeline) and, on NOSCRIPT (server restart, SCRIPT FLUSH), load the
-source and send again, so a script travels in full only when the server has lost it.
+source and send again, so a script travels in full only when the server has lost it. The scripts that read or count
+content packs start with the shared ``_packs.lua``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import hashlib
 from functools import cache
 from importlib.resources import files
 
-NAMES = ("save", "load", "delete", "prune", "renew", "release", "claim", "deliver")
+NAMES = ("save", "load", "packs", "delete", "prune", "renew", "release", "claim", "deliver")
+_WITH_PACKS = ("save", "load", "packs", "delete")
 
 
 @cache
@@ -18,7 +20,10 @@ def source(name: str) -> str:
     """The Lua source of script ``name``."""
     if name not in NAMES:
         raise KeyError(name)
-    return files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    text = files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    if name in _WITH_PACKS:
+        text = files(__name__).joinpath("_packs.lua").read_text(encoding="utf-8") + "\n" + text
+    return text
 
 
 @cache

@@ -7,7 +7,7 @@
 --
 -- KEYS[1]  flow index (zset)
 -- then per candidate, in order: checkpoint hash, status index, run_id index, wf_run_id index, parent hash,
---                               and its packs (strings: 8 ASCII digits of reference count, then the blob)
+--                               and the packs it names (a pack let go of lets go of its base: _packs.lua)
 -- ARGV[1]  protect '1'|'0'
 -- then per candidate, 8 values: id, st, run, wf, par, pk, ts (as read), number of packs
 --
@@ -54,12 +54,7 @@ for _, c in ipairs(doomed) do
     redis.call('HINCRBY', KEYS[k + 4], 'kids', -1)
   end
   for i = k + 5, k + 4 + npacks do
-    local n = tonumber(redis.call('GETRANGE', KEYS[i], 0, 7))
-    if n ~= nil and n > 1 then
-      redis.call('SETRANGE', KEYS[i], 0, string.format('%08d', n - 1))
-    elseif n ~= nil then
-      redis.call('DEL', KEYS[i])
-    end
+    add_refs(KEYS[i], -1)
   end
   redis.call('DEL', KEYS[k])
   deleted[#deleted + 1] = id

@@ -6,15 +6,17 @@
 -- KEYS[4]  new run_id index             KEYS[9]  old wf_run_id index
 -- KEYS[5]  new wf_run_id index          KEYS[10] old parent's hash
 -- KEYS[11] the run's lease hash      KEYS[12] the flow's lease index (zset)   KEYS[13] the flow's due timers (zset)
--- KEYS[14 .. 13+ARGV[20]]  packs the new version references (the new pack first when ARGV[19] ~= '')
--- KEYS[14+ARGV[20] .. ]    packs the old version references
+-- KEYS[14 .. 13+ARGV[20]]  packs the new version names (the new pack first when ARGV[19] ~= '')
+-- KEYS[14+ARGV[20] .. ]    packs the old version names
 -- A pack is a string: its reference count as 8 ASCII digits, then its blob (a hash would cost twice the memory).
+-- A checkpoint names the newest packs of its chains; the bases they hold are counted by them (see _packs.lua).
 --
 -- ARGV[1] must_exist '1'|'0'          ARGV[2] ttl in ms, '0' = keep forever
 -- ARGV[3] '1' if the caller believes the checkpoint is stored; ARGV[4..8] the stored st, run, wf, par, pk it expects
 -- ARGV[9] checkpoint id   ARGV[10] flow id   ARGV[11] status   ARGV[12] run_id   ARGV[13] wf_run_id ('' = none)
--- ARGV[14] parent id ('' = none)   ARGV[15] created_at (µs, the index score)   ARGV[16] root document blob
--- ARGV[17] root checksum   ARGV[18] format version   ARGV[19] new pack blob ('' = none)   ARGV[20] pack count
+-- ARGV[14] parent id ('' = none)   ARGV[15] created_at (µs, the index score)   ARGV[16] root document's address
+-- ARGV[17] the base the new pack holds ('' = none)   ARGV[18] format version   ARGV[19] new pack blob ('' = none)
+-- ARGV[20] count of packs named
 -- ARGV[21] pack ids, comma separated (same order as the keys)   ARGV[22] raw size   ARGV[23] stored size
 -- ARGV[24] lease mode: '' (no lease), 'take' (acquire, or take over bumping the token), 'held' (compare-and-set),
 --          'resume' (re-take a lease this writer handed back on a pause, only if its token is still the current one)
@@ -25,7 +27,7 @@
 -- Reply: {'OK', server_time_us, token}
 --      | {'NOTFOUND'}                                   must_exist and the checkpoint is absent
 --      | {'RETRY', present, st, run, wf, par, pk}       the stored version is not the one the caller expected
---      | {'MISSING', pack_id}                           a referenced pack is gone; resend with the content
+--      | {'MISSING', pack_id}                           a named pack or the new one's base is gone; resend
 --      | {'WRONGTYPE', key}                             a key holds another type; nothing was written
 --      | {'FENCED', owner, token}                       'held' and the lease is no longer the writer's
 
@@ -100,6 +102,12 @@ for i = (has_new_pack and P + 2 or P + 1), P + npacks do
     return {'MISSING', ids[i - P]}
   end
 end
+local new_base = ARGV[17] ~= '' and has_new_pack and type_of[KEYS[P + 1]] == 'none' and base_key(KEYS[P + 1], ARGV[17])
+if new_base and not check(new_base, 'string') then
+  return {'WRONGTYPE', new_base}
+elseif new_base and type_of[new_base] == 'none' then
+  return {'MISSING', ARGV[17]}
+end
 
 -- Shared keys (packs, indexes) must outlive every checkpoint that uses them: a key this save creates takes the
 -- ttl, an existing one is only ever lengthened, and a save without ttl makes it permanent.
@@ -113,28 +121,35 @@ local function extend(key, created)
     redis.call('PERSIST', key)
   end
 end
+-- A base outlives the packs holding it, so the walk down a chain stops at the first base already long-lived enough.
+local function extend_chain(key, created)
+  extend(key, created)
+  local base = base_of(key)
+  while base do
+    local left = redis.call('PTTL', base)
+    if left == -2 or left == -1 or (ttl > 0 and left >= ttl) then
+      break
+    end
+    extend(base, false)
+    base = base_of(base)
+  end
+end
 
 -- References are taken before old ones are dropped, so a pack both versions use never reaches zero.
 local pack_created = false
-local function add_refs(pack, delta)
-  local n = tonumber(redis.call('GETRANGE', pack, 0, 7))
-  if n == nil then return end  -- gone (expired): nothing to count
-  if n + delta <= 0 then
-    redis.call('DEL', pack)
-  else
-    redis.call('SETRANGE', pack, 0, string.format('%08d', n + delta))
-  end
-end
 if has_new_pack and type_of[KEYS[P + 1]] == 'none' then
   redis.call('SET', KEYS[P + 1], '00000001' .. ARGV[19])  -- born with this save's reference
   pack_created = true
+  if new_base then
+    add_refs(new_base, 1)
+  end
 end
 for i = P + 1, P + npacks do
   local created = i == P + 1 and pack_created
   if not created then
     add_refs(KEYS[i], 1)
   end
-  extend(KEYS[i], created)
+  extend_chain(KEYS[i], created)
 end
 if present then
   for i = first_old, #KEYS do
@@ -165,9 +180,12 @@ for i = 2, 5 do
   extend(KEYS[i], created)
 end
 
-redis.call('HSET', cp, 'id', id, 'flow', ARGV[10], 'st', ARGV[11], 'run', ARGV[12], 'wf', ARGV[13], 'par', parent,
-  'ts', score, 'sv', server_us, 'doc', ARGV[16], 'sum', ARGV[17], 'fmt', ARGV[18], 'pk', ARGV[21],
-  'raw', ARGV[22], 'size', ARGV[23])
+-- Every field stays under 64 bytes (ids permitting), so Redis keeps the hash as a compact listpack.
+if present then
+  redis.call('HDEL', cp, 'id', 'flow', 'doc', 'sum')  -- what format 3 kept here
+end
+redis.call('HSET', cp, 'st', ARGV[11], 'run', ARGV[12], 'wf', ARGV[13], 'par', parent, 'ts', score, 'sv', server_us,
+  'root', ARGV[16], 'fmt', ARGV[18], 'pk', ARGV[21], 'raw', ARGV[22], 'size', ARGV[23])
 if ttl > 0 then
   redis.call('PEXPIRE', cp, ttl)
 else
