@@ -1,4 +1,5 @@
-"""Process-local knowledge that saves round trips and bytes; never needed for correctness.
+"""Process-local knowledge that saves round trips and bytes; never needed for correctness (a request that relies on
+it keeps what it relied on).
 
 * :class:`StoredState` remembers, per checkpoint id, what this process last wrote or read: the fields the save
   script checks before it overwrites (so the common save needs no read first) and which pack holds each content
@@ -88,13 +89,14 @@ class Cache:
             self._flow_packs[flow].move_to_end(pack_id)
             return found[0]
 
-    def pack_ids(self, flow: str, limit: int) -> list[str]:
-        """Ids of up to ``limit`` decoded packs of a flow this process holds, most recently used first."""
+    def held(self, flow: str, limit: int) -> list[Pack]:
+        """Up to ``limit`` decoded packs of a flow this process holds, most recently used first. A request that tells
+        the server not to send these must keep the objects: the cache may drop them before the reply arrives."""
         with self._lock:
-            held = self._flow_packs.get(flow)
-            if not held:
+            ids = self._flow_packs.get(flow)
+            if not ids:
                 return []
-            return list(islice(reversed(held), limit))
+            return [self._packs[(flow, pack_id)][0] for pack_id in islice(reversed(ids), limit)]
 
     def add_pack(self, flow: str, pack: Pack) -> None:
         """Keep a decoded pack; evicts the least recently used ones past the byte budget."""

@@ -372,8 +372,8 @@ def pack_id(chunks: Mapping[bytes, bytes], base: str = "", size: int = PACK_ID_S
 
 
 def linked(pack: str) -> bool:
-    """Whether a pack (by its id) holds a reference on its base: format-4 packs do, so a checkpoint names only the
-    newest pack of a chain; a format-3 checkpoint named every pack of it."""
+    """Whether a pack (by its id) would hold a reference on a base: a based format-4 pack does, so a checkpoint names
+    only the newest pack of a chain; a format-3 checkpoint named every pack of it."""
     return len(pack) == 2 * PACK_ID_SIZE
 
 
@@ -383,7 +383,8 @@ def build_pack(chunks: Mapping[bytes, bytes], base: Pack | None = None) -> tuple
     A later version of a node state repeats most of the earlier one (a growing message history, an upstream
     output quoted in the next node's input), so zstd with the earlier pack's body as a raw-content dictionary stores
     a few hundred bytes where the pack alone would take kilobytes. The blob is always zstd-framed, with the frame
-    checksum :func:`read_pack` verifies; a based blob names its base in the 16 bytes after the layer byte.
+    checksum :func:`read_pack` verifies; a based blob names its base after the layer byte (12 bytes for a linked
+    pack, 16 in format 3).
     """
     flat: list[bytes] = []
     for ref in sorted(chunks):

@@ -10,7 +10,7 @@ key                             type    holds
 ``P:flow:{F}``                  zset    every checkpoint of flow F, score = created_at (µs)
 ``P:flow:{F}:st:<status>``      zset    checkpoints of flow F with that status
 ``P:flow:{F}:run:<run>``        zset    checkpoints of flow F whose run_id or wf_run_id is <run>
-``P:pack:{F}:<pack>``           string  content pack, counted by the snapshots naming it and the packs based on it
+``P:pack:{F}:<pack>``           string  content pack, counted by the snapshots naming it and the packs linked to it
 ``P:lease:{F}:<run>``           hash    a run's lease: owner, fencing token, expiry, newest checkpoint
 ``P:flow:{F}:leases``           zset    runs of flow F holding a lease, score = expiry (server ms)
 ``P:flow:{F}:due``              zset    paused runs of flow F with a timer, score = resume_at (ms)

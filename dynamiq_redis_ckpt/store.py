@@ -140,7 +140,7 @@ class Record:
 
     @property
     def root(self) -> bytes | None:
-        """The root document's address (format 4), None when the hash holds the document itself (format 2, 3)."""
+        """The root document's address (format 4), None when the field is absent."""
         found = self.fields.get("root")
         return None if found is None else bytes.fromhex(text(found))
 
@@ -235,7 +235,8 @@ class StoreCore:
 
         The new pack is compressed against the newest known pack (the one the version it replaces or extends added)
         unless that would keep more than ``_MAX_EXTRA_PACKS`` packs alive only as dictionaries, or the newest is a
-        format-3 pack (a linked pack holds its base, so its base must be linked too).
+        format-3 pack (whose base it holds no reference on). A new pack with no base starts afresh with every chunk
+        of the checkpoint, so the checkpoint names one pack however many chains its content came from.
         """
         reused = {known.chunks[ref] for ref in chunks if ref in known.chunks}
         needed = known.closure(reused)
@@ -247,6 +248,8 @@ class StoreCore:
                 base = self.cache.pack(flow, newest)  # None when this process no longer holds its body
             if base is not None:
                 needed |= known.closure({base.id})
+            else:
+                new, needed, known = dict(chunks), set(), _Known()
             pack, blob = codec.build_pack(new, base)
             bases[pack.id] = pack.base
             known = _Known(known.chunks, bases | known.packs)
@@ -306,33 +309,37 @@ class StoreCore:
         the locator confirms the flow (else the script runs again for the right one).
         """
         locator = cmd("GET", self.keys.locator(checkpoint_id))
-        guess = self._last_flow
+        guess, pinned = self._last_flow, {}
         if guess is None:
             flow, reply = (yield locator), None
         else:
-            flow, reply = yield Batch((locator, self._load_script(guess, checkpoint_id)))
+            flow, reply = yield Batch((locator, self._load_script(guess, checkpoint_id, pinned)))
         if flow is None:
             return None
         flow = text(flow)
         if flow != guess:
-            reply = yield self._load_script(flow, checkpoint_id)
+            reply = yield self._load_script(flow, checkpoint_id, pinned)
         self._last_flow = flow
         if not reply:
             return None
         fields, fetched = reply
         blobs = {(flow, text(pack_id)): blob for pack_id, blob in _pairs(fetched).items()}
-        found = yield from self._decode([Record(flow, checkpoint_id, _fields(_pairs(fields)))], blobs)
+        found = yield from self._decode([Record(flow, checkpoint_id, _fields(_pairs(fields)))], blobs, pinned)
         return found[0] if found else None
 
-    def _load_script(self, flow: str, checkpoint_id: str) -> Script:
-        held = self.cache.pack_ids(flow, _HELD_PACKS_SENT)
-        return Script("load", (self.keys.checkpoint(flow, checkpoint_id),), (self.keys.pack_prefix(flow), *held))
+    def _load_script(self, flow: str, checkpoint_id: str, pinned: dict) -> Script:
+        """The load script, told which packs not to send; those are kept in ``pinned`` until the reply is used."""
+        held = self.cache.held(flow, _HELD_PACKS_SENT)
+        pinned.update({(flow, p.id): p for p in held})
+        args = (self.keys.pack_prefix(flow), *(p.id for p in held))
+        return Script("load", (self.keys.checkpoint(flow, checkpoint_id),), args)
 
-    def _decode(self, records: list[Record], fetched: dict[tuple[str, str], bytes | None] | None = None) -> Op:
+    def _decode(self, records: list[Record], fetched: dict | None = None, pinned: dict | None = None) -> Op:
         """Checkpoints from records, fetching the packs this process does not hold (nor was given) in one round
-        trip. ``fetched`` maps (flow, pack id) to a pack string as stored, None when it was absent."""
+        trip per attempt. ``fetched`` maps (flow, pack id) to a pack string as stored, None when it was absent;
+        ``pinned`` holds the decoded packs an earlier request told the server it had."""
         fetched = dict(fetched or {})
-        held: dict[tuple[str, str], codec.Pack] = {}
+        held: dict[tuple[str, str], codec.Pack] = dict(pinned or {})
         for rec in records:
             self._check_format(rec)
         for attempt in range(3):  # a pack a script skipped as held may have left the cache meanwhile: fetch it
@@ -340,7 +347,7 @@ class StoreCore:
             unknown = {w for _, missing, _ in walks for w in missing}
             if not unknown or attempt == 2:
                 break
-            fetched |= yield from self._fetch_packs(unknown)
+            fetched |= yield from self._fetch_packs(unknown, held)
         gone = [rec for rec, (_, missing, lost) in zip(records, walks) if missing or lost]
         if gone:  # deleted meanwhile (skipped), or damaged (an error)
             still = yield Batch(tuple(cmd("EXISTS", self.keys.checkpoint(r.flow, r.id)) for r in gone))
@@ -380,15 +387,17 @@ class StoreCore:
                     pack_id = codec.pack_base(fetched[where][_PACK_COUNT:])
         return list(order), missing, False
 
-    def _fetch_packs(self, wanted: set[tuple[str, str]]) -> Op:
-        """Pack strings of ``wanted`` (flow, pack id) and of the bases they hold, one script per flow."""
+    def _fetch_packs(self, wanted: set[tuple[str, str]], held: dict) -> Op:
+        """Pack strings of ``wanted`` (flow, pack id) and of the bases they hold, one script per flow; the packs
+        the script is told not to send are kept in ``held``."""
         by_flow: dict[str, list[str]] = {}
         for flow, pack_id in sorted(wanted):
             by_flow.setdefault(flow, []).append(pack_id)
         calls = []
         for flow, ids in by_flow.items():
-            held = [p for p in self.cache.pack_ids(flow, _HELD_PACKS_SENT) if (flow, p) not in wanted]
-            args = (self.keys.pack_prefix(flow), len(ids), *ids, *held)
+            kept = [p for p in self.cache.held(flow, _HELD_PACKS_SENT) if (flow, p.id) not in wanted]
+            held.update({(flow, p.id): p for p in kept})
+            args = (self.keys.pack_prefix(flow), len(ids), *ids, *(p.id for p in kept))
             calls.append(Script("packs", (self.keys.pack(flow, ids[0]),), args))
         replies = yield Batch(tuple(calls))
         fetched: dict[tuple[str, str], bytes | None] = {}
@@ -435,7 +444,7 @@ class StoreCore:
                 if ref not in chunks:
                     chunk_packs[ref], chunks[ref] = pack.id, chunk
         try:
-            address = rec.root
+            address = rec.root if int(rec.get("fmt")) >= 4 else None
         except ValueError:
             raise CheckpointCorruptedError(rec.id, f"root address {rec.get('root')!r} is not hex", key) from None
         if address is not None:

@@ -135,6 +135,7 @@ def test_flow_survives_redis_restart_with_persistence(persistent_redis, tmp_path
         (lambda r, k: r.hset(k, "pk", "ab" * 12), CheckpointCorruptedError),  # a pack that is not there
         (lambda r, k: r.hset(k, "fmt", "99"), UnsupportedFormatError),
         (lambda r, k: r.hset(k, "fmt", "x"), CheckpointCorruptedError),
+        (lambda r, k: r.hset(k, "fmt", "3"), CheckpointCorruptedError),  # format 3 kept the root in 'doc'
         (lambda r, k: r.hdel(k, "root"), CheckpointCorruptedError),
     ],
 )

@@ -3,12 +3,15 @@ added and linked to it, so a checkpoint names only its newest pack; every snapsh
 
 from __future__ import annotations
 
+import random
+
 import fakeredis
 import msgpack
 import pytest
+from dynamiq.checkpoints.checkpoint import NodeCheckpointState
 
 from dynamiq_redis_ckpt import CheckpointCorruptedError, codec
-from dynamiq_redis_ckpt.bench.workloads import agent_loop, append_chain
+from dynamiq_redis_ckpt.bench.workloads import agent_loop, append_chain, prose
 from dynamiq_redis_ckpt.store import _MAX_EXTRA_PACKS, micros
 from tests.test_faults import fresh
 
@@ -96,6 +99,22 @@ def test_an_append_run_keeps_one_pack_per_save_and_names_only_the_newest(backend
     assert fresh(backend).get_list_by_flow("ap", limit=20) == chain[::-1]  # lists fetch chains in one script too
 
 
+def test_an_agent_loop_whose_chain_starts_afresh_still_names_one_pack(backend):
+    """A restarted chain takes along the content it reuses from older chains, so 'pk' does not grow."""
+    rng, tools, saved = random.Random(23), {}, []
+    for i, cp in enumerate(agent_loop(23, 40)):
+        if i and i % 10 == 0:  # a tool's result joins the state now and then and stays unchanged
+            tools[f"tool-{i}"] = NodeCheckpointState(node_id=f"tool-{i}", node_type="Tool", status="success",
+                                                     output_data={"content": prose(rng, 300)})  # fmt: skip
+        cp = cp.model_copy(update={"node_states": {**cp.node_states, **tools}})
+        backend.save(cp)
+        saved.append(cp)
+    assert max(len(packs_of(backend, cp)) for cp in saved) == 1
+    reader = fresh(backend)
+    for cp in saved[::7]:
+        assert reader.load(cp.id) == cp
+
+
 def test_an_append_run_keeps_every_checkpoint_hash_compact(backend):
     """No field over 64 bytes, so Redis stores each hash as a listpack (a hashtable costs about 2 KB more)."""
     chain = list(append_chain(21, 20, flow_id="compact"))
@@ -155,9 +174,10 @@ def test_a_format_3_record_loads_and_a_run_goes_on_from_it(backend, version):
     backend.redis.hset(backend._core.keys.checkpoint(old.flow_id, old.id), "fmt", version)
     reader = fresh(backend)
     assert reader.load(old.id) == old
-    reader.save(new)  # builds on what it loaded: the old pack is named, not linked (it holds no reference)
-    assert legacy_pack in packs_of(reader, new)
+    reader.save(new)  # a format-3 pack cannot be a linked base: the new pack starts afresh, with every chunk
+    assert [len(p) for p in packs_of(reader, new)] == [24]
     assert reader.delete(old.id)
+    assert backend._core.keys.pack(old.flow_id, legacy_pack).encode() not in pack_keys(backend)
     assert fresh(backend).load(new.id) == new
     reader.save(newer)
     assert fresh(backend).load(newer.id) == newer
@@ -194,7 +214,8 @@ def test_a_load_finds_the_right_flow_whatever_flow_it_tried_first(backend):
 
 
 def test_a_load_fetches_packs_it_said_it_held_but_lost_meanwhile(backend):
-    """The server skips packs the reader claims to hold; if the reader's cache dropped them since, it asks again."""
+    """The server skips packs the reader claims to hold; the request keeps them, so the cache dropping them before
+    the reply arrives changes nothing."""
     chain = list(append_chain(20, 4, flow_id="fl"))
     for cp in chain:
         backend.save(cp)

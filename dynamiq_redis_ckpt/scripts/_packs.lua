@@ -4,7 +4,9 @@
 -- A linked pack (layer bit 8, format 4) was compressed against a base pack whose 12-byte id follows that byte, and
 -- holds one reference on it, so a checkpoint names only the newest pack of a chain. A base's key is the pack's own
 -- key with the 24 hex digits of the id replaced: it carries the same flow tag, so it is in the script's slot even
--- though it cannot be declared in KEYS (Redis Cluster serves such keys; the pack ids are only known by reading).
+-- though it cannot be declared in KEYS (the pack ids are only known by reading). Redis Cluster serves such keys,
+-- except while their slot migrates: Cluster support must walk the chains before the first write and answer a
+-- retry when a base is not local (noted for the Cluster work; single-node Redis and Sentinel are unaffected).
 
 local PACK_HEAD = 21  -- count (8), layer byte (1), base id (12)
 
@@ -15,7 +17,7 @@ end
 -- The id of the base a linked pack holds, from the head of its string; nil for any other pack.
 local function linked_base(head)
   local layers = string.byte(head, 9)
-  if layers == nil or math.floor(layers / 8) % 2 == 0 or #head < PACK_HEAD then
+  if layers == nil or math.floor(layers / 4) % 4 ~= 3 or #head < PACK_HEAD then  -- based (4) and linked (8)
     return nil
   end
   return hex(string.sub(head, 10, PACK_HEAD))

@@ -180,12 +180,17 @@ for i = 2, 5 do
   extend(KEYS[i], created)
 end
 
--- Every field stays under 64 bytes (ids permitting), so Redis keeps the hash as a compact listpack.
+-- Fields stay short (a checkpoint mostly names one pack; long user ids aside), so Redis keeps the hash as a compact
+-- listpack. An overwrite writes it anew: deleting fields would not turn a hashtable (format 3's) back into a listpack.
+local kids = present and redis.call('HGET', cp, 'kids') or false
 if present then
-  redis.call('HDEL', cp, 'id', 'flow', 'doc', 'sum')  -- what format 3 kept here
+  redis.call('DEL', cp)
 end
 redis.call('HSET', cp, 'st', ARGV[11], 'run', ARGV[12], 'wf', ARGV[13], 'par', parent, 'ts', score, 'sv', server_us,
   'root', ARGV[16], 'fmt', ARGV[18], 'pk', ARGV[21], 'raw', ARGV[22], 'size', ARGV[23])
+if kids then
+  redis.call('HSET', cp, 'kids', kids)
+end
 if ttl > 0 then
   redis.call('PEXPIRE', cp, ttl)
 else
