@@ -55,7 +55,6 @@ LAYER_BASE = 4  # packs only: zstd with an earlier pack's body as dictionary, wh
 LAYER_LINKED = 8  # with LAYER_BASE: that id is PACK_ID_SIZE bytes and the pack holds a reference on its base
 KNOWN_LAYERS = LAYER_ZSTD | LAYER_BASE | LAYER_LINKED
 ZSTD_LEVEL = 3
-ZSTD_MIN = 64
 _NOT_STORABLE = (
     types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType, types.GeneratorType,
     types.CoroutineType, types.AsyncGeneratorType, io.IOBase, threading.Thread,
@@ -329,17 +328,14 @@ class Pack:
     base: str = ""  # the pack whose body was this one's compression dictionary ('' = none)
 
 
-def wrap(data: bytes, *, always: bool = False, base: Pack | None = None) -> bytes:
-    """Apply the storage layers and prefix the layer byte: zstd when it pays (or ``always``), against ``base``'s
-    body as a raw-content dictionary when given (then the base's id follows the layer byte)."""
+def wrap(data: bytes, base: Pack | None = None) -> bytes:
+    """Apply the storage layers and prefix the layer byte: zstd, against ``base``'s body as a raw-content dictionary
+    when given (then the base's id follows the layer byte). Format 3 also stored small root documents uncompressed
+    (layer byte 0), which :func:`unwrap` still reads."""
     if base is not None:
         layers = LAYER_ZSTD | LAYER_BASE | (LAYER_LINKED if linked(base.id) else 0)
         return bytes([layers]) + bytes.fromhex(base.id) + _based_compressor(base.body).compress(data)
-    if always or len(data) >= ZSTD_MIN:
-        packed = _compressor().compress(data)
-        if always or len(packed) < len(data):
-            return bytes([LAYER_ZSTD]) + packed
-    return b"\x00" + data
+    return bytes([LAYER_ZSTD]) + _compressor().compress(data)
 
 
 def unwrap(blob: bytes, checkpoint_id: str, key: str | None = None, base: Pack | None = None) -> bytes:
@@ -391,7 +387,7 @@ def build_pack(chunks: Mapping[bytes, bytes], base: Pack | None = None) -> tuple
         flat += (ref, chunks[ref])
     body = msgpack.packb(flat)
     base_id = base.id if base is not None else ""
-    return Pack(pack_id(chunks, base_id), dict(chunks), body, base_id), wrap(body, always=True, base=base)
+    return Pack(pack_id(chunks, base_id), dict(chunks), body, base_id), wrap(body, base)
 
 
 def pack_base(blob: bytes) -> str:

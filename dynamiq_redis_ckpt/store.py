@@ -342,12 +342,11 @@ class StoreCore:
         held: dict[tuple[str, str], codec.Pack] = dict(pinned or {})
         for rec in records:
             self._check_format(rec)
-        for attempt in range(3):  # a pack a script skipped as held may have left the cache meanwhile: fetch it
-            walks = [self._needs(rec, held, fetched) for rec in records]
-            unknown = {w for _, missing, _ in walks for w in missing}
-            if not unknown or attempt == 2:
-                break
+        walks = [self._needs(rec, held, fetched) for rec in records]
+        unknown = {w for _, missing, _ in walks for w in missing}
+        if unknown:  # lists read only hashes; the script answers for every pack asked and walks its chain
             fetched |= yield from self._fetch_packs(unknown, held)
+            walks = [self._needs(rec, held, fetched) for rec in records]
         gone = [rec for rec, (_, missing, lost) in zip(records, walks) if missing or lost]
         if gone:  # deleted meanwhile (skipped), or damaged (an error)
             still = yield Batch(tuple(cmd("EXISTS", self.keys.checkpoint(r.flow, r.id)) for r in gone))

@@ -225,3 +225,11 @@ def test_a_based_pack_is_refused_without_its_base_or_with_another():
         damaged[at] ^= 0xFF
         with pytest.raises(CheckpointCorruptedError):
             codec.read_pack(pack.id, bytes(damaged), "c", base=base)
+
+
+def test_a_format_3_root_stored_uncompressed_still_unwraps():
+    """Format 3 kept a small root document as it was (layer byte 0); format 4 always compresses, and reads both."""
+    root = codec.encode_checkpoint(FlowCheckpoint(flow_id="f", run_id="r")).root
+    assert codec.unwrap(b"\x00" + root, "c") == root
+    assert codec.unwrap(codec.wrap(root), "c") == root
+    assert codec.wrap(root)[0] == codec.LAYER_ZSTD

@@ -47,7 +47,7 @@ def store_format_3(backend, cp) -> str:
     flat = [x for ref in sorted(encoded.chunks) for x in (ref, encoded.chunks[ref])]
     assert encoded.chunks, "a checkpoint with content outside its root"
     pack = codec.pack_id(encoded.chunks, "", codec.DIGEST_SIZE)
-    r.set(keys.pack(flow, pack), b"00000001" + codec.wrap(msgpack.packb(flat), always=True))
+    r.set(keys.pack(flow, pack), b"00000001" + codec.wrap(msgpack.packb(flat)))
     ts = micros(cp.created_at)
     r.hset(keys.checkpoint(flow, cp.id), mapping={
         "id": cp.id, "flow": flow, "st": cp.status.value, "run": cp.run_id, "wf": cp.wf_run_id or "",

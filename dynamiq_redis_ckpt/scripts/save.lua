@@ -53,7 +53,7 @@ end
 
 local cp = KEYS[1]
 local ttl = tonumber(ARGV[2])
-local stored = redis.call('HMGET', cp, 'st', 'run', 'wf', 'par', 'pk')
+local stored = redis.call('HMGET', cp, 'st', 'run', 'wf', 'par', 'pk', 'kids')
 local present = stored[1] ~= false
 
 if ARGV[1] == '1' and not present then
@@ -182,7 +182,7 @@ end
 
 -- Fields stay short (a checkpoint mostly names one pack; long user ids aside), so Redis keeps the hash as a compact
 -- listpack. An overwrite writes it anew: deleting fields would not turn a hashtable (format 3's) back into a listpack.
-local kids = present and redis.call('HGET', cp, 'kids') or false
+local kids = stored[6]  -- read above; only a parent's count changed since, and a checkpoint is not its own parent
 if present then
   redis.call('DEL', cp)
 end
