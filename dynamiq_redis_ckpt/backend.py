@@ -89,16 +89,19 @@ class RedisCheckpointBackend(CheckpointBackend):
             self._owns_client = False
             sync_client = self.client
             self._namespace = f"client-{id(self.client)}|{self.prefix}"
+            timeout = sync_client.connection_pool.connection_kwargs.get("socket_timeout")
             make_async = lambda: config.async_twin(sync_client)  # noqa: E731
         else:
             url = config.resolve_url(self.url)
             self._namespace = f"{url}|{self.prefix}"
             sync_client = redis.Redis.from_url(url, **options)
-            make_async = lambda: redis.asyncio.Redis.from_url(url, **options)  # noqa: E731
+            timeout = self.socket_timeout
+            async_options = {**options, "socket_timeout": None}  # the driver bounds each request (see AsyncDriver)
+            make_async = lambda: redis.asyncio.Redis.from_url(url, **async_options)  # noqa: E731
         ttl_ms = int(self.ttl_seconds * 1000) if self.ttl_seconds else 0
         self._core = StoreCore(Keys(self.prefix), ttl_ms=ttl_ms, max_checkpoint_bytes=self.max_checkpoint_bytes)
         self._sync = SyncDriver(sync_client, policy)
-        self._async = AsyncDriver(make_async, policy)
+        self._async = AsyncDriver(make_async, policy, timeout)
 
     @property
     def to_dict_exclude_params(self) -> dict[str, bool]:

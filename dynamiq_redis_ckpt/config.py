@@ -57,8 +57,10 @@ def check_client(client: Any) -> None:
 
 
 def async_twin(client: Any) -> Any:
-    """An asyncio client talking to the same server as a given sync client (fakeredis included)."""
+    """An asyncio client talking to the same server as a given sync client (fakeredis included), without its socket
+    timeout: the async driver bounds each request with that timeout instead."""
     kwargs = dict(client.connection_pool.connection_kwargs)
+    kwargs["socket_timeout"] = None
     if "server" in kwargs:  # fakeredis: share the in-process server
         import fakeredis
 

@@ -5,6 +5,7 @@ Each gives a clear, typed error and loses nothing that was acknowledged.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -65,6 +66,42 @@ def test_frozen_redis_times_out_then_recovers(own_redis):
     assert listed in (["after", "before"], ["after", "during", "before"])
     if "during" in listed:
         assert fresh(backend).load("during") == make("during", "f", "r", minute=1)
+
+
+def test_frozen_redis_times_out_async_and_no_stale_reply_is_read(own_redis):
+    """The async driver bounds a whole request with socket_timeout (its clients have none of their own), and a
+    connection whose reply never came is closed: the late reply must not answer the next request."""
+    backend = RedisCheckpointBackend(url=own_redis.url, socket_timeout=0.3, retries=0)
+    first = make("before", "f", "r", minute=0)
+
+    async def scenario():
+        await backend.save_async(first)
+        own_redis.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailableError):
+                await backend.load_async("before")
+            assert time.monotonic() - started < 2, "one deadline per request, not a hang"
+        finally:
+            own_redis.resume()
+        # The frozen load's reply arrives now; on a reused connection it would be read as the answer to these.
+        assert await backend.load_async("missing") is None
+        assert await backend.load_async("before") == first
+        await backend.save_async(make("after", "f", "r", minute=1))
+        return [c.id for c in await backend.get_list_by_flow_async("f")]
+
+    assert asyncio.run(scenario()) == ["after", "before"]
+
+
+def test_script_flush_reloads_scripts_async(backend):
+    async def scenario():
+        await backend.save_async(make("a", "f", "r"))
+        backend.redis.script_flush()
+        await backend.save_async(make("b", "f", "r", minute=1))
+        backend.redis.script_flush()
+        return await backend.delete_async("a"), [c.id for c in await backend.get_list_by_flow_async("f")]
+
+    assert asyncio.run(scenario()) == (True, ["b"])
 
 
 def test_script_flush_reloads_scripts(backend):
