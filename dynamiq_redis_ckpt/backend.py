@@ -39,7 +39,7 @@ class RedisCheckpointBackend(CheckpointBackend):
     url: str | None = Field(default=None, description="redis:// url; default $DYNAMIQ_REDIS_CKPT_URL or localhost")
     prefix: str = Field(default=config.DEFAULT_PREFIX, description="Namespace of every key (per app or tenant)")
     ttl_seconds: float | None = Field(default=None, description="Expire checkpoints this long after their last save")
-    socket_timeout: float = Field(default=2.0, description="Seconds to wait for a Redis reply")
+    socket_timeout: float = Field(default=2.0, description="Seconds to wait for a Redis reply (async: per request)")
     socket_connect_timeout: float = Field(default=2.0, description="Seconds to wait for a connection")
     max_connections: int = Field(default=32, description="Connection pool size (per event loop for async calls)")
     max_checkpoint_bytes: int = Field(default=64 << 20, description="Largest encoded checkpoint accepted")
@@ -90,18 +90,19 @@ class RedisCheckpointBackend(CheckpointBackend):
             sync_client = self.client
             self._namespace = f"client-{id(self.client)}|{self.prefix}"
             timeout = sync_client.connection_pool.connection_kwargs.get("socket_timeout")
+            connect_timeout = sync_client.connection_pool.connection_kwargs.get("socket_connect_timeout")
             make_async = lambda: config.async_twin(sync_client)  # noqa: E731
         else:
             url = config.resolve_url(self.url)
             self._namespace = f"{url}|{self.prefix}"
             sync_client = redis.Redis.from_url(url, **options)
-            timeout = self.socket_timeout
+            timeout, connect_timeout = self.socket_timeout, self.socket_connect_timeout
             async_options = {**options, "socket_timeout": None}  # the driver bounds each request (see AsyncDriver)
             make_async = lambda: redis.asyncio.Redis.from_url(url, **async_options)  # noqa: E731
         ttl_ms = int(self.ttl_seconds * 1000) if self.ttl_seconds else 0
         self._core = StoreCore(Keys(self.prefix), ttl_ms=ttl_ms, max_checkpoint_bytes=self.max_checkpoint_bytes)
         self._sync = SyncDriver(sync_client, policy)
-        self._async = AsyncDriver(make_async, policy, timeout)
+        self._async = AsyncDriver(make_async, policy, timeout, connect_timeout)
 
     @property
     def to_dict_exclude_params(self) -> dict[str, bool]:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 import weakref
 from typing import Any, Callable
 
 import redis
 import redis.asyncio
-from redis.asyncio.connection import async_timeout
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dynamiq_redis_ckpt import scripts
@@ -29,6 +29,11 @@ try:
     from hiredis import pack_command as _hiredis_pack
 except ImportError:  # redis-py without hiredis: the connection's own packer
     _hiredis_pack = None
+
+if sys.version_info >= (3, 11, 3):  # as redis-py: asyncio.timeout before 3.11.3 could swallow a cancellation
+    from asyncio import timeout as _deadline
+else:
+    from async_timeout import timeout as _deadline
 
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
 
@@ -153,28 +158,41 @@ async def _close_at_loop_shutdown(client: Any):
             await pool.disconnect()
 
 
-def _packed_async(conn: Any, wired: list[tuple]) -> list[bytes]:
-    # redis.asyncio packs in Python, argument by argument (the sync client uses hiredis): 9% of an async save.
+def _packed_async(wired: list[tuple]) -> list[bytes] | None:
+    """The commands packed by hiredis, or None without it (the connection packs them then). redis.asyncio packs in
+    Python, argument by argument, where the sync client uses hiredis: 9% of an async save."""
     if _hiredis_pack is None:
-        return conn.pack_commands(wired)
-    return [b"".join(_hiredis_pack(args) for args in wired)]
+        return None
+    try:
+        return [b"".join(_hiredis_pack(args) for args in wired)]
+    except TypeError as e:  # as the sync client's packer
+        raise DataError(str(e)) from e
 
 
-async def _pipeline_async(client: Any, wired: list[tuple], timeout: float | None) -> list:
-    """:meth:`SyncDriver._pipeline` on an asyncio client, under one deadline for the whole exchange.
+async def _pipeline_async(client: Any, wired: list[tuple], timeout: float | None, connect_timeout: float | None
+                          ) -> list:
+    """:meth:`SyncDriver._pipeline` on an asyncio client, under one deadline for the whole exchange: ``timeout``,
+    plus ``connect_timeout`` when the connection must be opened first.
 
     The client is built without a socket timeout (see :class:`AsyncDriver`): redis.asyncio would otherwise start a
     task for every write and arm a timer for every reply (together about 8% of an async save, measured with py-spy).
-    A connection is taken without the pool's check for unread data (a read under a zero timeout, another 5%): this
-    driver disconnects any connection whose exchange did not finish, so none goes back with a reply unread.
+    A connection is taken without the pool's check (a read under a zero timeout, another 5%), which found unread
+    data and sockets the server had closed. Neither slips through: this driver disconnects any connection whose
+    exchange did not finish, and one the server closed while it sat idle has its stream at EOF, so it is reopened.
     """
     pool = client.connection_pool
     take = getattr(pool, "get_available_connection", None)
+    packed = _packed_async(wired)
     conn = take() if take is not None else await pool.get_connection(wired[0][0])
     try:
-        async with async_timeout(timeout):
+        stream = getattr(conn, "_reader", None)
+        if stream is not None and stream.at_eof():
+            await conn.disconnect(nowait=True)
+        if not conn.is_connected and timeout is not None and connect_timeout is not None:
+            timeout += connect_timeout
+        async with _deadline(timeout):
             await conn.connect()  # returns at once when connected
-            await conn.send_packed_command(_packed_async(conn, wired))
+            await conn.send_packed_command(packed or conn.pack_commands(wired))
             replies = []
             for args in wired:
                 try:
@@ -184,7 +202,7 @@ async def _pipeline_async(client: Any, wired: list[tuple], timeout: float | None
             return replies
     except asyncio.TimeoutError:
         await conn.disconnect(nowait=True)
-        raise RedisTimeoutError(f"no reply from Redis within {timeout} s") from None
+        raise RedisTimeoutError(f"Redis request not completed within {timeout} s") from None
     except BaseException:
         await conn.disconnect(nowait=True)
         raise
@@ -197,13 +215,16 @@ class AsyncDriver:
 
     An asyncio connection belongs to the loop that opened it, so a client is made for each loop that calls
     (``asyncio.run`` per request, a test framework's loop per test) and dropped with its loop. ``make_client``
-    builds clients without a socket timeout; ``timeout`` (seconds, None for none) bounds each request instead.
+    builds clients without a socket timeout; ``timeout`` (seconds, None for none) bounds each request instead,
+    and ``connect_timeout`` more when the request must open its connection.
     """
 
-    def __init__(self, make_client: Callable[[], Any], policy: RetryPolicy, timeout: float | None):
+    def __init__(self, make_client: Callable[[], Any], policy: RetryPolicy, timeout: float | None,
+                 connect_timeout: float | None = None):
         self._make_client = make_client
         self.policy = policy
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref, Any] | None = None  # the last loop's client, without a dictionary lookup
 
@@ -248,15 +269,15 @@ class AsyncDriver:
             return await self._send(client, request)
         except NoScriptError:
             loads = [("SCRIPT", "LOAD", scripts.source(name)) for name in _scripts_of(request)]
-            _first_error(await _pipeline_async(client, loads, self.timeout))
+            _first_error(await _pipeline_async(client, loads, self.timeout, self.connect_timeout))
             return await self._send(client, request)
 
     async def _send(self, client: Any, request: Any) -> Any:
         if isinstance(request, (Command, Script)):
-            return _first_error(await _pipeline_async(client, [_wire(request)], self.timeout))[0]
+            return _first_error(await _pipeline_async(client, [_wire(request)], self.timeout, self.connect_timeout))[0]
         if isinstance(request, Batch):
             wired = [_wire(part) for part in request.commands]
-            return _first_error(await _pipeline_async(client, wired, self.timeout))
+            return _first_error(await _pipeline_async(client, wired, self.timeout, self.connect_timeout))
         raise TypeError(f"unknown request {request!r}")
 
     async def aclose(self) -> None:

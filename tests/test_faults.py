@@ -93,6 +93,25 @@ def test_frozen_redis_times_out_async_and_no_stale_reply_is_read(own_redis):
     assert asyncio.run(scenario()) == ["after", "before"]
 
 
+def test_async_connections_the_server_closed_while_idle_are_reopened(own_redis):
+    """With no retries, a request must not fail on a pooled connection the server dropped (CLIENT KILL, an idle
+    timeout, a restart): the driver takes connections without redis-py's checkout read, so it checks for EOF."""
+    backend = RedisCheckpointBackend(url=own_redis.url, retries=0)
+    first = make("c", "f", "r", minute=0)
+
+    async def scenario():
+        await asyncio.gather(*(backend.save_async(make(f"c{i}", "f", f"r{i}", minute=i)) for i in range(4)))
+        await backend.save_async(first)
+        killed = backend.redis.client_kill_filter(_type="normal", skipme=True)
+        await asyncio.sleep(0.1)  # the event loop sees the closed sockets
+        found = [await backend.load_async("c") for _ in range(6)]
+        return killed, found
+
+    killed, found = asyncio.run(scenario())
+    assert killed >= 1
+    assert found == [first] * 6
+
+
 def test_script_flush_reloads_scripts_async(backend):
     async def scenario():
         await backend.save_async(make("a", "f", "r"))
