@@ -36,3 +36,32 @@ def test_agent_loop_history_grows_two_messages_per_iteration():
         len(c.node_states["agent"].internal_state["iteration"]["iteration_data"]["prompt_messages"]) for c in loop[1:]
     ]
     assert lengths == [4, 6, 8, 10, 12]
+
+
+def test_interleaved_targets_take_turns_forth_and_back_and_a_follower_keeps_its_place():
+    from dynamiq_redis_ckpt.bench.measure import interleaved
+
+    log: list[str] = []
+
+    def calls(name: str, n: int) -> list:
+        return [lambda i=i: (log.append(f"{name}{i}"), [float(i)])[1] for i in range(n)]
+
+    runs = {"a": calls("a", 4), "floor": calls("f", 4), "b": calls("b", 4)}
+    failed: list[str] = []
+    got = interleaved(runs, 2, None, lambda name, e: failed.append(name), warm_first=True, follows={"floor": "a"})
+    assert log == ["a0", "a1", "f0", "f1", "b0", "b1", "b2", "b3", "a2", "a3", "f2", "f3"]
+    assert got == {"a": [1.0, 3.0], "floor": [1.0, 3.0], "b": [1.0, 3.0]}  # each block's first call not counted
+    assert failed == []
+
+
+def test_interleaved_drops_a_target_whose_call_raises_and_keeps_the_others():
+    from dynamiq_redis_ckpt.bench.measure import interleaved
+
+    def boom() -> list:
+        raise RuntimeError("backend down")
+
+    runs = {"ok": [lambda: [1.0]] * 4, "bad": [lambda: [2.0], boom, lambda: [3.0], lambda: [4.0]]}
+    failed: dict[str, Exception] = {}
+    got = interleaved(runs, 2, None, failed.setdefault)
+    assert got == {"ok": [1.0] * 4}
+    assert list(failed) == ["bad"] and "backend down" in str(failed["bad"])

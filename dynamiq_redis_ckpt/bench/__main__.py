@@ -1,7 +1,9 @@
 """``python3 -m dynamiq_redis_ckpt.bench``: measure this backend against Dynamiq's own, in one run.
 
-Every metric runs on every target in turn, in its own namespace, and is printed (stderr) as it completes; the
-tables go to stdout and, with the raw numbers and a chart, to ``--out``. ``--quick`` is a fast smoke run.
+Every metric runs on every target, in its own namespace, and is printed (stderr) as it completes; save and load
+latencies are sampled from all targets in alternating blocks (A B C, C B A, ...), the other metrics one target after
+another. The tables go to stdout and, with the raw numbers and a chart, to ``--out``. ``--quick`` is a fast smoke
+run.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ PROFILES = {  # option: (full run, --quick)
     "warmup": (20, 3),
     "chains": (30, 4),
     "list_sizes": ("1000,10000,100000", "1000,10000"),
-    "list_samples": (30, 5),
+    "list_samples": (100, 5),
     "clients": ("1,4,16", "1,4,16"),
     "seconds": (3.0, 1.0),
     "flow_runs": (15, 3),
@@ -43,6 +45,8 @@ PROFILES = {  # option: (full run, --quick)
 }
 SEEDS_50, SEEDS_LOOP, SEED_BYTES = 200_000, 300_000, 400_000
 CHAIN_WARMUP = 3
+ROUNDS = 4  # blocks in which the targets of a latency metric take turns (A B C, C B A, ...)
+BLOCK = 20  # fewest calls in a block whose first call is not counted
 LIST_FLOW = "bench-list"
 
 
@@ -225,85 +229,149 @@ class Bench:
 
     # ---- metrics ----------------------------------------------------------------------------------------------
 
+    def interleave(self, space: str, entry: dict[str, Any], prepare: Callable[[str, Target, str], tuple],
+                   floor: Callable[[RedisTarget, str], tuple] | None = None, warm_first: bool = True) -> None:
+        """Measure a latency on every target at once, their calls taking turns (see
+        :func:`measure.interleaved`). ``prepare(name, target, space)`` does the untimed set-up and returns the
+        timed calls and the backends to close. ``floor(target, space)`` gives the redis target's raw SET
+        calls and a function describing the bytes they set; they run right after redis's calls in each round.
+        ``warm_first``: each block's first call is untimed (calls that begin with an untimed save need not)."""
+        runs: dict[str, measure.Calls] = {}
+        opened: list[Any] = []
+        raw_describe = None
+        try:
+            for name, target in self.targets.items():
+                try:
+                    calls, backends = prepare(name, target, space)
+                except Exception as e:
+                    self._failed(entry, name, e)
+                    continue
+                opened += backends
+                runs[name] = calls
+                if floor is not None and isinstance(target, RedisTarget):
+                    runs["raw SET"], raw_describe = floor(target, space)
+            fewest = min((len(c) for c in runs.values()), default=1)
+            rounds = max(1, min(ROUNDS, fewest // BLOCK if warm_first else fewest))
+            errors: dict[str, Exception] = {}
+            samples = measure.interleaved(runs, rounds, self.args.cell_budget, lambda n, e: errors.setdefault(n, e),
+                                          warm_first, follows={"raw SET": "redis"})  # fmt: skip
+            for name in runs:
+                if name == "raw SET":
+                    self._raw_set(entry, samples.get(name), errors.get(name), raw_describe)
+                elif name in errors:
+                    self._failed(entry, name, errors[name])
+                else:
+                    self.cell(entry, name, lambda name=name: self._latency(samples[name]))
+        finally:
+            for backend in opened:
+                close_backend(backend)
+            for name, target in self.targets.items():
+                try:
+                    target.teardown(space)
+                except Exception as e:
+                    say(f"  {name}: teardown of {space} failed: {e}")
+
+    def _failed(self, entry: dict[str, Any], name: str, error: Exception) -> None:
+        def fail() -> dict[str, Any]:
+            raise error
+
+        self.cell(entry, name, fail)
+
+    def _raw_set(self, entry: dict[str, Any], samples: list[float] | None, error: Exception | None,
+                 describe: Callable[[], tuple[int, dict]] | None) -> None:
+        if error is not None or not samples or describe is None:
+            entry["raw_set"] = {"error": f"{type(error).__name__}: {error}" if error else "no samples"}
+            say(f"  raw SET     FAILED {entry['raw_set']['error']}")
+            return
+        entry["raw_set"] = self._latency(samples)
+        entry["raw_set"]["blob_bytes_p50"], entry["raw_set"]["fields"] = describe()
+        say(f"  {'raw SET':<11} {report.describe(entry, entry['raw_set'])} "
+            f"(blob p50 {entry['raw_set']['blob_bytes_p50']:,} B from fields {entry['raw_set']['fields']})")
+
+    @staticmethod
+    def _floor(target: RedisTarget, space: str, checkpoints: list[list[Any]]) -> tuple[measure.Calls, Callable]:
+        """Raw SET calls, one per group of checkpoints (a chain's timed snapshots, or one checkpoint), of exactly
+        the bytes the redis target stored for each; read back (untimed) when the call runs, after redis saved it."""
+        sizes: list[int] = []
+        where: dict[str, list[str]] = {}
+        key_prefix = f"{target.prefix(space)}:rawset"
+
+        def call(group: int) -> list[float]:
+            took = []
+            for i, cp in enumerate(checkpoints[group]):
+                blob, fields = target.stored_blobs(space, cp)
+                sizes.append(len(blob))
+                where.update(fields)
+                start = time.perf_counter()
+                target.client.set(f"{key_prefix}:{group}:{i}", blob)
+                took.append(time.perf_counter() - start)
+            return took
+
+        calls = [lambda g=g: call(g) for g in range(len(checkpoints))]
+        return calls, lambda: (int(measure.percentile(sizes, 50)), where)
+
     def save_first(self, key: str, label: str, finals: list[Any], samples: int, space: str) -> None:
-        """Save final snapshots as brand-new checkpoints, one run each; then the raw SET floor of the same bytes."""
+        """Save final snapshots as brand-new checkpoints, one run each; and the raw SET floor of the same bytes."""
         entry = self.metric(key, label, "latency", "ms")
         warm, timed = finals[: self.args.warmup], finals[self.args.warmup : self.args.warmup + samples]
 
-        def body(name: str, target: Target, space: str) -> dict[str, Any]:
+        def prepare(name: str, target: Target, space: str) -> tuple:
             backend = target.make(space)
-            try:
-                return self._latency(measure.save_each(backend, warm, timed, self.args.cell_budget))
-            finally:
-                close_backend(backend)
+            for cp in warm:
+                backend.save(cp)
+            return measure.save_calls(backend, timed), [backend]
 
-        def floor(target: Target, space: str) -> None:
-            if isinstance(target, RedisTarget):
-                self.raw_set(entry, target, space, warm, timed[: entry["values"]["redis"]["n"]])
+        def floor(target: RedisTarget, space: str) -> tuple:
+            return self._floor(target, space, [[cp] for cp in timed])
 
-        self.each(space, entry, body, after=floor)
-
-    def raw_set(self, entry: dict[str, Any], target: RedisTarget, space: str, warm: list, timed: list) -> None:
-        """The floor: redis-py SET of exactly the bytes the redis target stored for each of these checkpoints."""
-        try:
-            blobs, fields = [], {}
-            for cp in list(warm) + list(timed):
-                blob, fields = target.stored_blobs(space, cp)
-                blobs.append(blob)
-            key_prefix = f"{target.prefix(space)}:rawset"
-            samples = measure.raw_set(target.client, key_prefix, blobs, len(warm))
-            entry["raw_set"] = self._latency(samples)
-            entry["raw_set"]["blob_bytes_p50"] = int(measure.percentile([len(b) for b in blobs[len(warm):]], 50))
-            entry["raw_set"]["fields"] = fields
-            say(f"  {'raw SET':<11} {report.describe(entry, entry['raw_set'])} "
-                f"(blob p50 {entry['raw_set']['blob_bytes_p50']:,} B from fields {fields})")  # fmt: skip
-        except Exception as e:
-            entry["raw_set"] = {"error": f"{type(e).__name__}: {e}"}
-            say(f"  raw SET     FAILED {entry['raw_set']['error']}")
+        self.interleave(space, entry, prepare, floor=floor)
 
     def save_incremental(self, key: str, label: str, chains: list[list], space: str, asynchronous: bool = False
                          ) -> None:
-        """Save each chain's snapshots in order (APPEND); time every save but the chain's first."""
+        """Save each chain's snapshots in order (APPEND); time every save but the chain's first. The first
+        ``CHAIN_WARMUP`` chains are saved untimed."""
         entry = self.metric(key, label, "latency", "ms")
+        warm, timed = chains[:CHAIN_WARMUP], chains[CHAIN_WARMUP:]
+        if asynchronous:
 
-        def body(name: str, target: Target, space: str) -> dict[str, Any]:
+            def body(name: str, target: Target, space: str) -> dict[str, Any]:
+                backend = target.make(space)
+                try:
+                    return self._latency(measure.save_chains_async(backend, chains, CHAIN_WARMUP))
+                finally:
+                    close_backend(backend)
+
+            self.each(space, entry, body, only=("redis",))
+            return
+
+        def prepare(name: str, target: Target, space: str) -> tuple:
             backend = target.make(space)
-            try:
-                if asynchronous:
-                    samples = measure.save_chains_async(backend, chains, CHAIN_WARMUP)
-                else:
-                    samples = measure.save_chains(backend, chains, CHAIN_WARMUP, self.args.cell_budget)
-                return self._latency(samples)
-            finally:
-                close_backend(backend)
+            for chain in warm:
+                measure.save_chain(backend, chain, timed=False)
+            return measure.chain_calls(backend, timed), [backend]
 
-        def floor(target: Target, space: str) -> None:
-            if isinstance(target, RedisTarget) and not asynchronous:
-                warm = [cp for chain in chains[:1] for cp in chain[1:]]
-                timed = [cp for chain in chains[CHAIN_WARMUP:] for cp in chain[1:]][: entry["values"]["redis"]["n"]]
-                self.raw_set(entry, target, space, warm, timed)
+        def floor(target: RedisTarget, space: str) -> tuple:
+            return self._floor(target, space, [list(chain[1:]) for chain in timed])
 
-        self.each(space, entry, body, only=("redis",) if asynchronous else None, after=floor)
+        self.interleave(space, entry, prepare, floor=floor, warm_first=False)  # a chain's first save is untimed
 
     def load(self, key: str, label: str, finals: list[Any], samples: int, space: str) -> None:
         """Load checkpoints written by another backend instance (a cold process cache; InMemory: same instance)."""
         entry = self.metric(key, label, "latency", "ms")
         written = finals[: self.args.warmup + samples]
 
-        def body(name: str, target: Target, space: str) -> dict[str, Any]:
+        def prepare(name: str, target: Target, space: str) -> tuple:
             writer = target.make(space)
             for cp in written:
                 writer.save(cp)
             reader = target.make(space)  # a second instance: nothing cached (InMemory: the same instance)
-            try:
-                ids = [cp.id for cp in written]
-                return self._latency(measure.load_each(reader, ids, self.args.warmup, self.args.cell_budget))
-            finally:
-                close_backend(reader)
-                if reader is not writer:
-                    close_backend(writer)
+            ids = [cp.id for cp in written]
+            for cp_id in ids[: self.args.warmup]:
+                reader.load(cp_id)
+            backends = [writer] if reader is writer else [writer, reader]
+            return measure.load_calls(reader, ids[self.args.warmup :]), backends
 
-        self.each(space, entry, body)
+        self.interleave(space, entry, prepare)
 
     def listing(self) -> None:
         """``get_list_by_flow(flow, limit=10)`` as one flow grows through ``--list-sizes`` tiny checkpoints."""

@@ -57,12 +57,63 @@ def _timed(calls: Iterable[Callable[[], Any]], budget: float | None) -> list[flo
     return samples
 
 
-def save_each(backend: Any, warmup: Sequence[FlowCheckpoint], checkpoints: Sequence[FlowCheckpoint],
-              budget: float | None = None) -> list[float]:
-    """Time ``backend.save`` of each checkpoint as a new one, after untimed warm-up saves."""
-    for cp in warmup:
-        backend.save(cp)
-    return _timed(((lambda cp=cp: backend.save(cp)) for cp in checkpoints), budget)
+Calls = Sequence[Callable[[], list[float]]]  # each call does some work and returns the durations it timed
+
+
+def interleaved(runs: dict[str, Calls], rounds: int, budget: float | None,
+                failed: Callable[[str, Exception], None], warm_first: bool = False,
+                follows: dict[str, str] | None = None) -> dict[str, list[float]]:
+    """Run each target's calls in ``rounds`` blocks, the targets taking turns block by block, in the order given
+    and then reversed (A B C, C B A, A B C, ...); a target named in ``follows`` always runs right after the one it
+    follows.
+
+    Minutes in which the VM's neighbours take its CPU then slow every target alike, and a steady drift cancels,
+    instead of landing on whichever target was being measured: the ratios hold still between runs. Blocks are
+    kept long because a turn leaves traces on the next one: a server that sat idle answers its first request late
+    (a Redis SET after 20 ms idle took 0.4-0.55 ms on a 2-vCPU VM, 0.1 ms back to back), so with ``warm_first``
+    the first call of each block is not counted. A target whose call raises is dropped and ``failed`` is told; one
+    whose calls have taken ``budget`` seconds stops once it has ``MIN_SAMPLES``.
+    """
+    follows = follows or {}
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    spent = dict.fromkeys(runs, 0.0)
+    live = list(runs)
+    leaders = [name for name in runs if name not in follows]
+    for r in range(rounds):
+        gc.collect()
+        order = []
+        for leader in leaders if r % 2 == 0 else leaders[::-1]:
+            order += [leader, *(name for name in runs if follows.get(name) == leader)]
+        for name in order:
+            if name not in live:
+                continue
+            calls = runs[name]
+            block = calls[len(calls) * r // rounds : len(calls) * (r + 1) // rounds]
+            started = time.perf_counter()
+            try:
+                for index, call in enumerate(block):
+                    over = budget and spent[name] + time.perf_counter() - started > budget
+                    if over and len(samples[name]) >= MIN_SAMPLES:
+                        break
+                    took = call()
+                    if index or not warm_first:
+                        samples[name] += took
+            except Exception as e:
+                live.remove(name)
+                failed(name, e)
+            spent[name] += time.perf_counter() - started
+    return {name: samples[name] for name in live}
+
+
+def _once(fn: Callable[[], Any]) -> list[float]:
+    start = time.perf_counter()
+    fn()
+    return [time.perf_counter() - start]
+
+
+def save_calls(backend: Any, checkpoints: Sequence[FlowCheckpoint]) -> list[Callable[[], list[float]]]:
+    """One timed ``backend.save`` per checkpoint, each saved as a new one."""
+    return [lambda cp=cp: _once(lambda: backend.save(cp)) for cp in checkpoints]
 
 
 def closing(cp: FlowCheckpoint) -> FlowCheckpoint | None:
@@ -74,33 +125,32 @@ def closing(cp: FlowCheckpoint) -> FlowCheckpoint | None:
                                  CheckpointStatus.COMPLETED, "created_at": moment, "updated_at": moment})
 
 
-def save_chains(backend: Any, chains: Sequence[Sequence[FlowCheckpoint]], warmup: int = 0,
-                budget: float | None = None) -> list[float]:
-    """Save every snapshot of each chain in order, as a Flow in APPEND mode does; time all saves but the first.
+def save_chain(backend: Any, chain: Sequence[FlowCheckpoint], timed: bool = True) -> list[float]:
+    """Save every snapshot of a chain in order, as a Flow in APPEND mode does; time all saves but the first.
 
-    The first ``warmup`` chains are not timed. A chain whose last snapshot is still active gets an untimed closing
-    snapshot, as its run would, so no run is left holding a lease.
+    A chain whose last snapshot is still active gets an untimed closing snapshot, as its run would, so no run is
+    left holding a lease.
     """
     samples: list[float] = []
-    deadline = time.perf_counter() + budget if budget else math.inf
-    gc.collect()
-    for index, chain in enumerate(chains):
-        backend.save(chain[0])
-        for cp in chain[1:]:
-            start = time.perf_counter()
-            backend.save(cp)
-            if index >= warmup:
-                samples.append(time.perf_counter() - start)
-        end = closing(chain[-1])
-        if end is not None:
-            backend.save(end)
-        if len(samples) >= MIN_SAMPLES and time.perf_counter() > deadline:
-            break
-    return samples
+    backend.save(chain[0])
+    for cp in chain[1:]:
+        start = time.perf_counter()
+        backend.save(cp)
+        samples.append(time.perf_counter() - start)
+    end = closing(chain[-1])
+    if end is not None:
+        backend.save(end)
+    return samples if timed else []
+
+
+def chain_calls(backend: Any, chains: Sequence[Sequence[FlowCheckpoint]]) -> list[Callable[[], list[float]]]:
+    """One call per chain: :func:`save_chain`."""
+    return [lambda chain=chain: save_chain(backend, chain) for chain in chains]
 
 
 def save_chains_async(backend: Any, chains: Sequence[Sequence[FlowCheckpoint]], warmup: int = 0) -> list[float]:
-    """:func:`save_chains` through ``save_async``, every save awaited in turn in one event loop."""
+    """:func:`save_chain` for each chain through ``save_async``, every save awaited in turn in one event loop; the
+    first ``warmup`` chains are not timed."""
 
     async def run() -> list[float]:
         samples: list[float] = []
@@ -123,16 +173,18 @@ def save_chains_async(backend: Any, chains: Sequence[Sequence[FlowCheckpoint]], 
     return asyncio.run(run())
 
 
-def load_each(backend: Any, ids: Sequence[str], warmup: int, budget: float | None = None) -> list[float]:
-    """Time ``backend.load`` of each id after ``warmup`` untimed loads (of the first ids); checks each is found."""
+def load_calls(backend: Any, ids: Sequence[str]) -> list[Callable[[], list[float]]]:
+    """One timed ``backend.load`` per id; each checks that the checkpoint was found."""
 
-    def load(cp_id: str) -> None:
-        if backend.load(cp_id) is None:
+    def load(cp_id: str) -> list[float]:
+        start = time.perf_counter()
+        found = backend.load(cp_id)
+        took = time.perf_counter() - start
+        if found is None:
             raise RuntimeError(f"{type(backend).__name__}: checkpoint {cp_id} was not found")
+        return [took]
 
-    for cp_id in ids[:warmup]:
-        load(cp_id)
-    return _timed(((lambda i=i: load(i)) for i in ids[warmup:]), budget)
+    return [lambda i=i: load(i) for i in ids]
 
 
 def list_newest(backend: Any, flow_id: str, samples: int, budget: float | None) -> list[float]:
@@ -143,11 +195,15 @@ def list_newest(backend: Any, flow_id: str, samples: int, budget: float | None) 
     return _timed((lambda: backend.get_list_by_flow(flow_id, limit=10) for _ in range(samples)), budget)
 
 
-def raw_set(client: Any, key_prefix: str, blobs: Sequence[bytes], warmup: int) -> list[float]:
-    """Time redis-py ``SET key blob`` of each blob under its own key (the first ``warmup`` untimed)."""
-    for i, blob in enumerate(blobs[:warmup]):
-        client.set(f"{key_prefix}:warm:{i}", blob)
-    return _timed(((lambda i=i, b=b: client.set(f"{key_prefix}:{i}", b)) for i, b in enumerate(blobs[warmup:])), None)
+def raw_set_calls(client: Any, key_prefix: str, blob_of: Callable[[int], bytes], count: int
+                  ) -> list[Callable[[], list[float]]]:
+    """Timed redis-py ``SET key blob`` of ``blob_of(i)`` (fetched untimed when the call runs) under its own key."""
+
+    def call(i: int) -> list[float]:
+        blob = blob_of(i)
+        return _once(lambda: client.set(f"{key_prefix}:{i}", blob))
+
+    return [lambda i=i: call(i) for i in range(count)]
 
 
 # ---- throughput -------------------------------------------------------------------------------------------------
