@@ -28,7 +28,7 @@ from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.types import CheckpointStatus
 
 from dynamiq_redis_ckpt.errors import CheckpointStoreError, LeaseLostError, WrongKeyTypeError
-from dynamiq_redis_ckpt.requests import Script
+from dynamiq_redis_ckpt.requests import Batch, Script
 from dynamiq_redis_ckpt.store import LeaseIntent, Saved, StoreCore, run_key, text
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 ACTIVE = CheckpointStatus.ACTIVE.value
 TERMINAL = {CheckpointStatus.COMPLETED.value, CheckpointStatus.FAILED.value, CheckpointStatus.CANCELED.value}
 _owner: tuple[int, str] | None = None
+
+
+_RENEW_BATCH = 200  # renew scripts sent in one pipeline by the heartbeat
 
 
 def process_owner() -> str:
@@ -77,11 +80,27 @@ class HeldLease:
         self.next_renewal = sent_at + self.interval
 
 
+def _renew_script(core: StoreCore, held: HeldLease) -> Script:
+    keys = (core.keys.lease(held.flow, held.run), core.keys.lease_index(held.flow))
+    return Script("renew", keys, (held.owner, held.token, int(held.ttl * 1000), held.run))
+
+
 def renew_op(core: StoreCore, held: HeldLease):
     """Extend a lease (a store operation: yields the renew script)."""
-    keys = (core.keys.lease(held.flow, held.run), core.keys.lease_index(held.flow))
-    reply = yield Script("renew", keys, (held.owner, held.token, int(held.ttl * 1000), held.run))
-    return verdict(reply)
+    return verdict((yield _renew_script(core, held)))
+
+
+def renew_many_op(core: StoreCore, leases: list[HeldLease]):
+    """Extend several leases of one store in one round trip (a pipeline of renew scripts, each atomic on its own);
+    returns each lease's verdict, or the WrongKeyTypeError its script answered."""
+    replies = yield Batch(tuple(_renew_script(core, held) for held in leases))
+    out: list[str | WrongKeyTypeError] = []
+    for reply in replies:
+        try:
+            out.append(verdict(reply))
+        except WrongKeyTypeError as e:
+            out.append(e)
+    return out
 
 
 def release_op(core: StoreCore, flow: str, run: str, owner: str, token: int, *, failed: bool, backoff_ms: int = 0):
@@ -260,9 +279,15 @@ class LeaseRegistry:
                 for k in stale:
                     del self._leases[k]
             now = time.monotonic()
+            # By store: one round trip renews all of a store's leases that are due, or due within a quarter of their
+            # interval (renewing early is safe), so leases taken at different moments share the next beat.
+            due: dict[int, list[HeldLease]] = {}
             for held in live:
-                if now >= held.next_renewal:
-                    self._renew(held)
+                if now >= held.next_renewal - held.interval / 4:
+                    due.setdefault(id(held.renewer[1]), []).append(held)
+            for group in due.values():
+                for start in range(0, len(group), _RENEW_BATCH):
+                    self._renew(group[start : start + _RENEW_BATCH])
             with self._lock:
                 now = time.monotonic()
                 for held in live:
@@ -272,25 +297,30 @@ class LeaseRegistry:
             self._wake.wait(max(0.01, min(upcoming, default=now + 1.0) - time.monotonic()))
             self._wake.clear()
 
-    def _renew(self, held: HeldLease) -> None:
-        driver, core = held.renewer
+    def _renew(self, leases: list[HeldLease]) -> None:
+        driver, core = leases[0].renewer
         sent_at = time.monotonic()
         try:
-            verdict = driver.run(renew_op(core, held))
+            verdicts = driver.run(renew_many_op(core, leases))
         except CheckpointStoreError as e:
-            logger.warning("lease renewal of run %s failed: %s", held.run, e)
-            held.next_renewal = time.monotonic() + min(held.interval, 0.5)
+            logger.warning("lease renewal of %d run(s) failed: %s", len(leases), e)
+            for held in leases:
+                held.next_renewal = time.monotonic() + min(held.interval, 0.5)
             return
         with self._lock:
-            if held.paused:
-                return  # paused by a save while this renewal was under way: nothing to keep alive
-            if verdict == "OK":
-                if held.lost is None:
-                    held.confirmed(sent_at)
-            elif held.lost is None and verdict == "EXPIRED":
-                self._lose_locked(held, "the lease ran out before a renewal reached Redis (process stalled?)")
-            elif held.lost is None:
-                self._lose_locked(held, "the lease was taken over by another holder")
+            for held, verdict in zip(leases, verdicts):
+                if held.paused:
+                    continue  # paused by a save while this renewal was under way: nothing to keep alive
+                if isinstance(verdict, WrongKeyTypeError):
+                    logger.warning("lease renewal of run %s failed: %s", held.run, verdict)
+                    held.next_renewal = time.monotonic() + min(held.interval, 0.5)
+                elif verdict == "OK":
+                    if held.lost is None:
+                        held.confirmed(sent_at)
+                elif held.lost is None and verdict == "EXPIRED":
+                    self._lose_locked(held, "the lease ran out before a renewal reached Redis (process stalled?)")
+                elif held.lost is None:
+                    self._lose_locked(held, "the lease was taken over by another holder")
 
 
 REGISTRY = LeaseRegistry()
