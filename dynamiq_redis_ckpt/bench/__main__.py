@@ -374,44 +374,54 @@ class Bench:
         self.interleave(space, entry, prepare)
 
     def listing(self) -> None:
-        """``get_list_by_flow(flow, limit=10)`` as one flow grows through ``--list-sizes`` tiny checkpoints."""
+        """``get_list_by_flow(flow, limit=10)`` on one flow per ``--list-sizes`` size, filled with that many tiny
+        checkpoints; then every (target, size) is sampled in alternating blocks, so the growth from the smallest to
+        the largest flow is not a minute's noise."""
         a = self.args
         entries = {n: self.metric(f"list_{n}", f"list newest 10 (N={n:,})", "list", "ms", announce=False)
                    for n in a.list_sizes}  # fmt: skip
         space = "list"
         backends = {name: target.make(space) for name, target in self.targets.items()}
-        say("\n== list newest 10: get_list_by_flow(flow, limit=10) as the flow grows")
+        say("\n== list newest 10: get_list_by_flow(flow, limit=10), one flow per size")
         for name, target in self.targets.items():
             self.note(f"listing fill, {name}: {target.fill_method()}")
-        filled = 0
-        failed: set[str] = set()
+        runs: dict[str, measure.Calls] = {}
+        fills: dict[str, float] = {}
+        first_seed = 0
         try:
             for level in a.list_sizes:
-                runs = range(filled // 10, level // 10)
+                flow = f"{LIST_FLOW}-{level}"
                 started = time.perf_counter()
-                batch = [tiny(run, i, flow_id=LIST_FLOW) for run in runs for i in range(10)]
-                say(f"-- N={level:,}: built {len(batch):,} more checkpoints in "
-                    f"{time.perf_counter() - started:.1f} s")  # fmt: skip
-                entry = entries[level]
+                batch = [tiny(seed, i, flow_id=flow) for seed in range(first_seed, first_seed + level // 10)
+                         for i in range(10)]  # fmt: skip
+                first_seed += level // 10
+                say(f"-- N={level:,}: built {len(batch):,} checkpoints in {time.perf_counter() - started:.1f} s")
                 for name, target in self.targets.items():
                     if target.list_max is not None and level > target.list_max:
-                        entry["values"][name] = {"skipped": "fill too slow"}
+                        entries[level]["values"][name] = {"skipped": "fill too slow"}
                         say(f"  {name:<11} skipped (fill too slow: its save globs every run directory, O(N^2))")
                         continue
-                    if name in failed:
-                        continue
-
-                    def body(name=name, target=target, batch=batch) -> dict[str, Any]:
-                        t0 = time.perf_counter()
+                    try:
+                        started = time.perf_counter()
                         target.fill(space, batch, backends[name])
-                        fill_s = time.perf_counter() - t0
-                        samples = measure.list_newest(backends[name], LIST_FLOW, a.list_samples, a.cell_budget)
-                        return {**self._latency(samples), "fill_seconds": round(fill_s, 2)}
-
-                    if "error" in self.cell(entry, name, body):
-                        failed.add(name)
-                filled = level
+                        fills[f"{name}@{level}"] = round(time.perf_counter() - started, 2)
+                        runs[f"{name}@{level}"] = measure.list_calls(backends[name], flow, a.list_samples)
+                        say(f"  {name:<11} filled in {fills[f'{name}@{level}']} s")
+                    except Exception as e:
+                        self._failed(entries[level], name, e)
                 del batch
+            errors: dict[str, Exception] = {}
+            samples = measure.interleaved(runs, max(1, min(ROUNDS, a.list_samples // BLOCK)), a.cell_budget,
+                                          lambda n, e: errors.setdefault(n, e))  # fmt: skip
+            for level in a.list_sizes:
+                say(f"-- N={level:,}")
+                for name in self.targets:
+                    pair = f"{name}@{level}"
+                    if pair in errors:
+                        self._failed(entries[level], name, errors[pair])
+                    elif pair in samples:
+                        value = {**self._latency(samples[pair]), "fill_seconds": fills[pair]}
+                        self.cell(entries[level], name, lambda value=value: value)
         finally:
             for name, target in self.targets.items():
                 close_backend(backends[name])

@@ -44,19 +44,6 @@ def summary(samples: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _timed(calls: Iterable[Callable[[], Any]], budget: float | None) -> list[float]:
-    gc.collect()
-    samples: list[float] = []
-    deadline = time.perf_counter() + budget if budget else math.inf
-    for call in calls:
-        start = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - start)
-        if time.perf_counter() > deadline and (len(samples) >= MIN_SAMPLES or samples[-1] > budget / 2):
-            break  # a call that takes half the budget is sampled once: its p50 is clear enough
-    return samples
-
-
 Calls = Sequence[Callable[[], list[float]]]  # each call does some work and returns the durations it timed
 
 
@@ -72,11 +59,12 @@ def interleaved(runs: dict[str, Calls], rounds: int, budget: float | None,
     kept long because a turn leaves traces on the next one: a server that sat idle answers its first request late
     (a Redis SET after 20 ms idle took 0.4-0.55 ms on a 2-vCPU VM, 0.1 ms back to back), so with ``warm_first``
     the first call of each block is not counted. A target whose call raises is dropped and ``failed`` is told; one
-    whose calls have taken ``budget`` seconds stops once it has ``MIN_SAMPLES``.
+    whose calls have taken ``budget`` seconds stops once it has ``MIN_SAMPLES`` (or a call took half the budget).
     """
     follows = follows or {}
     samples: dict[str, list[float]] = {name: [] for name in runs}
     spent = dict.fromkeys(runs, 0.0)
+    slowest = dict.fromkeys(runs, 0.0)
     live = list(runs)
     leaders = [name for name in runs if name not in follows]
     for r in range(rounds):
@@ -93,9 +81,10 @@ def interleaved(runs: dict[str, Calls], rounds: int, budget: float | None,
             try:
                 for index, call in enumerate(block):
                     over = budget and spent[name] + time.perf_counter() - started > budget
-                    if over and len(samples[name]) >= MIN_SAMPLES:
-                        break
+                    if over and (len(samples[name]) >= MIN_SAMPLES or slowest[name] > budget / 2):
+                        break  # a call that takes half the budget is sampled once or twice: its p50 is clear enough
                     took = call()
+                    slowest[name] = max(slowest[name], *took, 0.0)
                     if index or not warm_first:
                         samples[name] += took
             except Exception as e:
@@ -187,12 +176,13 @@ def load_calls(backend: Any, ids: Sequence[str]) -> list[Callable[[], list[float
     return [lambda i=i: load(i) for i in ids]
 
 
-def list_newest(backend: Any, flow_id: str, samples: int, budget: float | None) -> list[float]:
-    """Time ``get_list_by_flow(flow_id, limit=10)`` ``samples`` times (one untimed call first)."""
+def list_calls(backend: Any, flow_id: str, samples: int) -> list[Callable[[], list[float]]]:
+    """``samples`` timed ``get_list_by_flow(flow_id, limit=10)`` calls, after one untimed call that checks it
+    returns 10 checkpoints."""
     found = backend.get_list_by_flow(flow_id, limit=10)
     if len(found) != 10:
         raise RuntimeError(f"{type(backend).__name__}: listing returned {len(found)} checkpoints, expected 10")
-    return _timed((lambda: backend.get_list_by_flow(flow_id, limit=10) for _ in range(samples)), budget)
+    return [lambda: _once(lambda: backend.get_list_by_flow(flow_id, limit=10)) for _ in range(samples)]
 
 
 def raw_set_calls(client: Any, key_prefix: str, blob_of: Callable[[int], bytes], count: int
