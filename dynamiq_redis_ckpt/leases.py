@@ -68,6 +68,7 @@ class HeldLease:
     next_renewal: float = 0.0
     lost: str | None = None
     on_lost: list[Callable[[str], None]] = field(default_factory=list)
+    saves: int = 0  # confirmed saves under it: a renewal sent before the latest one answers for an older state
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -192,6 +193,7 @@ class LeaseRegistry:
                 return
             held.token = saved.token
             held.paused = status != ACTIVE  # a pause (maybe mid-run): handed back, token kept, no heartbeat
+            held.saves += 1
             held.confirmed(sent_at)
         if wake and not held.paused:
             self._ensure_heartbeat()
@@ -297,23 +299,32 @@ class LeaseRegistry:
             self._wake.wait(max(0.01, min(upcoming, default=now + 1.0) - time.monotonic()))
             self._wake.clear()
 
+    @staticmethod
+    def _back_off(held: HeldLease) -> None:
+        # past the early window of the next beat too, so a store that is down is not retried on every wake-up
+        held.next_renewal = time.monotonic() + min(held.interval, 0.5) + held.interval / 4
+
     def _renew(self, leases: list[HeldLease]) -> None:
         driver, core = leases[0].renewer
+        with self._lock:
+            saves = [held.saves for held in leases]
         sent_at = time.monotonic()
         try:
             verdicts = driver.run(renew_many_op(core, leases))
         except CheckpointStoreError as e:
             logger.warning("lease renewal of %d run(s) failed: %s", len(leases), e)
             for held in leases:
-                held.next_renewal = time.monotonic() + min(held.interval, 0.5)
+                self._back_off(held)
             return
         with self._lock:
-            for held, verdict in zip(leases, verdicts):
-                if held.paused:
-                    continue  # paused by a save while this renewal was under way: nothing to keep alive
+            for held, verdict, before in zip(leases, verdicts, saves):
+                if held.paused or held.saves != before:
+                    # a save (a pause, or a pause and a resume) landed while this renewal was under way: its
+                    # confirmed state is newer than this answer
+                    continue
                 if isinstance(verdict, WrongKeyTypeError):
                     logger.warning("lease renewal of run %s failed: %s", held.run, verdict)
-                    held.next_renewal = time.monotonic() + min(held.interval, 0.5)
+                    self._back_off(held)
                 elif verdict == "OK":
                     if held.lost is None:
                         held.confirmed(sent_at)

@@ -65,3 +65,32 @@ def test_interleaved_drops_a_target_whose_call_raises_and_keeps_the_others():
     got = interleaved(runs, 2, None, failed.setdefault)
     assert got == {"ok": [1.0] * 4}
     assert list(failed) == ["bad"] and "backend down" in str(failed["bad"])
+
+
+def test_interleaved_follower_makes_no_more_calls_than_its_leader_and_a_slow_target_keeps_a_sample():
+    import time as clock
+
+    from dynamiq_redis_ckpt.bench.measure import interleaved
+
+    made: list[str] = []
+
+    def leader_call(i: int) -> list:
+        made.append(f"a{i}")
+        if i == 1:
+            raise RuntimeError("leader down")
+        return [0.001]
+
+    def slow() -> list:
+        clock.sleep(0.06)  # more than half the budget below
+        return [0.06]
+
+    runs = {
+        "a": [lambda i=i: leader_call(i) for i in range(4)],
+        "floor": [lambda i=i: (made.append(f"f{i}"), [0.001])[1] for i in range(4)],
+        "slow": [slow] * 4,
+    }
+    failed: dict[str, Exception] = {}
+    got = interleaved(runs, 2, 0.1, failed.setdefault, warm_first=True, follows={"floor": "a"})
+    assert made == ["a0", "a1", "f0"], "the follower makes only the calls its leader completed; a failed leader is dropped"
+    assert list(failed) == ["a"]
+    assert len(got["slow"]) >= 1, "the first call of a block is not counted, yet a slow target keeps a sample"

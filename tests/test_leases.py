@@ -410,3 +410,28 @@ def test_heartbeat_renews_all_of_a_stores_leases_in_one_round_trip(redis_server)
         for i, run in enumerate(runs):
             backend.save(make(f"d{i}", "f", run, status=S.COMPLETED, minute=1, parent=f"c{i}"))
         backend.clear()
+
+
+def test_renew_answers_wrongtype_for_a_foreign_lease_index_instead_of_failing_the_pipeline(leased):
+    """The heartbeat sends a store's renewals as one pipeline: an error reply from one script would throw away the
+    answers of all. A lease index of another type is answered as WRONGTYPE, for that run alone."""
+    from dynamiq_redis_ckpt import WrongKeyTypeError
+    from dynamiq_redis_ckpt.leases import renew_many_op
+
+    leased.save(make("a", "f", "run-1", "wf-1", S.ACTIVE))
+    leased.save(make("b", "g", "run-2", "wf-2", S.ACTIVE))
+    held = [REGISTRY.get((leased._namespace, "f", "wf-1")), REGISTRY.get((leased._namespace, "g", "wf-2"))]
+    index = leased._core.keys.lease_index("f")
+    saved_index = leased.redis.zrange(index, 0, -1, withscores=True)
+    leased.redis.delete(index)
+    leased.redis.set(index, "not a zset")
+    try:
+        verdicts = leased._sync.run(renew_many_op(leased._core, held))
+        assert isinstance(verdicts[0], WrongKeyTypeError) and verdicts[1] == "OK"
+        with pytest.raises(WrongKeyTypeError):
+            leased._sync.run(renew_op(leased._core, held[0]))
+    finally:
+        leased.redis.delete(index)
+        leased.redis.zadd(index, dict(saved_index))
+        leased.save(make("a2", "f", "run-1", "wf-1", S.COMPLETED, minute=1, parent="a"))
+        leased.save(make("b2", "g", "run-2", "wf-2", S.COMPLETED, minute=1, parent="b"))

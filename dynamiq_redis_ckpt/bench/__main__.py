@@ -19,8 +19,9 @@ import sys
 import time
 import traceback
 import warnings
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # dynamiq's node modules import litellm: no fetch
 
@@ -152,6 +153,16 @@ def json_size(cp: Any) -> int:
     from dynamiq.utils import encode_reversible
 
     return len(json.dumps(cp.to_dict(), default=encode_reversible).encode())
+
+
+@contextmanager
+def closed_on_error(backend: Any) -> Iterator[None]:
+    """Close ``backend`` if the block raises (a set-up that fails leaves no connections or leases behind)."""
+    try:
+        yield
+    except BaseException:
+        close_backend(backend)
+        raise
 
 
 class Bench:
@@ -317,8 +328,9 @@ class Bench:
 
         def prepare(name: str, target: Target, space: str) -> tuple:
             backend = target.make(space)
-            for cp in warm:
-                backend.save(cp)
+            with closed_on_error(backend):
+                for cp in warm:
+                    backend.save(cp)
             return measure.save_calls(backend, timed), [backend]
 
         def floor(target: RedisTarget, space: str) -> tuple:
@@ -346,8 +358,9 @@ class Bench:
 
         def prepare(name: str, target: Target, space: str) -> tuple:
             backend = target.make(space)
-            for chain in warm:
-                measure.save_chain(backend, chain, timed=False)
+            with closed_on_error(backend):
+                for chain in warm:
+                    measure.save_chain(backend, chain, timed=False)
             return measure.chain_calls(backend, timed), [backend]
 
         def floor(target: RedisTarget, space: str) -> tuple:
@@ -362,12 +375,14 @@ class Bench:
 
         def prepare(name: str, target: Target, space: str) -> tuple:
             writer = target.make(space)
-            for cp in written:
-                writer.save(cp)
-            reader = target.make(space)  # a second instance: nothing cached (InMemory: the same instance)
-            ids = [cp.id for cp in written]
-            for cp_id in ids[: self.args.warmup]:
-                reader.load(cp_id)
+            with closed_on_error(writer):
+                for cp in written:
+                    writer.save(cp)
+                reader = target.make(space)  # a second instance: nothing cached (InMemory: the same instance)
+                with closed_on_error(reader):
+                    ids = [cp.id for cp in written]
+                    for cp_id in ids[: self.args.warmup]:
+                        reader.load(cp_id)
             backends = [writer] if reader is writer else [writer, reader]
             return measure.load_calls(reader, ids[self.args.warmup :]), backends
 
@@ -387,6 +402,7 @@ class Bench:
             self.note(f"listing fill, {name}: {target.fill_method()}")
         runs: dict[str, measure.Calls] = {}
         fills: dict[str, float] = {}
+        failed: set[str] = set()
         first_seed = 0
         try:
             for level in a.list_sizes:
@@ -401,6 +417,8 @@ class Bench:
                         entries[level]["values"][name] = {"skipped": "fill too slow"}
                         say(f"  {name:<11} skipped (fill too slow: its save globs every run directory, O(N^2))")
                         continue
+                    if name in failed:
+                        continue
                     try:
                         started = time.perf_counter()
                         target.fill(space, batch, backends[name])
@@ -408,6 +426,7 @@ class Bench:
                         runs[f"{name}@{level}"] = measure.list_calls(backends[name], flow, a.list_samples)
                         say(f"  {name:<11} filled in {fills[f'{name}@{level}']} s")
                     except Exception as e:
+                        failed.add(name)
                         self._failed(entries[level], name, e)
                 del batch
             errors: dict[str, Exception] = {}

@@ -62,6 +62,7 @@ def interleaved(runs: dict[str, Calls], rounds: int, budget: float | None,
     whose calls have taken ``budget`` seconds stops once it has ``MIN_SAMPLES`` (or a call took half the budget).
     """
     follows = follows or {}
+    ran: dict[str, int] = {}  # calls each target made in the current round: a follower makes no more than its leader
     samples: dict[str, list[float]] = {name: [] for name in runs}
     spent = dict.fromkeys(runs, 0.0)
     slowest = dict.fromkeys(runs, 0.0)
@@ -73,17 +74,20 @@ def interleaved(runs: dict[str, Calls], rounds: int, budget: float | None,
         for leader in leaders if r % 2 == 0 else leaders[::-1]:
             order += [leader, *(name for name in runs if follows.get(name) == leader)]
         for name in order:
+            calls, ran[name] = runs[name], 0
             if name not in live:
                 continue
-            calls = runs[name]
             block = calls[len(calls) * r // rounds : len(calls) * (r + 1) // rounds]
+            if name in follows:
+                block = block[: ran[follows[name]]]
             started = time.perf_counter()
             try:
                 for index, call in enumerate(block):
-                    over = budget and spent[name] + time.perf_counter() - started > budget
-                    if over and (len(samples[name]) >= MIN_SAMPLES or slowest[name] > budget / 2):
+                    over = budget is not None and spent[name] + time.perf_counter() - started > budget
+                    if over and (len(samples[name]) >= MIN_SAMPLES or (slowest[name] > budget / 2 and samples[name])):
                         break  # a call that takes half the budget is sampled once or twice: its p50 is clear enough
                     took = call()
+                    ran[name] += 1
                     slowest[name] = max(slowest[name], *took, 0.0)
                     if index or not warm_first:
                         samples[name] += took

@@ -6,8 +6,13 @@
 -- Reply: {'OK', expiry_ms} | {'FENCED', owner, token} (taken over) | {'EXPIRED'} (still ours, but it ran out:
 --        a worker may claim it at any moment, so the holder must stop) | {'WRONGTYPE', key}
 
-if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' and redis.call('TYPE', KEYS[1])['ok'] ~= 'none' then
-  return {'WRONGTYPE', KEYS[1]}
+-- Both keys are checked: an error reply would fail the heartbeat's whole pipeline of renewals, not only this one.
+local expected = {'hash', 'zset'}
+for i = 1, 2 do
+  local kind = redis.call('TYPE', KEYS[i])['ok']
+  if kind ~= expected[i] and kind ~= 'none' then
+    return {'WRONGTYPE', KEYS[i]}
+  end
 end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
