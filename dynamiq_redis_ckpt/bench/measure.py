@@ -16,7 +16,7 @@ import statistics
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.types import CheckpointStatus
