@@ -169,47 +169,6 @@ def _packed_async(wired: list[tuple]) -> list[bytes] | None:
         raise DataError(str(e)) from e
 
 
-async def _pipeline_async(client: Any, wired: list[tuple], timeout: float | None, connect_timeout: float | None
-                          ) -> list:
-    """:meth:`SyncDriver._pipeline` on an asyncio client, under one deadline for the whole exchange: ``timeout``,
-    plus ``connect_timeout`` when the connection must be opened first.
-
-    The client is built without a socket timeout (see :class:`AsyncDriver`): redis.asyncio would otherwise start a
-    task for every write and arm a timer for every reply (together about 8% of an async save, measured with py-spy).
-    A connection is taken without the pool's check (a read under a zero timeout, another 5%), which found unread
-    data and sockets the server had closed. Neither slips through: this driver disconnects any connection whose
-    exchange did not finish, and one the server closed while it sat idle has its stream at EOF, so it is reopened.
-    """
-    pool = client.connection_pool
-    take = getattr(pool, "get_available_connection", None)
-    packed = _packed_async(wired)
-    conn = take() if take is not None else await pool.get_connection(wired[0][0])
-    try:
-        stream = getattr(conn, "_reader", None)
-        if stream is not None and stream.at_eof():
-            await conn.disconnect(nowait=True)
-        if not conn.is_connected and timeout is not None and connect_timeout is not None:
-            timeout += connect_timeout
-        async with _deadline(timeout):
-            await conn.connect()  # returns at once when connected
-            await conn.send_packed_command(packed or conn.pack_commands(wired))
-            replies = []
-            for args in wired:
-                try:
-                    replies.append(await client.parse_response(conn, args[0]))
-                except ResponseError as e:
-                    replies.append(e)
-            return replies
-    except asyncio.TimeoutError:
-        await conn.disconnect(nowait=True)
-        raise RedisTimeoutError(f"Redis request not completed within {timeout} s") from None
-    except BaseException:
-        await conn.disconnect(nowait=True)
-        raise
-    finally:
-        await pool.release(conn)
-
-
 class AsyncDriver:
     """Runs operations on ``redis.asyncio`` clients, one per event loop.
 
@@ -269,16 +228,54 @@ class AsyncDriver:
             return await self._send(client, request)
         except NoScriptError:
             loads = [("SCRIPT", "LOAD", scripts.source(name)) for name in _scripts_of(request)]
-            _first_error(await _pipeline_async(client, loads, self.timeout, self.connect_timeout))
+            _first_error(await self._pipeline(client, loads))
             return await self._send(client, request)
 
     async def _send(self, client: Any, request: Any) -> Any:
         if isinstance(request, (Command, Script)):
-            return _first_error(await _pipeline_async(client, [_wire(request)], self.timeout, self.connect_timeout))[0]
+            return _first_error(await self._pipeline(client, [_wire(request)]))[0]
         if isinstance(request, Batch):
-            wired = [_wire(part) for part in request.commands]
-            return _first_error(await _pipeline_async(client, wired, self.timeout, self.connect_timeout))
+            return _first_error(await self._pipeline(client, [_wire(part) for part in request.commands]))
         raise TypeError(f"unknown request {request!r}")
+
+    async def _pipeline(self, client: Any, wired: list[tuple]) -> list:
+        """:meth:`SyncDriver._pipeline` on an asyncio client, under one deadline for the whole exchange:
+        ``self.timeout``, plus ``self.connect_timeout`` when the connection must be opened first.
+
+        The client is built without a socket timeout (see :class:`AsyncDriver`): redis.asyncio would otherwise start a
+        task for every write and arm a timer for every reply (together about 8% of an async save, measured with py-spy).
+        A connection is taken without the pool's check (a read under a zero timeout, another 5%), which found unread
+        data and sockets the server had closed. Neither slips through: this driver disconnects any connection whose
+        exchange did not finish, and one the server closed while it sat idle has its stream at EOF, so it is reopened.
+        """
+        pool, timeout = client.connection_pool, self.timeout
+        take = getattr(pool, "get_available_connection", None)
+        packed = _packed_async(wired)
+        conn = take() if take is not None else await pool.get_connection(wired[0][0])
+        try:
+            stream = getattr(conn, "_reader", None)
+            if stream is not None and stream.at_eof():
+                await conn.disconnect(nowait=True)
+            if not conn.is_connected and timeout is not None and self.connect_timeout is not None:
+                timeout += self.connect_timeout
+            async with _deadline(timeout):
+                await conn.connect()  # returns at once when connected
+                await conn.send_packed_command(packed or conn.pack_commands(wired))
+                replies = []
+                for args in wired:
+                    try:
+                        replies.append(await client.parse_response(conn, args[0]))
+                    except ResponseError as e:
+                        replies.append(e)
+                return replies
+        except asyncio.TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise RedisTimeoutError(f"Redis request not completed within {timeout} s") from None
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
     async def aclose(self) -> None:
         """Close the client of the running loop, if one was made."""

@@ -1,8 +1,8 @@
 """``python3 -m dynamiq_redis_ckpt.bench``: measure this backend against Dynamiq's own, in one run.
 
-Every metric runs on every target, in its own namespace, and is printed (stderr) as it completes; save and load
-latencies are sampled from all targets in alternating blocks (A B C, C B A, ...), the other metrics one target after
-another. The tables go to stdout and, with the raw numbers and a chart, to ``--out``. ``--quick`` is a fast smoke
+Every metric runs on every target, in its own namespace, and is printed (stderr) as it completes; save, load and
+list latencies are sampled from all targets in alternating blocks (A B C, C B A, ...), the other metrics one target
+after another. The tables go to stdout and, with the raw numbers and a chart, to ``--out``. ``--quick`` is a fast smoke
 run.
 """
 

@@ -189,17 +189,6 @@ def list_calls(backend: Any, flow_id: str, samples: int) -> list[Callable[[], li
     return [lambda: _once(lambda: backend.get_list_by_flow(flow_id, limit=10)) for _ in range(samples)]
 
 
-def raw_set_calls(client: Any, key_prefix: str, blob_of: Callable[[int], bytes], count: int
-                  ) -> list[Callable[[], list[float]]]:
-    """Timed redis-py ``SET key blob`` of ``blob_of(i)`` (fetched untimed when the call runs) under its own key."""
-
-    def call(i: int) -> list[float]:
-        blob = blob_of(i)
-        return _once(lambda: client.set(f"{key_prefix}:{i}", blob))
-
-    return [lambda i=i: call(i) for i in range(count)]
-
-
 # ---- throughput -------------------------------------------------------------------------------------------------
 
 
