@@ -1,9 +1,12 @@
 """Run store operations on a real client: ``redis.Redis`` (sync) or ``redis.asyncio.Redis`` (async).
 
 The two drivers differ only in I/O. Both retry a request that failed to reach Redis (connection refused, reset,
-timed out) a bounded number of times with exponential backoff, then raise :class:`StoreUnavailableError`. Retrying
-is safe because every request an operation yields is idempotent: reads, SET/SADD of the same values, and scripts
-that compare the stored state before they write.
+timed out) or that the server refused for a passing reason (out of memory under ``noeviction``, a replica that is
+read-only after a failover, loading its data, busy with a script) a bounded number of times with exponential
+backoff, then raise :class:`StoreUnavailableError` naming the cause. Retrying is safe because every request an
+operation yields is idempotent: reads, SET/SADD of the same values, and scripts that compare the stored state
+before they write. An error is thrown into the operation, which may handle it (a fenced save retries while its
+lease lasts) or let it propagate.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from typing import Any, Callable
 import redis
 import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dynamiq_redis_ckpt import scripts
 from dynamiq_redis_ckpt.errors import CheckpointStoreError, StoreUnavailableError, WrongKeyTypeError
-from dynamiq_redis_ckpt.requests import Batch, Command, Script
+from dynamiq_redis_ckpt.requests import Batch, Command, Script, Sleep
 
 try:
     from hiredis import pack_command as _hiredis_pack
@@ -36,6 +39,24 @@ else:
     from async_timeout import timeout as _deadline
 
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
+# Error replies that say "not now" rather than "never": nothing was written, and the same request may succeed later.
+# redis-py turns some into their own classes and drops the code from the message; the others keep it. (LOADING
+# comes as BusyLoadingError, a ConnectionError, so it is transient above.)
+_REFUSED_CLASSES = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY"}
+_REFUSED_CODES = ("BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def _refusal(error: Exception) -> str | None:
+    """The Redis error code of a refusal worth retrying, None for any other error."""
+    for kind, code in _REFUSED_CLASSES.items():
+        if isinstance(error, kind):
+            return code
+    code = str(error).split(" ", 1)[0]
+    return code if isinstance(error, ResponseError) and code in _REFUSED_CODES else None
+
+
+def _refused(error: Exception) -> bool:
+    return _refusal(error) is not None
 
 
 class RetryPolicy:
@@ -58,6 +79,9 @@ def _translate(error: Exception, request: Any) -> Exception:
         return WrongKeyTypeError(str(error), tuple(keys))
     if isinstance(error, _TRANSIENT):
         return StoreUnavailableError(f"Redis unavailable after retries: {error}")
+    if (code := _refusal(error)) is not None:
+        text = str(error) if str(error).startswith(code) else f"{code} {error}"
+        return StoreUnavailableError(f"Redis refused the request after retries: {text}")
     if isinstance(error, redis.RedisError):
         return CheckpointStoreError(f"Redis error: {error}")
     return error
@@ -90,20 +114,28 @@ class SyncDriver:
         self.policy = policy
 
     def run(self, op) -> Any:
-        """Drive a store operation (a generator) to its result."""
+        """Drive a store operation (a generator) to its result; a failed request's error is thrown into it."""
         try:
             request = next(op)
             while True:
-                request = op.send(self._execute(request))
+                try:
+                    reply = self._execute(request)
+                except CheckpointStoreError as e:
+                    request = op.throw(e)
+                else:
+                    request = op.send(reply)
         except StopIteration as done:
             return done.value
 
     def _execute(self, request: Any) -> Any:
+        if isinstance(request, Sleep):
+            time.sleep(request.seconds)
+            return None
         for attempt in range(self.policy.retries + 1):
             try:
                 return self._once(request)
-            except _TRANSIENT as e:
-                if attempt == self.policy.retries:
+            except (*_TRANSIENT, ResponseError) as e:
+                if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refused(e)):
                     raise _translate(e, request) from e
                 time.sleep(self.policy.delay(attempt))
             except redis.RedisError as e:
@@ -203,20 +235,28 @@ class AsyncDriver:
         return found[0]
 
     async def run(self, op) -> Any:
-        """Drive a store operation (a generator) to its result."""
+        """Drive a store operation (a generator) to its result; a failed request's error is thrown into it."""
         try:
             request = next(op)
             while True:
-                request = op.send(await self._execute(request))
+                try:
+                    reply = await self._execute(request)
+                except CheckpointStoreError as e:
+                    request = op.throw(e)
+                else:
+                    request = op.send(reply)
         except StopIteration as done:
             return done.value
 
     async def _execute(self, request: Any) -> Any:
+        if isinstance(request, Sleep):
+            await asyncio.sleep(request.seconds)
+            return None
         for attempt in range(self.policy.retries + 1):
             try:
                 return await self._once(request)
-            except _TRANSIENT as e:
-                if attempt == self.policy.retries:
+            except (*_TRANSIENT, ResponseError) as e:
+                if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refused(e)):
                     raise _translate(e, request) from e
                 await asyncio.sleep(self.policy.delay(attempt))
             except redis.RedisError as e:
