@@ -13,8 +13,8 @@ from dynamiq_redis_ckpt.errors import (
     UnsupportedFormatError,
     WrongKeyTypeError,
 )
-
-from dynamiq_redis_ckpt.leases import idempotency_key
+from dynamiq_redis_ckpt.guard import as_running_flow
+from dynamiq_redis_ckpt.idempotency import idempotency_key
 
 __all__ = [
     "CheckpointCorruptedError",
@@ -28,6 +28,7 @@ __all__ = [
     "StoreUnavailableError",
     "UnsupportedFormatError",
     "WrongKeyTypeError",
+    "as_running_flow",
     "idempotency_key",
 ]
 __version__ = "0.1.0"

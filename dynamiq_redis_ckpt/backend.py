@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -15,9 +15,10 @@ from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_vali
 
 from dynamiq_redis_ckpt import config
 from dynamiq_redis_ckpt.driver import AsyncDriver, RetryPolicy, SyncDriver
-from dynamiq_redis_ckpt.errors import ConfigurationError, LeaseLostError
+from dynamiq_redis_ckpt.errors import ConfigurationError
+from dynamiq_redis_ckpt.guard import LeaseGuard, saved_by_running_flow
 from dynamiq_redis_ckpt.keys import Keys
-from dynamiq_redis_ckpt.leases import REGISTRY
+from dynamiq_redis_ckpt.registry import LeasePolicy, LeaseStore
 from dynamiq_redis_ckpt.store import StoreCore
 
 
@@ -55,6 +56,7 @@ class RedisCheckpointBackend(CheckpointBackend):
     _core: StoreCore = PrivateAttr()
     _sync: SyncDriver = PrivateAttr()
     _async: AsyncDriver = PrivateAttr()
+    _guard: LeaseGuard = PrivateAttr()
 
     @field_validator("ttl_seconds")
     @classmethod
@@ -103,6 +105,10 @@ class RedisCheckpointBackend(CheckpointBackend):
         self._core = StoreCore(Keys(self.prefix), ttl_ms=ttl_ms, max_checkpoint_bytes=self.max_checkpoint_bytes)
         self._sync = SyncDriver(sync_client, policy)
         self._async = AsyncDriver(make_async, policy, timeout, connect_timeout)
+        lease_store = LeaseStore(self._core.keys, self._sync)
+        interval = self.heartbeat_interval_seconds or self.lease_ttl_seconds / 3  # set before the "after" validator
+        lease_policy = LeasePolicy(self.lease_ttl_seconds, interval, lease_store)
+        self._guard = LeaseGuard(self._core, self._namespace, lease_policy)
 
     @property
     def to_dict_exclude_params(self) -> dict[str, bool]:
@@ -123,6 +129,30 @@ class RedisCheckpointBackend(CheckpointBackend):
         """The synchronous client this backend uses."""
         return self._sync.client
 
+    @property
+    def store(self) -> StoreCore:
+        """The checkpoint operations of this backend's namespace (run them with :meth:`execute`)."""
+        return self._core
+
+    @property
+    def lease_policy(self) -> LeasePolicy:
+        """How this backend's runs hold their leases (ttl, heartbeat interval, where they live)."""
+        return self._guard.policy
+
+    @property
+    def namespace(self) -> str:
+        """Which Redis and prefix this backend stores in (backends with equal namespaces share leases)."""
+        return self._namespace
+
+    def execute(self, op):
+        """Run a store operation (a generator of :mod:`dynamiq_redis_ckpt.store` or :mod:`~dynamiq_redis_ckpt.leases`)
+        with this backend's retries and typed errors; the recovery worker's way to Redis."""
+        return self._sync.run(op)
+
+    async def execute_async(self, op):
+        """Async :meth:`execute`, on this event loop's client."""
+        return await self._async.run(op)
+
     def ping(self) -> bool:
         """Check that Redis answers (with the configured retries); raises StoreUnavailableError when it does not.
 
@@ -141,29 +171,19 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     # ---- sync contract ----------------------------------------------------------------------------------------
 
-    def _save(self, checkpoint: FlowCheckpoint, must_exist: bool):
-        """The save operation, fenced by the run's lease (shared by the sync and async paths)."""
-        if not self.leases:
-            return (yield from self._core.save(checkpoint, must_exist=must_exist))
-        intent, held = REGISTRY.intent(self._namespace, checkpoint, self.lease_ttl_seconds)
-        sent_at = time.monotonic()
-        try:
-            saved = yield from self._core.save(checkpoint, must_exist=must_exist, lease=intent)
-        except LeaseLostError as lost:
-            REGISTRY.lost_write(self._namespace, checkpoint, held, lost.reason)
-            raise
-        REGISTRY.saved(
-            self._namespace, checkpoint, intent, held, saved, sent_at, self.lease_ttl_seconds,
-            self.heartbeat_interval_seconds, (self._sync, self._core),
-        )  # fmt: skip
-        return saved
+    def _save(self, checkpoint: FlowCheckpoint, must_exist: bool, caller):
+        """The save operation (shared by the sync and async paths): a running flow's is fenced by its run's lease,
+        any other caller's leaves leases alone (see :mod:`dynamiq_redis_ckpt.guard`)."""
+        fenced = self.leases and saved_by_running_flow(caller)
+        return self._guard.save(checkpoint, must_exist=must_exist, fenced=fenced)
 
     def save(self, checkpoint: FlowCheckpoint) -> str:
         """Save (insert or overwrite) a checkpoint; returns its id. The checkpoint object is not modified.
 
-        Raises LeaseLostError (a BaseException) when another holder has taken the run over.
+        A running Flow's save is fenced by its run's lease and raises LeaseLostError (a BaseException) when the run
+        was taken over; a plain call (a script, an operator) never touches leases.
         """
-        return self._sync.run(self._save(checkpoint, False)).checkpoint_id
+        return self._sync.run(self._save(checkpoint, False, sys._getframe(1))).checkpoint_id
 
     def load(self, checkpoint_id: str) -> FlowCheckpoint | None:
         """Load a checkpoint by id; None when it is not stored (or has expired)."""
@@ -171,7 +191,7 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     def update(self, checkpoint: FlowCheckpoint) -> None:
         """Overwrite a stored checkpoint; raises CheckpointNotFoundError (a FileNotFoundError) when absent."""
-        self._sync.run(self._save(checkpoint, True))
+        self._sync.run(self._save(checkpoint, True, sys._getframe(1)))
 
     def delete(self, checkpoint_id: str) -> bool:
         """Delete a checkpoint; True when it existed."""
@@ -223,7 +243,7 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     async def save_async(self, checkpoint: FlowCheckpoint) -> str:
         """Async :meth:`save`."""
-        return (await self._async.run(self._save(checkpoint, False))).checkpoint_id
+        return (await self._async.run(self._save(checkpoint, False, sys._getframe(1)))).checkpoint_id
 
     async def load_async(self, checkpoint_id: str) -> FlowCheckpoint | None:
         """Async :meth:`load`."""
@@ -231,7 +251,7 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     async def update_async(self, checkpoint: FlowCheckpoint) -> None:
         """Async :meth:`update`."""
-        await self._async.run(self._save(checkpoint, True))
+        await self._async.run(self._save(checkpoint, True, sys._getframe(1)))
 
     async def delete_async(self, checkpoint_id: str) -> bool:
         """Async :meth:`delete`."""

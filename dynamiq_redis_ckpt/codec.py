@@ -30,7 +30,7 @@ import io
 import threading
 import types
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Any, Callable, Mapping
 
@@ -67,6 +67,16 @@ _DATETIME_HEAD = msgpack.packb({"__datetime__": ""})[:-1]  # map header and key;
 class _Unencodable(Exception):
     def __init__(self, value: object):
         self.value = value
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def micros(moment: datetime) -> int:
+    """Microseconds since the epoch, exactly (naive datetimes are taken as UTC)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
 def digest(data: bytes) -> bytes:

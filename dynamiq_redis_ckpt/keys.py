@@ -15,7 +15,9 @@ key                             type    holds
 ``P:flow:{F}:leases``           zset    runs of flow F holding a lease, score = expiry (server ms)
 ``P:flow:{F}:due``              zset    paused runs of flow F with a timer, score = resume_at (ms)
 ``P:flow:{F}:dead``             zset    dead-lettered runs of flow F, score = when (server ms)
-``P:flows:{<n>}``               set     flows that have leases, timers or dead letters (16 shards)
+``P:wake:{<n>}``                zset    flows a worker must look at, score = when (ms; 0 = now), 16 shards
+``P:wake:{<n>}:v``              hash    flow -> version, bumped by every write that gives a flow new work
+``P:deadflows:{<n>}``           set     flows that have had dead letters (16 shards; read only to list them)
 ``P:inbox:{F}:<run>``           hash    answers from people for a paused run's nodes, kept until used
 ``P:id:{<id>}``                 string  flow id of checkpoint <id> (so load needs only the id)
 ``P:runflows:{<run>}``          set     flows that hold checkpoints of run <run>
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from dynamiq_redis_ckpt.errors import ConfigurationError
 
 
-KINDS = ("cp", "flow", "pack", "id", "runflows", "lease", "flows", "inbox")
+KINDS = ("cp", "flow", "pack", "id", "runflows", "lease", "wake", "deadflows", "inbox", "flows")
 FLOW_SHARDS = 16
 
 
@@ -99,13 +101,26 @@ class Keys:
         """Sorted set of a flow's dead-lettered runs."""
         return f"{self.prefix}:flow:{tag(flow_id)}:dead"
 
-    def flow_registry(self, shard: int) -> str:
-        """One shard of the set of flows that have leases, timers or dead letters."""
-        return f"{self.prefix}:flows:{{{shard}}}"
+    @staticmethod
+    def shard_of(flow_id: str) -> int:
+        """The shard (0 .. FLOW_SHARDS-1) of the sharded flow indexes a flow belongs to."""
+        return zlib.crc32(flow_id.encode()) % FLOW_SHARDS
 
-    def flow_registry_for(self, flow_id: str) -> str:
-        """The registry shard a flow belongs to."""
-        return self.flow_registry(zlib.crc32(flow_id.encode()) % FLOW_SHARDS)
+    def wake(self, shard: int) -> str:
+        """One shard of the flows a worker must look at, by when (server ms)."""
+        return f"{self.prefix}:wake:{{{shard}}}"
+
+    def wake_versions(self, shard: int) -> str:
+        """Versions of a wake shard's flows: a worker forgets or postpones a flow only if nothing new came since."""
+        return f"{self.prefix}:wake:{{{shard}}}:v"
+
+    def dead_flows(self, shard: int) -> str:
+        """One shard of the set of flows that have had dead letters."""
+        return f"{self.prefix}:deadflows:{{{shard}}}"
+
+    def legacy_flow_registry(self, shard: int) -> str:
+        """One shard of the registry of flows that versions before the wake shards kept (read once to migrate)."""
+        return f"{self.prefix}:flows:{{{shard}}}"
 
     def inbox(self, flow_id: str, run_key: str) -> str:
         """Hash of people's answers for a paused run's nodes (node_id -> JSON)."""
@@ -119,8 +134,13 @@ class Keys:
         """Set of flows holding checkpoints of a run."""
         return f"{self.prefix}:runflows:{tag(run_id)}"
 
+    def is_lease_index(self, key: str) -> bool:
+        """Whether ``key`` (of this namespace) is a flow's lease index (``P:flow:{F}:leases``)."""
+        return key.startswith(f"{self.prefix}:flow:{{") and key[key.index("}", len(self.prefix)) + 1 :] == ":leases"
+
     def namespace_patterns(self) -> tuple[str, ...]:
-        """SCAN patterns matching every key of this namespace and nothing else (used only by ``clear``).
+        """SCAN patterns matching every key of this namespace and nothing else, one per kind of :data:`KINDS`
+        (used only by ``clear``).
 
         Each kind is followed by ``{``, so a namespace nested under this one (prefix ``app:tenant``) does not match.
         """

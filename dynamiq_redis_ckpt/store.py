@@ -15,6 +15,7 @@ from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.types import CheckpointStatus
 
 from dynamiq_redis_ckpt import codec
+from dynamiq_redis_ckpt.codec import micros
 from dynamiq_redis_ckpt.cache import Cache, StoredState, pack_list
 from dynamiq_redis_ckpt.errors import (
     CheckpointCorruptedError,
@@ -25,11 +26,11 @@ from dynamiq_redis_ckpt.errors import (
     UnsupportedFormatError,
     WrongKeyTypeError,
 )
-from dynamiq_redis_ckpt.keys import Keys
-from dynamiq_redis_ckpt.requests import Batch, Command, Script, cmd
+from dynamiq_redis_ckpt.keys import KINDS, Keys
+from dynamiq_redis_ckpt.leases import NO_TICKET_ARGS, VANISHED, LeaseTicket, announce, run_key, status_of
+from dynamiq_redis_ckpt.requests import Batch, Command, Script, cmd, pairs, score_pairs, text
 
 Op = Generator[Any, Any, Any]
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _PAGE = 100
 _SAVE_ATTEMPTS = 8
 _DELETE_BATCH = 100
@@ -38,32 +39,8 @@ _MAX_EXTRA_PACKS = 8  # superseded packs a checkpoint may keep as the dictionary
 _HELD_PACKS_SENT = 64  # a load tells the server up to this many packs of the flow it need not send
 
 
-def micros(moment: datetime) -> int:
-    """Microseconds since the epoch, exactly (naive datetimes are taken as UTC)."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return (moment - _EPOCH) // timedelta(microseconds=1)
-
-
-def text(value: bytes | str | int | None) -> str:
-    """A Redis reply value as str ('' for nil)."""
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _status(value: CheckpointStatus | str) -> str:
     return value.value if isinstance(value, CheckpointStatus) else str(value)
-
-
-@dataclass(frozen=True)
-class LeaseIntent:
-    """What a save asks of the run's lease: take it (acquire or take over) or write under the one it holds."""
-
-    mode: str  # "take" | "held" | "resume" (see LeaseRegistry.intent)
-    owner: str
-    token: int
-    ttl_ms: int
 
 
 @dataclass(frozen=True)
@@ -72,19 +49,6 @@ class Saved:
 
     checkpoint_id: str
     token: int
-
-
-def run_key(checkpoint: FlowCheckpoint) -> str:
-    """The id a run is known by across resumes: its wf_run_id (a fresh run_id is drawn on every run_sync)."""
-    return checkpoint.wf_run_id or checkpoint.run_id
-
-
-def resume_at_ms(checkpoint: FlowCheckpoint) -> int | None:
-    """When a paused run is due, in ms since the epoch, rounded up (a timer resumed 1 ms early pauses again)."""
-    due = checkpoint.resume_at
-    if due is None:
-        return None
-    return -(-micros(due) // 1000)
 
 
 @dataclass
@@ -163,17 +127,18 @@ class StoreCore:
 
     # ---- save -------------------------------------------------------------------------------------------------
 
-    def save(self, checkpoint: FlowCheckpoint, *, must_exist: bool = False, lease: LeaseIntent | None = None) -> Op:
+    def save(self, checkpoint: FlowCheckpoint, *, must_exist: bool = False, ticket: LeaseTicket | None = None) -> Op:
         """Store ``checkpoint`` (insert, or overwrite the same id); with ``must_exist`` only overwrite.
 
-        With ``lease`` the write is fenced: it lands only under the run's current lease (``held``) or takes the
-        lease (``take``), in the same script. Returns :class:`Saved`.
+        With a ``ticket`` (a running flow's save) the write is fenced: it lands only under the run's current lease
+        (``held``) or takes the lease (``take``), in the same script. Without one the run's lease is not touched.
+        Returns :class:`Saved`.
         """
         encoded = codec.encode_checkpoint(checkpoint)
         if encoded.raw_size > self.max_checkpoint_bytes:
             raise CheckpointTooLargeError(checkpoint.id, encoded.raw_size, self.max_checkpoint_bytes)
         cp_id, flow = checkpoint.id, checkpoint.flow_id
-        status = _status(checkpoint.status)
+        status = status_of(checkpoint)
         run, wf, parent = checkpoint.run_id, checkpoint.wf_run_id or "", checkpoint.parent_checkpoint_id or ""
         root = codec.digest(encoded.root)
         chunks = {**encoded.chunks, root: encoded.root}  # packed with the rest: compressed against the parent's root
@@ -185,14 +150,15 @@ class StoreCore:
         # names no checkpoint (load answers None), never a checkpoint that cannot be found. An update's checkpoint
         # already has its locator, and a stray one must not appear when the update is refused.
         writes = self._locator_writes(cp_id, flow, (run, wf), locate=not must_exist)
-        if lease is not None and lease.mode == "take":  # so workers find the flow's leases
-            writes += (cmd("SADD", self.keys.flow_registry_for(flow), flow),)
+        # Workers learn of a new lease, a pause or an end from the flow's wake shard, written right after the script
+        # in the same pipeline (a no-op for them when the script refused the save).
+        after = announce(self.keys, flow) if ticket is not None and ticket.announces(checkpoint) else ()
         for _ in range(_SAVE_ATTEMPTS):
             plan = self._plan_packs(flow, chunks, known)
-            keys, args = self._save_call(checkpoint, must_exist, status, stored, root, plan, encoded.raw_size, lease)
+            keys, args = self._save_call(checkpoint, must_exist, status, stored, root, plan, encoded.raw_size, ticket)
             # One round trip: the server runs a pipeline in order, so the lookup writes still land first.
-            replies = yield Batch((*writes, Script("save", keys, args)))
-            writes, reply = (), replies[-1]
+            replies = yield Batch((*writes, Script("save", keys, args), *after))
+            writes, reply = (), replies[len(writes)]
             verdict = text(reply[0])
             if verdict == "OK":
                 self._last_flow = flow
@@ -211,6 +177,8 @@ class StoreCore:
             elif verdict == "FENCED":
                 holder, token = text(reply[1]), text(reply[2])
                 raise LeaseLostError(run_key(checkpoint), f"the lease is now held by {holder or 'nobody'} with token {token}")
+            elif verdict == "VANISHED":
+                raise LeaseLostError(run_key(checkpoint), VANISHED)
             elif verdict == "WRONGTYPE":
                 raise WrongKeyTypeError("the save found a key of another type; nothing was written", (text(reply[1]),))
             else:
@@ -270,7 +238,7 @@ class StoreCore:
                 writes.append(cmd("PERSIST", key))
         return tuple(writes)
 
-    def _save_call(self, cp, must_exist, status, stored, root: bytes, plan: _PackPlan, raw_size: int, lease):
+    def _save_call(self, cp, must_exist, status, stored, root: bytes, plan: _PackPlan, raw_size: int, ticket):
         k, flow, cp_id = self.keys, cp.flow_id, cp.id
         run, wf, parent = cp.run_id, cp.wf_run_id or cp.run_id, cp.parent_checkpoint_id or ""
         old = stored or StoredState(flow, status, run, wf, parent, "")
@@ -291,12 +259,7 @@ class StoreCore:
             root.hex(), plan.new.base if plan.new else "", codec.FORMAT_VERSION, plan.blob, len(plan.named),
             ",".join(plan.named), raw_size, len(plan.blob),
         ]  # fmt: skip
-        due = resume_at_ms(cp)
-        if lease is None:
-            args += ["", "", 0, 0, run_key(cp), "", 0]
-        else:
-            args += [lease.mode, lease.owner, lease.token, lease.ttl_ms, run_key(cp), "" if due is None else due,
-                     len(cp.completed_node_ids)]  # fmt: skip
+        args += ticket.script_args(cp) if ticket is not None else NO_TICKET_ARGS
         return tuple(keys), tuple(args)
 
     # ---- load -------------------------------------------------------------------------------------------------
@@ -323,8 +286,8 @@ class StoreCore:
         if not reply:
             return None
         fields, fetched = reply
-        blobs = {(flow, text(pack_id)): blob for pack_id, blob in _pairs(fetched).items()}
-        found = yield from self._decode([Record(flow, checkpoint_id, _fields(_pairs(fields)))], blobs, pinned)
+        blobs = {(flow, text(pack_id)): blob for pack_id, blob in pairs(fetched).items()}
+        found = yield from self._decode([Record(flow, checkpoint_id, _fields(pairs(fields)))], blobs, pinned)
         return found[0] if found else None
 
     def _load_script(self, flow: str, checkpoint_id: str, pinned: dict) -> Script:
@@ -401,7 +364,7 @@ class StoreCore:
         replies = yield Batch(tuple(calls))
         fetched: dict[tuple[str, str], bytes | None] = {}
         for flow, reply in zip(by_flow, replies):
-            fetched |= {(flow, text(p)): blob for p, blob in _pairs(reply).items()}
+            fetched |= {(flow, text(p)): blob for p, blob in pairs(reply).items()}
         return fetched
 
     def _read_pack(self, where: tuple[str, str], rec: Record, blobs: dict, held: dict) -> None:
@@ -595,14 +558,22 @@ class StoreCore:
         return bool(reply)
 
     def clear(self) -> Op:
-        """Delete every key of this namespace (SCAN, never KEYS)."""
+        """Delete every key of this namespace (SCAN, never KEYS), except what live runs need: a lease a run holds
+        right now, the flows' lease indexes and the workers' wake shards (a plain call never disturbs a live run;
+        workers drop what is left of ended runs when they meet it)."""
         removed = 0
-        for pattern in self.keys.namespace_patterns():
+        for kind, pattern in zip(KINDS, self.keys.namespace_patterns()):
+            if kind == "wake":
+                continue
             cursor = b"0"
             while True:
                 cursor, found = yield cmd("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
-                if found:  # one key per command: on a cluster the keys of one SCAN page span many slots
-                    removed += sum((yield Batch(tuple(cmd("UNLINK", key) for key in found))))
+                if kind == "flow":
+                    found = [key for key in found if not self.keys.is_lease_index(text(key))]
+                # one key per command: on a cluster the keys of one SCAN page span many slots
+                deletes = (Script("clear_lease", (key,), ()) if kind == "lease" else cmd("UNLINK", key) for key in found)
+                if found:
+                    removed += sum((yield Batch(tuple(deletes))))
                 if text(cursor) == "0":
                     break
         self.cache.clear()
@@ -613,13 +584,3 @@ def _fields(raw: dict) -> dict[str, bytes]:
     return {text(k): v for k, v in raw.items()}
 
 
-def _pairs(flat: list) -> dict:
-    """A flat [field, value, ...] script reply as a dict."""
-    return dict(zip(flat[::2], flat[1::2]))
-
-
-def score_pairs(rows: list) -> list[tuple[float, str]]:
-    """ZRANGE ... WITHSCORES replies, flat (raw RESP2) or already paired by a client callback."""
-    if rows and isinstance(rows[0], (list, tuple)):
-        return [(float(score), text(member)) for member, score in rows]
-    return [(float(rows[i + 1]), text(rows[i])) for i in range(0, len(rows), 2)]

@@ -16,53 +16,24 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from dynamiq.checkpoints.config import CheckpointConfig
 from dynamiq.runnables import RunnableConfig, RunnableResult
 from dynamiq.types.cancellation import CancellationConfig, CancellationToken
 
+from dynamiq_redis_ckpt import leases
 from dynamiq_redis_ckpt.backend import RedisCheckpointBackend
 from dynamiq_redis_ckpt.errors import ConfigurationError, LeaseLostError
 from dynamiq_redis_ckpt.inbox import attach_answers
-from dynamiq_redis_ckpt.keys import FLOW_SHARDS
-from dynamiq_redis_ckpt.leases import REGISTRY, HeldLease, process_owner, release_op, verdict
-from dynamiq_redis_ckpt.requests import Batch, Script, cmd
-from dynamiq_redis_ckpt.store import score_pairs, text
+from dynamiq_redis_ckpt.leases import Claim, DeadLetter
+from dynamiq_redis_ckpt.registry import REGISTRY, HeldLease, process_owner
 
 if TYPE_CHECKING:  # prometheus_client is imported only by those who serve metrics (see cli)
     from dynamiq_redis_ckpt.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 FlowFactory = Callable[[str], Any]
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A run this worker claimed: it holds the lease with ``token`` and resumes from checkpoint ``head``."""
-
-    flow: str
-    run: str
-    token: int
-    head: str
-    attempt: int
-    owner: str
-    reason: str  # "orphan" | "due"
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A run whose recovery kept failing; it waits for a person to retry or drop it."""
-
-    flow: str
-    run: str
-    since_ms: int
-
-
-def _script(name: str, keys: tuple, args: tuple):
-    reply = yield Script(name, keys, args)
-    return verdict(reply)
 
 
 def load_flow_factory(flows: str | None = None, yaml_path: str | None = None) -> FlowFactory:
@@ -96,65 +67,117 @@ def load_flow_factory(flows: str | None = None, yaml_path: str | None = None) ->
 
 
 class Recovery:
-    """Find, claim and resume runs of one backend's namespace. Thread-safe; usable inside any service."""
+    """Find, claim and resume runs of one backend's namespace. Thread-safe; usable inside any service.
+
+    Every call is a store operation (:mod:`dynamiq_redis_ckpt.leases`, atomic where it writes more than one key)
+    run by the backend's own drivers, so it gets the backend's retries and typed errors, and its ``*_async`` twin
+    never blocks the event loop.
+    """
 
     def __init__(self, backend: RedisCheckpointBackend, *, max_attempts: int = 5, backoff_seconds: float = 2.0):
         self.backend = backend
+        self.keys = backend.store.keys
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.on_dead: Callable[[str, str], None] | None = None  # called when a claim moves a run to dead letters
-        self._core = backend._core
-        self._keys = backend._core.keys
+        self._migrated = False
 
-    # ---- store operations (generators, shared by the sync and async paths) --------------------------------------
+    # ---- operations shared by the sync and async paths --------------------------------------------------------
 
-    def _registered_flows_op(self):
-        """Every flow that has leases, timers or dead letters (the 16 registry shards, one round trip)."""
-        shards = yield Batch(tuple(cmd("SMEMBERS", self._keys.flow_registry(i)) for i in range(FLOW_SHARDS)))
-        return sorted({text(f) for shard in shards for f in shard})
-
-    def _find_op(self, index_of: Callable[[str], str], limit: int):
-        flows = yield from self._registered_flows_op()
-        if not flows:
-            return []
-        seconds, micros = (yield cmd("TIME"))
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        replies = yield Batch(tuple(cmd("ZRANGEBYSCORE", index_of(f), "-inf", now_ms, "LIMIT", 0, limit) for f in flows))
-        return [(flow, text(run)) for flow, runs in zip(flows, replies) for run in runs][:limit]
+    def _find_op(self, limit: int):
+        if not self._migrated:  # flows an older version registered, announced once
+            yield from leases.migrate_registry_op(self.keys)
+            self._migrated = True
+        return (yield from leases.find_work_op(self.keys, limit))
 
     def _claim_op(self, flow: str, run: str, reason: str):
-        k = self._keys
-        keys = (k.lease(flow, run), k.lease_index(flow), k.due_index(flow), k.dead_index(flow))
-        owner = process_owner()
-        args = (run, owner, int(self.backend.lease_ttl_seconds * 1000), reason, self.max_attempts)
-        reply = yield Script("claim", keys, args)
-        outcome = verdict(reply)
-        if outcome == "OK":
-            return Claim(flow, run, int(text(reply[1])), text(reply[2]), int(text(reply[3])), owner, reason)
+        ttl_ms = int(self.backend.lease_ttl_seconds * 1000)
+        outcome = yield from leases.claim_op(self.keys, flow, run, process_owner(), ttl_ms, reason, self.max_attempts)
         if outcome == "DEAD":
             logger.error("run %s of flow %s failed %d recoveries: moved to dead letters", run, flow, self.max_attempts)
             if self.on_dead is not None:
                 self.on_dead(flow, run)
-        return None
+            return None
+        return outcome
 
-    def _dead_op(self):
-        flows = yield from self._registered_flows_op()
-        replies = yield Batch(tuple(cmd("ZRANGE", self._keys.dead_index(f), 0, -1, "WITHSCORES") for f in flows))
-        return [DeadLetter(flow, run, int(score)) for flow, rows in zip(flows, replies) for score, run in score_pairs(rows)]
+    def claim_some_op(self, free: int, skip: Callable[[str, str], bool]):
+        """A store operation: find claimable runs (due first) and claim up to ``free`` of them, passing over those
+        ``skip(flow, run)`` rejects. Returns the claims."""
+        claims: list[Claim] = []
+        for flow, run, reason in (yield from self._find_op(free * 2)):
+            if len(claims) >= free:
+                break
+            if not skip(flow, run) and (claim := (yield from self._claim_op(flow, run, reason))) is not None:
+                claims.append(claim)
+        return claims
 
-    # ---- sync API ---------------------------------------------------------------------------------------------
+    def _release_op(self, flow: str, run: str, owner: str, token: int, *, failed: bool, attempt: int):
+        # Fenced here first: the run's thread, if still going, must never take the lease back by itself.
+        REGISTRY.fence(self.backend.namespace, flow, run, token, "handed back by this worker")
+        backoff_ms = int(self.backoff_seconds * 1000 * 2 ** max(attempt - 1, 0))
+        verdict = yield from leases.release_op(self.keys, flow, run, owner, token, failed=failed, backoff_ms=backoff_ms)
+        return verdict == "OK"
+
+    def _after_run_op(self, claim: Claim, held: HeldLease, served: list[str]):
+        """After a resumed run returned: forget the answers of nodes it completed, and give back a lease it still
+        holds. A run that ended or paused handed its lease back in its last save; if that save failed (Dynamiq logs
+        and swallows it), the lease would be renewed for as long as this process lives and nobody could recover the
+        run: it is handed back as a failed attempt, so another worker retries it after the back-off."""
+        try:
+            if served:
+                latest = yield from self.backend.store.list_by_flow_and_run(claim.flow, claim.run, None, None, 1)
+                done = set(latest[0].completed_node_ids) if latest else set()
+                yield from leases.forget_answers_op(self.keys, claim.flow, claim.run, [n for n in served if n in done])
+        finally:
+            # The owner name is the process's, shared by every lease here: only this very lease is this claim's.
+            if REGISTRY.get(held.key) is held and held.lost is None and not held.paused:
+                logger.warning("run %s returned still holding its lease (its last save failed?): handing it back",
+                               claim.run)  # fmt: skip
+                yield from self._release_op(claim.flow, claim.run, held.owner, held.token, failed=True,
+                                            attempt=claim.attempt)  # fmt: skip
+
+    # ---- finding and claiming ---------------------------------------------------------------------------------
+
+    def find_work(self, limit: int = 100) -> list[tuple[str, str, str]]:
+        """(flow, run, reason) of runs a worker may claim now, due runs first: ``due`` (a timer fell due or a
+        person answered) or ``orphan`` (its lease ran out by the server's clock, or was handed back)."""
+        return self.backend.execute(self._find_op(limit))
 
     def find_orphans(self, limit: int = 100) -> list[tuple[str, str]]:
         """(flow, run) pairs whose lease ran out (by the server's clock) or was handed back."""
-        return self.backend._sync.run(self._find_op(self._keys.lease_index, limit))
+        return [(flow, run) for flow, run, reason in self.find_work(limit) if reason == "orphan"]
 
     def find_due(self, limit: int = 100) -> list[tuple[str, str]]:
-        """(flow, run) pairs paused until a time that has come (by the server's clock)."""
-        return self.backend._sync.run(self._find_op(self._keys.due_index, limit))
+        """(flow, run) pairs paused until a time that has come, or answered by a person."""
+        return [(flow, run) for flow, run, reason in self.find_work(limit) if reason == "due"]
 
     def claim(self, flow: str, run: str, reason: str = "orphan") -> Claim | None:
         """Claim a run atomically; None when another worker got it first, it is not due, or it went dead."""
-        return self.backend._sync.run(self._claim_op(flow, run, reason))
+        return self.backend.execute(self._claim_op(flow, run, reason))
+
+    async def find_work_async(self, limit: int = 100) -> list[tuple[str, str, str]]:
+        """Async :meth:`find_work`."""
+        return await self.backend.execute_async(self._find_op(limit))
+
+    async def claim_async(self, flow: str, run: str, reason: str = "orphan") -> Claim | None:
+        """Async :meth:`claim`."""
+        return await self.backend.execute_async(self._claim_op(flow, run, reason))
+
+    # ---- resuming ---------------------------------------------------------------------------------------------
+
+    def _adopt(self, claim: Claim, cancel: CancellationToken | None) -> tuple[HeldLease, RunnableConfig]:
+        """Heartbeat the claimed lease (a loss cancels the run) and build the resumed run's config."""
+        token = cancel or CancellationToken()
+        held = HeldLease(self.backend.namespace, claim.flow, claim.run, claim.owner, claim.token,
+                         self.backend.lease_policy, head=claim.head, on_lost=[lambda reason: token.cancel()])  # fmt: skip
+        REGISTRY.adopt(held, time.monotonic())
+        config = RunnableConfig(
+            run_id=claim.run,
+            checkpoint=CheckpointConfig(resume_from=claim.head, backend=self.backend),
+            cancellation=CancellationConfig(token=token),
+        )
+        logger.info("resuming run %s of flow %s from %s (attempt %d)", claim.run, claim.flow, claim.head, claim.attempt)
+        return held, config
 
     def resume(self, claim: Claim, flow_factory: FlowFactory, cancel: CancellationToken | None = None) -> RunnableResult:
         """Resume a claimed run through Dynamiq's own resume path, with the run's own wf_run_id.
@@ -162,73 +185,46 @@ class Recovery:
         The lease is heartbeated while the run goes on; if it is lost, ``cancel`` is canceled and the run's
         remaining writes are refused. Raises LeaseLostError if the run stopped because its lease was lost.
         """
-        with self._resumed(claim, flow_factory, cancel) as (flow, config):
-            return flow.run_sync(None, config=config)
+        held, config = self._adopt(claim, cancel)
+        served: list[str] = []
+        try:
+            flow = flow_factory(claim.flow)
+            served = attach_answers(flow, self.backend.execute(leases.inbox_op(self.keys, claim.flow, claim.run)))
+            result = flow.run_sync(None, config=config)
+        finally:
+            lost = held.lost  # read before the hand-back below, which would look like a loss
+            self.backend.execute(self._after_run_op(claim, held, served))
+        if lost is not None:
+            raise LeaseLostError(claim.run, lost)
+        return result
 
     async def resume_async(
         self, claim: Claim, flow_factory: FlowFactory, cancel: CancellationToken | None = None
     ) -> RunnableResult:
         """Async :meth:`resume`, through Dynamiq's ``run_async``."""
-        with self._resumed(claim, flow_factory, cancel) as (flow, config):
-            return await flow.run_async(None, config=config)
-
-    @contextmanager
-    def _resumed(self, claim: Claim, flow_factory: FlowFactory, cancel: CancellationToken | None):
-        """Around running a claimed run: yields (flow, config); afterwards forgets used answers, hands back a lease
-        the run still holds, and raises LeaseLostError if the lease was lost while the run went on."""
-        held, flow, config, served = self._prepare(claim, flow_factory, cancel)
+        held, config = self._adopt(claim, cancel)
+        served: list[str] = []
         try:
-            yield flow, config
+            flow = flow_factory(claim.flow)
+            inbox = await self.backend.execute_async(leases.inbox_op(self.keys, claim.flow, claim.run))
+            served = attach_answers(flow, inbox)
+            result = await flow.run_async(None, config=config)
         finally:
-            lost = held.lost  # read before _after_run, whose own hand-back would look like a loss
-            self._after_run(claim, held, served)
+            lost = held.lost
+            await self.backend.execute_async(self._after_run_op(claim, held, served))
         if lost is not None:
             raise LeaseLostError(claim.run, lost)
+        return result
 
-    def _prepare(self, claim: Claim, flow_factory: FlowFactory, cancel: CancellationToken | None):
-        """Heartbeat the claimed lease, rebuild the flow, hand it any stored answers, and build the run config."""
-        token = cancel or CancellationToken()
-        held = HeldLease(
-            self.backend._namespace, claim.flow, claim.run, claim.owner, claim.token, self.backend.lease_ttl_seconds,
-            self.backend.heartbeat_interval_seconds, (self.backend._sync, self._core),
-            head=claim.head, on_lost=[lambda reason: token.cancel()],
-        )  # fmt: skip
-        REGISTRY.adopt(held, time.monotonic())
-        flow = flow_factory(claim.flow)
-        inbox = self.backend.redis.hgetall(self._keys.inbox(claim.flow, claim.run))
-        served = attach_answers(flow, {text(k): text(v) for k, v in inbox.items()})
-        config = RunnableConfig(
-            run_id=claim.run,
-            checkpoint=CheckpointConfig(resume_from=claim.head, backend=self.backend),
-            cancellation=CancellationConfig(token=token),
-        )
-        logger.info("resuming run %s of flow %s from %s (attempt %d)", claim.run, claim.flow, claim.head, claim.attempt)
-        return held, flow, config, served
+    def hand_back(self, claim: Claim, *, failed: bool = False) -> bool:
+        """Give a claimed lease back: at once (graceful stop), or after a back-off when the attempt failed.
 
-    def _after_run(self, claim: Claim, held: HeldLease, served: list[str]) -> None:
-        """After a resumed run returned: forget used answers, and give back a lease the run still holds.
-
-        A run that ended or paused handed its lease back in its last save. If that save failed (Dynamiq logs and
-        swallows it), the lease would be renewed for as long as this process lives and nobody could recover the
-        run: hand it back as a failed attempt, so another worker retries it after the backoff.
+        The claim's token is still its lease's: the resumed run writes under it and never takes the lease anew.
         """
-        try:
-            self._forget_used_answers(claim, served)
-        finally:
-            # The owner name is the process's, shared by every lease here: only this very lease is this claim's.
-            if REGISTRY.get(held.key) is held and held.lost is None and not held.paused:
-                logger.warning("run %s returned still holding its lease (its last save failed?): handing it back",
-                               claim.run)  # fmt: skip
-                self._release(claim.flow, claim.run, held.owner, held.token, failed=True, attempt=claim.attempt)
+        op = self._release_op(claim.flow, claim.run, claim.owner, claim.token, failed=failed, attempt=claim.attempt)
+        return self.backend.execute(op)
 
-    def _forget_used_answers(self, claim: Claim, served: list[str]) -> None:
-        """Drop the answers of nodes the run has completed since; the others stay for the next resume."""
-        if not served:
-            return
-        latest = self.backend.get_latest_by_flow_and_run(claim.flow, claim.run)
-        used = [n for n in served if latest is not None and n in latest.completed_node_ids]
-        if used:
-            self.backend.redis.hdel(self._keys.inbox(claim.flow, claim.run), *used)
+    # ---- people's answers and dead letters --------------------------------------------------------------------
 
     def deliver_input(self, run: str, data: Any, *, node_id: str | None = None, flow: str | None = None) -> str:
         """Store a person's answer for a run paused waiting for input, and make it due: a worker resumes it.
@@ -237,80 +233,44 @@ class Recovery:
         node reads: for an approval ``{"feedback": ..., "is_approved": ..., "data": {...}}``, for a
         HumanFeedbackTool ``{"content": ...}``, for a custom node whatever it expects. Returns the node id.
         """
-        flows = [flow] if flow else sorted(text(f) for f in self.backend.redis.smembers(self._keys.run_flows(run)))
-        for candidate in flows:
-            head = self.backend.redis.hget(self._keys.lease(candidate, run), "head")
-            if head is None:
-                continue
-            checkpoint = self.backend.load(text(head))
+        ttl = self.backend.ttl_seconds
+        keep_ms = max(int(ttl * 1000), 7 * 86400_000) if ttl else 0  # answers live as long as the run's checkpoints
+        for candidate, head in self.backend.execute(leases.lease_head_op(self.keys, run, flow)):
+            checkpoint = self.backend.load(head)
             waiting = list(checkpoint.pending_inputs) if checkpoint else []
             if node_id is None and len(waiting) > 1:
                 raise ConfigurationError(f"run {run} waits on {waiting} in flow {candidate}: name the node")
             target = node_id or (waiting[0] if waiting else None)
             if target not in waiting:
                 continue  # not waiting in this flow; the run may span several
-            ttl = self.backend._core.ttl_ms
-            keep_ms = max(ttl, 7 * 86400_000) if ttl else 0  # answers live as long as the run's checkpoints
-            keys = (self._keys.inbox(candidate, run), self._keys.due_index(candidate), self._keys.lease(candidate, run))
-            reply = self.backend._sync.run(_script("deliver", keys, (run, target, json.dumps(data), keep_ms)))
+            answer = json.dumps(data)
+            reply = self.backend.execute(leases.deliver_op(self.keys, candidate, run, target, answer, keep_ms))
             if reply == "RUNNING":
                 raise ConfigurationError(f"run {run} is running (it holds a live lease), not waiting for input")
             if reply == "OK":
                 return target
         raise ConfigurationError(f"no run {run!r} is paused waiting on {node_id or 'a node'}")
 
-    def hand_back(self, claim: Claim, *, failed: bool = False) -> bool:
-        """Give a claimed lease back: at once (graceful stop), or after a backoff when the attempt failed.
-
-        The claim's token is still its lease's: the resumed run writes under it and never takes the lease anew.
-        """
-        return self._release(claim.flow, claim.run, claim.owner, claim.token, failed=failed, attempt=claim.attempt)
-
-    def _release(self, flow: str, run: str, owner: str, token: int, *, failed: bool, attempt: int) -> bool:
-        # Fenced here first: the run's thread, if still going, must never take the lease back by itself.
-        REGISTRY.fence(self.backend._namespace, flow, run, token, "handed back by this worker")
-        backoff_ms = int(self.backoff_seconds * 1000 * 2 ** max(attempt - 1, 0))
-        op = release_op(self._core, flow, run, owner, token, failed=failed, backoff_ms=backoff_ms)
-        return self.backend._sync.run(op) == "OK"
-
     def dead_letters(self) -> list[DeadLetter]:
         """Runs moved to dead letters after ``max_attempts`` failed recoveries."""
-        return self.backend._sync.run(self._dead_op())
-
-    def retry_dead(self, flow: str, run: str) -> bool:
-        """Put a dead-lettered run back: the next worker claims it with a fresh attempt count."""
-        k = self._keys
-        removed = self.backend.redis.zrem(k.dead_index(flow), run)
-        if removed:
-            self.backend.redis.hset(k.lease(flow, run), "attempts", 0)
-            self.backend.redis.zadd(k.lease_index(flow), {run: 0})
-        return bool(removed)
-
-    def drop_dead(self, flow: str, run: str) -> bool:
-        """Forget a dead-lettered run (its checkpoints stay for inspection and cleanup)."""
-        return bool(self.backend.redis.zrem(self._keys.dead_index(flow), run))
-
-    # ---- async API --------------------------------------------------------------------------------------------
-
-    async def find_orphans_async(self, limit: int = 100) -> list[tuple[str, str]]:
-        """Async :meth:`find_orphans`."""
-        return await self.backend._async.run(self._find_op(self._keys.lease_index, limit))
-
-    async def find_due_async(self, limit: int = 100) -> list[tuple[str, str]]:
-        """Async :meth:`find_due`."""
-        return await self.backend._async.run(self._find_op(self._keys.due_index, limit))
-
-    async def claim_async(self, flow: str, run: str, reason: str = "orphan") -> Claim | None:
-        """Async :meth:`claim`."""
-        return await self.backend._async.run(self._claim_op(flow, run, reason))
+        return self.backend.execute(leases.dead_letters_op(self.keys))
 
     async def dead_letters_async(self) -> list[DeadLetter]:
         """Async :meth:`dead_letters`."""
-        return await self.backend._async.run(self._dead_op())
+        return await self.backend.execute_async(leases.dead_letters_op(self.keys))
+
+    def retry_dead(self, flow: str, run: str) -> bool:
+        """Put a dead-lettered run back (atomically): the next worker claims it with a fresh attempt count."""
+        return self.backend.execute(leases.retry_dead_op(self.keys, flow, run))
+
+    def drop_dead(self, flow: str, run: str) -> bool:
+        """Forget a dead-lettered run (its checkpoints stay for inspection and cleanup)."""
+        return self.backend.execute(leases.drop_dead_op(self.keys, flow, run))
 
 
 class Worker:
-    """The recovery daemon: polls, claims up to ``concurrency`` runs and resumes them on threads."""
+    """The recovery daemon: polls, claims up to ``concurrency`` runs and resumes them on threads (:meth:`run`) or as
+    tasks on a service's event loop (:meth:`run_async`); both share one claim operation."""
 
     def __init__(
         self,
@@ -329,7 +289,7 @@ class Worker:
         self.concurrency = concurrency
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
-        self._running: dict[tuple[str, str], tuple[Claim, CancellationToken, Future]] = {}
+        self._running: dict[tuple[str, str], tuple[Claim, CancellationToken, Future | asyncio.Task]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dynamiq-redis-ckpt-resume")
         self.resumed = 0
@@ -349,40 +309,52 @@ class Worker:
         """Stop claiming; running runs are handed back at once and canceled at their next node boundary."""
         self._stop.set()
 
+    @property
+    def alive(self) -> bool:
+        """True while the loop has not been asked to stop."""
+        return not self._stop.is_set()
+
+    def _claims_op(self):
+        """The one claim step of both loops (a store operation): claims for the free slots, none once stopping."""
+        with self._lock:
+            free = self.concurrency - len(self._running)
+            running = set(self._running)
+        if free <= 0:
+            return []
+        claims = yield from self.recovery.claim_some_op(free, lambda f, r: (f, r) in running or self._stop.is_set())
+        for claim in claims:
+            self._count_claim(claim.reason)
+        return claims
+
     def run(self) -> None:
         """Poll until stopped, then hand back what is still running and return."""
         while not self._stop.is_set():
-            free = self.concurrency - len(self._running)
             try:
-                if free > 0:
-                    self._claim_some(free)
+                for claim in self.recovery.backend.execute(self._claims_op()):
+                    cancel = CancellationToken()
+                    with self._lock:
+                        self._running[(claim.flow, claim.run)] = (claim, cancel, self._pool.submit(self._resume, claim, cancel))
             except Exception:
                 logger.exception("worker poll failed")
             self._stop.wait(self.poll_seconds)
         self._shutdown()
 
-    def _claim_some(self, free: int) -> None:
-        candidates = [(f, r, "due") for f, r in self.recovery.find_due(free * 2)]
-        candidates += [(f, r, "orphan") for f, r in self.recovery.find_orphans(free * 2)]
-        for flow, run, reason in candidates:
-            if free <= 0 or self._stop.is_set():
-                return
-            with self._lock:
-                if (flow, run) in self._running:
-                    continue
-            claim = self.recovery.claim(flow, run, reason)
-            if claim is None:
-                continue
-            self._count_claim(reason)
-            cancel = CancellationToken()
-            with self._lock:
-                self._running[(flow, run)] = (claim, cancel, self._pool.submit(self._resume, claim, cancel))
-            free -= 1
-
-    @property
-    def alive(self) -> bool:
-        """True while the loop has not been asked to stop."""
-        return not self._stop.is_set()
+    async def run_async(self) -> None:
+        """The same loop on an event loop (for services that embed it): claims with ``redis.asyncio`` and resumes
+        through ``run_async`` as tasks, at most ``concurrency`` at once. Stop it with :meth:`stop`."""
+        while not self._stop.is_set():
+            try:
+                for claim in await self.recovery.backend.execute_async(self._claims_op()):
+                    cancel = CancellationToken()
+                    task = asyncio.create_task(self._resume_task(claim, cancel))
+                    with self._lock:
+                        self._running[(claim.flow, claim.run)] = (claim, cancel, task)
+            except Exception:
+                logger.exception("worker poll failed")
+            await asyncio.sleep(self.poll_seconds)
+        running = self._hand_back_running()
+        if running:
+            await asyncio.wait([task for _, _, task in running], timeout=30)
 
     def _count_claim(self, reason: str) -> None:
         if self.metrics:
@@ -397,7 +369,8 @@ class Worker:
 
     @contextmanager
     def _outcome(self, claim: Claim):
-        """Around one resume: log and count how it ended; a failed attempt hands the lease back with a backoff."""
+        """Around one resume: log and count how it ended; a failed attempt hands the lease back with a back-off;
+        the run leaves the running set whatever happened."""
         started, ended = time.monotonic(), ["error"]
         try:
             yield lambda result: ended.__setitem__(0, result.status.value)
@@ -408,49 +381,18 @@ class Worker:
             logger.warning("run %s stopped: %s", claim.run, lost)
         except Exception:
             logger.exception("recovery of run %s failed (attempt %d)", claim.run, claim.attempt)
-            self.recovery.hand_back(claim, failed=True)  # refused harmlessly if already handed back on stop
+            try:
+                self.recovery.hand_back(claim, failed=True)  # refused harmlessly if already handed back on stop
+            except Exception:
+                logger.exception("hand-back of run %s failed; its lease will run out instead", claim.run)
         finally:
             self._count_end(ended[0], started)
-
-    def _resume(self, claim: Claim, cancel: CancellationToken) -> None:
-        try:
-            with self._outcome(claim) as record:
-                record(self.recovery.resume(claim, self.flow_factory, cancel))
-        finally:
             with self._lock:
                 self._running.pop((claim.flow, claim.run), None)
 
-    async def run_async(self) -> None:
-        """The same loop on an event loop (for services that embed it): claims with ``redis.asyncio`` and resumes
-        through ``run_async`` as tasks, at most ``concurrency`` at once. Stop it with :meth:`stop`."""
-        tasks: dict[tuple[str, str], asyncio.Task] = {}
-        while not self._stop.is_set():
-            free = self.concurrency - len(tasks)
-            try:
-                if free > 0:
-                    found = [(f, r, "due") for f, r in await self.recovery.find_due_async(free * 2)]
-                    found += [(f, r, "orphan") for f, r in await self.recovery.find_orphans_async(free * 2)]
-                    for flow, run, reason in found:
-                        if len(tasks) >= self.concurrency or (flow, run) in tasks:
-                            continue
-                        claim = await self.recovery.claim_async(flow, run, reason)
-                        if claim is not None:
-                            self._count_claim(reason)
-                            cancel = CancellationToken()
-                            task = asyncio.create_task(self._resume_task(claim, cancel))
-                            tasks[(flow, run)] = task
-                            with self._lock:
-                                self._running[(flow, run)] = (claim, cancel, task)
-            except Exception:
-                logger.exception("worker poll failed")
-            for key in [k for k, t in tasks.items() if t.done()]:
-                del tasks[key]
-                with self._lock:
-                    self._running.pop(key, None)
-            await asyncio.sleep(self.poll_seconds)
-        self._hand_back_running()
-        if tasks:
-            await asyncio.wait(tasks.values(), timeout=30)
+    def _resume(self, claim: Claim, cancel: CancellationToken) -> None:
+        with self._outcome(claim) as record:
+            record(self.recovery.resume(claim, self.flow_factory, cancel))
 
     async def _resume_task(self, claim: Claim, cancel: CancellationToken) -> None:
         with self._outcome(claim) as record:

@@ -131,11 +131,11 @@ def test_stopping_the_async_worker_hands_running_runs_back(backend):
 
     chain = lambda f: chain_flow(RedisCheckpointBackend(url=backend.url, prefix=backend.prefix), 6, flow_id=f, words=10)  # noqa: E731
     lease = backend._core.keys.lease("chain-6-async", "wf-s")
-    from dynamiq_redis_ckpt.store import LeaseIntent
+    from dynamiq_redis_ckpt.leases import LeaseTicket
 
     first = chain("chain-6-async")
     backend._sync.run(backend._core.save(
-        make_first_checkpoint(first, "wf-s"), lease=LeaseIntent("take", "gone:1:x", 0, 200)
+        make_first_checkpoint(first, "wf-s"), ticket=LeaseTicket("take", "gone:1:x", 0, 200)
     ))  # fmt: skip
     time.sleep(0.3)
     worker = Worker(Recovery(backend), chain, concurrency=1, poll_seconds=0.1)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from dynamiq.checkpoints.types import CheckpointStatus as S
 
-from dynamiq_redis_ckpt import ConfigurationError, LeaseLostError, RedisCheckpointBackend
-from dynamiq_redis_ckpt.leases import REGISTRY, HeldLease, process_owner, release_op, renew_op
-from dynamiq_redis_ckpt.store import LeaseIntent
+from dynamiq_redis_ckpt import ConfigurationError, LeaseLostError, RedisCheckpointBackend, as_running_flow
+from dynamiq_redis_ckpt.leases import LeaseTicket, release_op, renew_op
+from dynamiq_redis_ckpt.registry import REGISTRY, HeldLease, process_owner
 from dynamiq_redis_ckpt.worker import Recovery
 from tests.test_contract import make
 
@@ -31,10 +31,17 @@ def lease_of(backend, flow, run) -> dict:
     return {k.decode(): v.decode() for k, v in backend.redis.hgetall(backend._core.keys.lease(flow, run)).items()}
 
 
+@pytest.fixture(autouse=True)
+def saves_of_a_running_flow():
+    """This suite's saves stand for a running Flow's (Dynamiq's own Flow saves are recognised as such)."""
+    with as_running_flow():
+        yield
+
+
 def other_holder_saves(backend, cp):
     """Another process (another owner) saves the run: an explicit resume elsewhere, which takes the lease over."""
-    intent = LeaseIntent("take", "other-host:1:abc", 0, 10_000)
-    return backend._sync.run(backend._core.save(cp, lease=intent))
+    ticket = LeaseTicket("take", "other-host:1:abc", 0, 10_000)
+    return backend._sync.run(backend._core.save(cp, ticket=ticket))
 
 
 @pytest.fixture
@@ -94,12 +101,12 @@ def test_a_lost_run_is_never_taken_back_but_a_new_run_sync_takes_over(leased):
 
 def test_renew_and_release_by_a_non_holder_fail(leased):
     leased.save(make("a", "f", "r", "wf", S.ACTIVE))
-    stale = HeldLease(leased._namespace, "f", "wf", process_owner(), 1, 3, 1, None)
-    assert leased._sync.run(renew_op(leased._core, stale)) == "OK"
+    stale = HeldLease(leased._namespace, "f", "wf", process_owner(), 1, leased.lease_policy).ref
+    assert leased._sync.run(renew_op(leased.store.keys, stale)) == "OK"
     other_holder_saves(leased, make("b", "f", "r2", "wf", S.ACTIVE, minute=1))
-    assert leased._sync.run(renew_op(leased._core, stale)) == "FENCED", "renew after takeover fails"
-    assert leased._sync.run(release_op(leased._core, "f", "wf", process_owner(), 1, failed=False)) == "FENCED"
-    assert leased._sync.run(release_op(leased._core, "f", "wf", "intruder", 2, failed=False)) == "FENCED"
+    assert leased._sync.run(renew_op(leased.store.keys, stale)) == "FENCED", "renew after takeover fails"
+    assert leased._sync.run(release_op(leased.store.keys, "f", "wf", process_owner(), 1, failed=False)) == "FENCED"
+    assert leased._sync.run(release_op(leased.store.keys, "f", "wf", "intruder", 2, failed=False)) == "FENCED"
     assert lease_of(leased, "f", "wf")["owner"] == "other-host:1:abc", "no unconditional delete"
 
 
@@ -147,8 +154,8 @@ def test_lease_ttl_must_be_twice_the_heartbeat():
 
 def orphan(backend, flow="f", run="wf"):
     """A run whose holder vanished: saved under a lease that is never renewed and runs out."""
-    intent = LeaseIntent("take", "gone:1:x", 0, 200)
-    backend._sync.run(backend._core.save(make(f"{run}-head", flow, "r", run, S.ACTIVE), lease=intent))
+    ticket = LeaseTicket("take", "gone:1:x", 0, 200)
+    backend._sync.run(backend._core.save(make(f"{run}-head", flow, "r", run, S.ACTIVE), ticket=ticket))
     time.sleep(0.3)
 
 
@@ -252,7 +259,7 @@ def test_progress_resets_the_failed_recovery_count(leased):
     for step in range(1, 5):
         claim = recovery.claim("f", "wf")
         assert claim is not None and claim.attempt == 1, f"attempt count reset by progress (claim {step})"
-        held = HeldLease(leased._namespace, "f", "wf", claim.owner, claim.token, 3, 1, (leased._sync, leased._core),
+        held = HeldLease(leased._namespace, "f", "wf", claim.owner, claim.token, leased.lease_policy,
                          run_id=f"resumed-{step}")  # fmt: skip
         REGISTRY.adopt(held, time.monotonic())
         progressed = make(f"p{step}", "f", f"resumed-{step}", "wf", S.ACTIVE, minute=step)
@@ -270,7 +277,7 @@ def test_handing_back_a_claim_leaves_a_newer_lease_of_the_run_alone(leased):
     recovery = Recovery(leased, max_attempts=3)
     claim = recovery.claim("f", "wf")
     assert claim is not None and claim.owner == process_owner()
-    held = HeldLease(leased._namespace, "f", "wf", claim.owner, claim.token, 3, 1, (leased._sync, leased._core),
+    held = HeldLease(leased._namespace, "f", "wf", claim.owner, claim.token, leased.lease_policy,
                      run_id="resumed")  # fmt: skip
     REGISTRY.adopt(held, time.monotonic())
     leased.save(make("t1", "f", "takeover", "wf", S.ACTIVE, minute=1))  # a new run_sync takes the run over
@@ -287,7 +294,7 @@ def test_renewing_an_expired_lease_says_it_ran_out(leased):
     leased.save(make("a", "f", "r", "wf", S.ACTIVE))
     held = REGISTRY.get((leased._namespace, "f", "wf"))
     leased.redis.hset(leased._core.keys.lease("f", "wf"), "exp", 1)
-    assert leased._sync.run(renew_op(leased._core, held)) == "EXPIRED"
+    assert leased._sync.run(renew_op(leased.store.keys, held.ref)) == "EXPIRED"
 
 
 def test_a_paused_run_stays_resumable_as_long_as_its_checkpoints(leased):
@@ -315,7 +322,7 @@ def test_a_stale_run_cannot_write_under_a_workers_claim_in_the_same_process(leas
     leased.redis.zadd(leased._core.keys.lease_index("f"), {"wf": 0})
     claim = Recovery(leased).claim("f", "wf")
     assert claim is not None and claim.head == "a"
-    held = HeldLease(leased._namespace, "f", "wf", claim.owner, claim.token, 3, 1, (leased._sync, leased._core),
+    held = HeldLease(leased._namespace, "f", "wf", claim.owner, claim.token, leased.lease_policy,
                      head=claim.head)  # fmt: skip
     REGISTRY.adopt(held, time.monotonic())
     with pytest.raises(LeaseLostError):
@@ -426,10 +433,10 @@ def test_renew_answers_wrongtype_for_a_foreign_lease_index_instead_of_failing_th
     leased.redis.delete(index)
     leased.redis.set(index, "not a zset")
     try:
-        verdicts = leased._sync.run(renew_many_op(leased._core, held))
+        verdicts = leased._sync.run(renew_many_op(leased.store.keys, [h.ref for h in held]))
         assert isinstance(verdicts[0], WrongKeyTypeError) and verdicts[1] == "OK"
         with pytest.raises(WrongKeyTypeError):
-            leased._sync.run(renew_op(leased._core, held[0]))
+            leased._sync.run(renew_op(leased.store.keys, held[0].ref))
     finally:
         leased.redis.delete(index)
         leased.redis.zadd(index, dict(saved_index))

@@ -9,7 +9,7 @@ import pytest
 from dynamiq.checkpoints.backends.in_memory import InMemory
 from dynamiq.checkpoints.types import CheckpointStatus as S
 
-from dynamiq_redis_ckpt import RedisCheckpointBackend
+from dynamiq_redis_ckpt import RedisCheckpointBackend, as_running_flow
 from tests.test_contract import ids, make
 
 
@@ -62,7 +62,8 @@ def test_cleanup_by_age_keeps_in_flight_head(backend):
 
 def test_deleting_a_snapshot_never_damages_another(backend, raw):
     """Snapshots share content packs; deleting any of them leaves every other one loading whole."""
-    snaps = chain(backend, "r", [S.ACTIVE] * 6 + [S.COMPLETED], 0)
+    with as_running_flow():  # saved as a running Flow saves: the run holds a lease until its COMPLETED save
+        snaps = chain(backend, "r", [S.ACTIVE] * 6 + [S.COMPLETED], 0)
     for victim in (snaps[0], snaps[3], snaps[6]):
         assert backend.delete(victim.id)
         for other in snaps:
@@ -71,7 +72,7 @@ def test_deleting_a_snapshot_never_damages_another(backend, raw):
                 assert fresh.load(other.id) == other
     for snap in snaps:
         backend.delete(snap.id)
-    bookkeeping = (b":runflows:", b":lease:", b":flows:")
+    bookkeeping = (b":runflows:", b":lease:", b":wake:")
     leftovers = [k for k in raw.scan_iter(match=f"{backend.prefix}:*") if not any(b in k for b in bookkeeping)]
     assert leftovers == [], "every pack and index is gone with the last snapshot that used it"
     (lease,) = raw.scan_iter(match=f"{backend.prefix}:lease:*")
@@ -110,7 +111,7 @@ def test_shared_content_lives_as_long_as_its_last_user(own_redis):
     assert RedisCheckpointBackend(client=raw, prefix="ttl").load(second.id) == second
     time.sleep(1.2)
     left = [k for k in raw.scan_iter(match="ttl:*")]
-    assert [k for k in left if b":lease:" not in k and b":flows:" not in k] == [], "content and indexes expired"
+    assert [k for k in left if b":lease:" not in k and b":wake:" not in k] == [], "content and indexes expired"
 
 
 def test_saving_without_ttl_makes_shared_content_permanent(own_redis):

@@ -11,7 +11,10 @@ import hashlib
 from functools import cache
 from importlib.resources import files
 
-NAMES = ("save", "load", "packs", "delete", "prune", "renew", "release", "claim", "deliver")
+NAMES = (
+    "save", "load", "packs", "delete", "prune", "renew", "release", "claim", "deliver", "wakes", "due", "settle",
+    "retry_dead", "clear_lease",
+)
 _WITH_PACKS = ("save", "load", "packs", "delete")
 
 

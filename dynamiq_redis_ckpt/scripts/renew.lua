@@ -4,7 +4,8 @@
 -- ARGV[1] owner   ARGV[2] token   ARGV[3] ttl (ms)   ARGV[4] the run's key
 --
 -- Reply: {'OK', expiry_ms} | {'FENCED', owner, token} (taken over) | {'EXPIRED'} (still ours, but it ran out:
---        a worker may claim it at any moment, so the holder must stop) | {'WRONGTYPE', key}
+--        a worker may claim it at any moment, so the holder must stop) | {'VANISHED'} (the lease hash is gone:
+--        Redis restarted empty, was flushed, or the key was evicted or deleted) | {'WRONGTYPE', key}
 
 -- Both keys are checked: an error reply would fail the heartbeat's whole pipeline of renewals, not only this one.
 local expected = {'hash', 'zset'}
@@ -17,6 +18,9 @@ end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local l = redis.call('HMGET', KEYS[1], 'owner', 'token', 'exp')
+if not l[2] then
+  return {'VANISHED'}
+end
 if l[1] ~= ARGV[1] or l[2] ~= ARGV[2] then
   return {'FENCED', l[1] or '', l[2] or '0'}
 end

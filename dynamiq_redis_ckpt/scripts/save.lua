@@ -30,6 +30,8 @@
 --      | {'MISSING', pack_id}                           a named pack or the new one's base is gone; resend
 --      | {'WRONGTYPE', key}                             a key holds another type; nothing was written
 --      | {'FENCED', owner, token}                       'held' and the lease is no longer the writer's
+--      | {'VANISHED'}                                   'held' or 'resume' and the lease hash is gone (Redis
+--                                                       restarted empty, flushed, or the key evicted or deleted)
 
 -- A script is not rolled back when a command fails, so every key's type is checked before the first write
 -- (TYPE is the costliest call here: each distinct key is asked once; the packs are asked below, where their
@@ -74,6 +76,9 @@ local server_us = string.format('%.0f', tonumber(now[1]) * 1000000 + tonumber(no
 
 -- Fencing: a 'held' write lands only while the lease is still the writer's and has not run out.
 local lease_mode, lease = ARGV[24], KEYS[11]
+if (lease_mode == 'held' or lease_mode == 'resume') and not redis.call('HGET', lease, 'token') then
+  return {'VANISHED'}
+end
 if lease_mode == 'held' then
   local l = redis.call('HMGET', lease, 'owner', 'token', 'exp')
   if l[1] ~= ARGV[25] or l[2] ~= ARGV[26] or (tonumber(l[3]) or 0) <= now_ms then
