@@ -162,11 +162,14 @@ class DeadLetter:
     since_ms: int
 
 
-def find_work_op(keys: Keys, limit: int):
-    """Runs a worker may claim now, as (flow, run, reason) with due runs first; flows with nothing claimable are
-    postponed to their next due time or forgotten. Costs one script per wake shard when nothing is due."""
-    shards = yield Batch(tuple(Script("wakes", (keys.wake(i), keys.wake_versions(i)), (limit,)) for i in range(FLOW_SHARDS)))
-    flows = [(text(flow), text(version)) for reply in shards for flow, version in pairs(reply).items()][:limit]
+def find_work_op(keys: Keys, limit: int, flows_per_shard: int = 64):
+    """Up to ``limit`` runs a worker may claim now, as (flow, run, reason), due runs first. Up to
+    ``flows_per_shard`` due flows of each wake shard are looked at; those with nothing claimable are postponed to
+    their next due time or forgotten, so a burst of ended runs drains in a poll or two. Costs one script per wake
+    shard when nothing is due."""
+    wakes = (Script("wakes", (keys.wake(i), keys.wake_versions(i)), (flows_per_shard,)) for i in range(FLOW_SHARDS))
+    shards = yield Batch(tuple(wakes))
+    flows = [(text(flow), text(version)) for reply in shards for flow, version in pairs(reply).items()]
     if not flows:
         return []
     replies = yield Batch(tuple(Script("due", (keys.lease_index(f), keys.due_index(f)), (limit,)) for f, _ in flows))
