@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # dynamiq's node modules import litellm: no fetch
 
+from dynamiq_redis_ckpt import as_running_flow  # noqa: E402
 from dynamiq_redis_ckpt.bench import measure, report  # noqa: E402
 from dynamiq_redis_ckpt.bench.targets import ORDER, RedisTarget, Target, build_targets  # noqa: E402
 from dynamiq_redis_ckpt.bench.targets import close_backend  # noqa: E402
@@ -576,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         if busy is not None and busy > 0.2:
             bench.note(f"{busy:.0%} of the CPUs were busy with other work just before the start: the numbers will "
                        "be noisy")  # fmt: skip
-        bench.run()
+        with as_running_flow():  # saves fenced by their run's lease, as a running Flow's are (plain calls are not)
+            bench.run()
     except KeyboardInterrupt:
         say("interrupted: writing what was measured")
     finally:
