@@ -8,7 +8,7 @@ Nothing here does I/O or imports redis.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Generator, Iterable
 
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint

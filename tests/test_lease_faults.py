@@ -3,19 +3,19 @@ when it cannot prove it holds the run, and the error it raises says why."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from dynamiq.checkpoints.types import CheckpointStatus as S
 
 from dynamiq_redis_ckpt import LeaseLostError, RedisCheckpointBackend, as_running_flow
-from tests.flows import CRASH_ENV, EFFECTS_ENV, SLEEP_ENV
+from tests.flows import EFFECTS_ENV, SLEEP_ENV
 from tests.test_contract import make
 from tests.test_worker import effects, env_for, start_worker, stop, wait_for
 
@@ -48,35 +48,36 @@ def test_the_heartbeat_also_says_the_lease_vanished(own_redis):
     assert "vanished" in lost.value.reason, lost.value.reason
 
 
-def test_a_full_redis_fences_the_run_and_the_error_names_the_cause(own_redis):
-    """noeviction (the safe policy) and no memory left: renewals and saves are refused with OOM. The run stops at
-    its next save with a LeaseLostError that says OOM, after trying for as long as its lease could last."""
-    backend = RedisCheckpointBackend(url=own_redis.url, prefix="oom", lease_ttl_seconds=1.5, retries=1)
-    raw = backend.redis
-    backend.save(make("a", "f", "r", "wf", S.ACTIVE))
+@contextmanager
+def full(raw):
+    """Redis with noeviction (the safe policy) and less memory allowed than it uses: every write is refused (OOM)."""
     raw.config_set("maxmemory-policy", "noeviction")
     raw.config_set("maxmemory", str(int(raw.info("memory")["used_memory"]) // 2))
     try:
+        yield
+    finally:
+        raw.config_set("maxmemory", "0")
+
+
+def test_a_full_redis_fences_the_run_and_the_error_names_the_cause(own_redis):
+    """Renewals and saves are refused with OOM. The run stops at its next save with a LeaseLostError that says OOM,
+    after trying for as long as its lease could last."""
+    backend = RedisCheckpointBackend(url=own_redis.url, prefix="oom", lease_ttl_seconds=1.5, retries=1)
+    backend.save(make("a", "f", "r", "wf", S.ACTIVE))
+    with full(backend.redis):
         started = time.monotonic()
         with pytest.raises(LeaseLostError) as lost:
             backend.save(make("b", "f", "r", "wf", S.ACTIVE, minute=1, parent="a"))
         assert time.monotonic() - started < 3, "it gave up when the lease could run out, not later"
-    finally:
-        raw.config_set("maxmemory", "0")
     assert "OOM" in lost.value.reason, lost.value.reason
     assert backend.load("b") is None
 
 
 def test_the_self_fence_after_failed_renewals_names_their_error(own_redis):
     backend = RedisCheckpointBackend(url=own_redis.url, prefix="oom2", lease_ttl_seconds=1.5, retries=0)
-    raw = backend.redis
     backend.save(make("a", "f", "r", "wf", S.ACTIVE))
-    raw.config_set("maxmemory-policy", "noeviction")
-    raw.config_set("maxmemory", str(int(raw.info("memory")["used_memory"]) // 2))
-    try:
+    with full(backend.redis):
         time.sleep(2.0)  # renewals refused past the ttl: the heartbeat fences the run itself
-    finally:
-        raw.config_set("maxmemory", "0")
     with pytest.raises(LeaseLostError) as lost:
         backend.save(make("b", "f", "r", "wf", S.ACTIVE, minute=1, parent="a"))
     reason = lost.value.reason  # fenced by itself, or told by Redis that it ran out once memory was back
@@ -95,8 +96,6 @@ def test_a_save_that_fails_briefly_is_tried_again_while_the_lease_lasts(own_redi
         time.sleep(1.0)
         own_redis.resume()
         resumed.append(time.monotonic())
-
-    import threading
 
     thread = threading.Thread(target=unfreeze)
     thread.start()
