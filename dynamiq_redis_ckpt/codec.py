@@ -269,7 +269,25 @@ def encode_checkpoint(checkpoint: FlowCheckpoint) -> EncodedCheckpoint:
     except _Unencodable as e:
         inner = _path_to(_node_record(value) if isinstance(value, NodeCheckpointState) else value, e.value) or []
         raise CheckpointEncodeError(checkpoint.id, (*where, *inner), e.value) from None
+    except (ValueError, RecursionError) as e:  # msgpack's "recursion limit exceeded": nested deeper than it packs
+        if isinstance(e, ValueError) and "recursion" not in str(e):
+            raise
+        record = _node_record(value) if isinstance(value, NodeCheckpointState) else value
+        field = next((k for k, v in record.items() if not _packs(packer, v)), None) if isinstance(record, dict) else None
+        problem = f"holds a value nested deeper than {_MAX_DEPTH} levels, which cannot be stored"
+        raise CheckpointEncodeError(checkpoint.id, (*where, *(() if field is None else (field,))), record, problem) from None
     return EncodedCheckpoint(root=root, chunks=chunks)
+
+
+_MAX_DEPTH = 511  # msgpack's packer refuses values nested deeper
+
+
+def _packs(packer: _ValuePacker, value: Any) -> bool:
+    try:
+        packer.pack(value)
+    except (ValueError, RecursionError, _Unencodable):
+        return False
+    return True
 
 
 def decode_checkpoint(checkpoint_id: str, root: bytes, chunk_of: Callable[[bytes], bytes | None]) -> FlowCheckpoint:

@@ -40,17 +40,15 @@ class CheckpointTooLargeError(CheckpointStoreError, ValueError):
 class CheckpointEncodeError(CheckpointStoreError, TypeError):
     """A value in the checkpoint cannot be represented; names the node and field that hold it."""
 
-    def __init__(self, checkpoint_id: str, path: tuple, value: object):
+    def __init__(self, checkpoint_id: str, path: tuple, value: object, problem: str | None = None):
         self.checkpoint_id = checkpoint_id
         self.path = tuple(path)
         self.node_id = path[1] if len(path) > 1 and path[0] == "node_states" else None
         self.field = path[2] if self.node_id is not None and len(path) > 2 else (path[0] if path else None)
         where = f"node {self.node_id!r} field {self.field!r}" if self.node_id is not None else f"field {self.field!r}"
         dotted = ".".join(str(p) for p in path)
-        super().__init__(
-            f"Checkpoint {checkpoint_id}: {where} holds a value of type {type(value).__qualname__} "
-            f"that cannot be stored (at {dotted})"
-        )
+        problem = problem or f"holds a value of type {type(value).__qualname__} that cannot be stored"
+        super().__init__(f"Checkpoint {checkpoint_id}: {where} {problem} (at {dotted})")
 
 
 class CheckpointCorruptedError(CheckpointStoreError):
@@ -85,6 +83,15 @@ class WrongKeyTypeError(CheckpointStoreError):
 
 class StoreUnavailableError(CheckpointStoreError, ConnectionError):
     """Redis could not be reached, or timed out, after the configured retries."""
+
+
+class AlreadyAnsweredError(CheckpointStoreError):
+    """A person's answer for a node that has one already: the first answer stands, a later one is refused."""
+
+    def __init__(self, run_id: str, node_id: str):
+        super().__init__(f"Node {node_id} of run {run_id} has an answer already; the first answer stands")
+        self.run_id = run_id
+        self.node_id = node_id
 
 
 class LeaseLostError(BaseException):
