@@ -2,6 +2,7 @@
 
 from dynamiq_redis_ckpt.backend import RedisCheckpointBackend
 from dynamiq_redis_ckpt.errors import (
+    AlreadyAnsweredError,
     CheckpointCorruptedError,
     CheckpointEncodeError,
     CheckpointNotFoundError,
@@ -17,6 +18,7 @@ from dynamiq_redis_ckpt.guard import as_running_flow
 from dynamiq_redis_ckpt.idempotency import idempotency_key
 
 __all__ = [
+    "AlreadyAnsweredError",
     "CheckpointCorruptedError",
     "CheckpointEncodeError",
     "CheckpointNotFoundError",

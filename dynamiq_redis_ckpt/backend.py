@@ -209,8 +209,9 @@ class RedisCheckpointBackend(CheckpointBackend):
         return self._sync.run(self._core.list_by_flow(flow_id, status, limit, before))
 
     def get_latest_by_flow(self, flow_id: str, *, status: CheckpointStatus | None = None) -> FlowCheckpoint | None:
-        """The newest checkpoint of a flow."""
-        found = self.get_list_by_flow(flow_id, status=status, limit=1)
+        """The newest checkpoint of a flow; CheckpointCorruptedError when that one is damaged (resuming from an older
+        one would run nodes again: pick one from ``get_list_by_flow`` deliberately)."""
+        found = self._sync.run(self._core.list_by_flow(flow_id, status, 1, None, newest=True))
         return found[0] if found else None
 
     def get_list_by_run(self, run_id: str, *, limit: int | None = None) -> list[FlowCheckpoint]:
@@ -228,6 +229,18 @@ class RedisCheckpointBackend(CheckpointBackend):
     ) -> list[FlowCheckpoint]:
         """Checkpoints of a flow matching ``run_id`` or ``wf_run_id`` (in either field), newest first."""
         return self._sync.run(self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, limit))
+
+    def get_latest_by_flow_and_run(
+        self,
+        flow_id: str,
+        run_id: str,
+        *,
+        wf_run_id: str | None = None,
+        status: CheckpointStatus | None = None,
+    ) -> FlowCheckpoint | None:
+        """The newest checkpoint of a flow's run; CheckpointCorruptedError when that one is damaged."""
+        found = self._sync.run(self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, 1, newest=True))
+        return found[0] if found else None
 
     def cleanup_by_flow(self, flow_id: str, *, keep_count: int = 10, max_ttl_minutes: int | None = None) -> int:
         """Dynamiq's retention rule; never deletes the head of a chain that is active, paused or pending input."""
@@ -272,7 +285,7 @@ class RedisCheckpointBackend(CheckpointBackend):
         self, flow_id: str, *, status: CheckpointStatus | None = None
     ) -> FlowCheckpoint | None:
         """Async :meth:`get_latest_by_flow`."""
-        found = await self.get_list_by_flow_async(flow_id, status=status, limit=1)
+        found = await self._async.run(self._core.list_by_flow(flow_id, status, 1, None, newest=True))
         return found[0] if found else None
 
     async def get_list_by_run_async(self, run_id: str, *, limit: int | None = None) -> list[FlowCheckpoint]:
@@ -300,7 +313,8 @@ class RedisCheckpointBackend(CheckpointBackend):
         status: CheckpointStatus | None = None,
     ) -> FlowCheckpoint | None:
         """Async :meth:`get_latest_by_flow_and_run`."""
-        found = await self.get_list_by_flow_and_run_async(flow_id, run_id, wf_run_id=wf_run_id, status=status, limit=1)
+        op = self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, 1, newest=True)
+        found = await self._async.run(op)
         return found[0] if found else None
 
     async def get_chain_async(self, checkpoint_id: str) -> list[FlowCheckpoint]:

@@ -3,7 +3,8 @@
 Commands:
     demo      crash a flow mid-run and resume it from Redis (see :mod:`dynamiq_redis_ckpt.demo`)
     worker    recover runs whose lease ran out or whose timer is due (see :mod:`dynamiq_redis_ckpt.worker`)
-    resume    answer a run that waits for a person (a worker resumes it with the answer)
+    resume    answer a run that waits for a person (a worker resumes it with the answer; the first answer stands,
+              a later one exits with code 3)
     dead      list, retry or drop dead-lettered runs
 """
 
@@ -100,11 +101,14 @@ def _worker(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     import json
 
-    from dynamiq_redis_ckpt.errors import ConfigurationError
+    from dynamiq_redis_ckpt.errors import AlreadyAnsweredError, ConfigurationError
     from dynamiq_redis_ckpt.worker import Recovery
 
     try:
         node = Recovery(_backend(args)).deliver_input(args.run, json.loads(args.input), node_id=args.node, flow=args.flow)
+    except AlreadyAnsweredError as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 3
     except (ConfigurationError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -63,11 +63,9 @@ class LeaseTicket:
     token: int
     ttl_ms: int
 
-    def script_args(self, checkpoint: FlowCheckpoint) -> tuple:
-        """ARGV[24..30] of save.lua for ``checkpoint``."""
-        due = due_ms(checkpoint)
-        return (self.mode, self.owner, self.token, self.ttl_ms, run_key(checkpoint), "" if due is None else due,
-                len(checkpoint.completed_node_ids))  # fmt: skip
+    def script_args(self) -> tuple:
+        """ARGV[24..27] of save.lua."""
+        return (self.mode, self.owner, self.token, self.ttl_ms)
 
     def announces(self, checkpoint: FlowCheckpoint) -> bool:
         """Whether the save gives workers something to look at (a new lease, a pause, an end), so the flow goes on
@@ -75,7 +73,8 @@ class LeaseTicket:
         return self.mode != "held" or status_of(checkpoint) != ACTIVE
 
 
-NO_TICKET_ARGS = ("", "", 0, 0, "", "", 0)  # ARGV[24..30] of a plain save: the run's lease is left alone
+NO_TICKET_ARGS = ("", "", 0, 0)  # ARGV[24..27] of a plain save: the run's lease is left alone
+PAUSED = frozenset({CheckpointStatus.PENDING_INPUT.value, CheckpointStatus.PAUSED.value})
 
 
 def announce(keys: Keys, flow: str) -> tuple[Command, ...]:

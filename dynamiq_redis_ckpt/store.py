@@ -7,6 +7,8 @@ Nothing here does I/O or imports redis.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Generator, Iterable
@@ -27,16 +29,27 @@ from dynamiq_redis_ckpt.errors import (
     WrongKeyTypeError,
 )
 from dynamiq_redis_ckpt.keys import KINDS, Keys
-from dynamiq_redis_ckpt.leases import NO_TICKET_ARGS, VANISHED, LeaseTicket, announce, run_key, status_of
+from dynamiq_redis_ckpt.leases import (
+    NO_TICKET_ARGS,
+    PAUSED,
+    VANISHED,
+    LeaseTicket,
+    announce,
+    due_ms,
+    run_key,
+    status_of,
+)
 from dynamiq_redis_ckpt.requests import Batch, Command, Script, cmd, pairs, score_pairs, text
 
 Op = Generator[Any, Any, Any]
+logger = logging.getLogger(__name__)
 _PAGE = 100
 _SAVE_ATTEMPTS = 8
 _DELETE_BATCH = 100
 _PACK_COUNT = 8  # a pack string starts with its reference count, 8 ASCII digits (see save.lua)
 _MAX_EXTRA_PACKS = 8  # superseded packs a checkpoint may keep as the dictionary chain of its new pack
 _HELD_PACKS_SENT = 64  # a load tells the server up to this many packs of the flow it need not send
+_REQUIRED_FIELDS = ("st", "run", "ts", "pk")  # in every stored format
 
 
 def _status(value: CheckpointStatus | str) -> str:
@@ -124,6 +137,7 @@ class StoreCore:
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.cache = cache or Cache()
         self._last_flow: str | None = None  # the flow a load tries first (see load)
+        self.damaged_skipped = 0  # damaged checkpoints lists have left out (each one logged)
 
     # ---- save -------------------------------------------------------------------------------------------------
 
@@ -146,21 +160,29 @@ class StoreCore:
         stored = self.cache.state(cp_id)
         if stored is not None and stored.flow != flow:
             stored = None
-        # The lookup keys live in other slots, so they are written first: a crash in between leaves a locator that
-        # names no checkpoint (load answers None), never a checkpoint that cannot be found. An update's checkpoint
-        # already has its locator, and a stray one must not appear when the update is refused.
-        writes = self._locator_writes(cp_id, flow, (run, wf), locate=not must_exist)
+        # The lookup keys live in other slots, so a new checkpoint's are written first: a crash in between leaves a
+        # locator that names no checkpoint (load answers None), never a checkpoint that cannot be found. An update's
+        # checkpoint has them already: it refreshes them after the script agreed, so a refused update writes nothing.
+        lookups = self._lookup_writes(checkpoint, status, locate=not must_exist)
+        writes = () if must_exist else lookups
         # Workers learn of a new lease, a pause or an end from the flow's wake shard, written right after the script
         # in the same pipeline (a no-op for them when the script refused the save).
         after = announce(self.keys, flow) if ticket is not None and ticket.announces(checkpoint) else ()
+        moved_from = None
         for _ in range(_SAVE_ATTEMPTS):
             plan = self._plan_packs(flow, chunks, known)
             keys, args = self._save_call(checkpoint, must_exist, status, stored, root, plan, encoded.raw_size, ticket)
             # One round trip: the server runs a pipeline in order, so the lookup writes still land first.
             replies = yield Batch((*writes, Script("save", keys, args), *after))
+            if writes:  # the GET before the locator's SET: the flow the id belonged to before
+                moved_from = text(replies[0]) if replies[0] is not None and text(replies[0]) != flow else None
             writes, reply = (), replies[len(writes)]
             verdict = text(reply[0])
             if verdict == "OK":
+                if must_exist:
+                    yield Batch(lookups)
+                if moved_from is not None:  # one checkpoint per id: the version stored in another flow goes
+                    yield from self._delete_elsewhere(moved_from, cp_id)
                 self._last_flow = flow
                 state = StoredState(flow, status, run, wf, parent, ",".join(plan.named), plan.chunk_packs, plan.bases)
                 self.cache.remember(cp_id, state)
@@ -226,17 +248,44 @@ class StoreCore:
         chunk_packs = {ref: known.chunks.get(ref) or pack.id for ref in chunks}
         return _PackPlan(pack, blob, known.named(list(bases)), chunk_packs, bases)
 
-    def _locator_writes(self, cp_id: str, flow: str, runs: Iterable[str], locate: bool) -> tuple[Command, ...]:
-        px = ("PX", self.ttl_ms) if self.ttl_ms else ()
-        writes = [cmd("SET", self.keys.locator(cp_id), flow, *px)] if locate else []
-        for run in dict.fromkeys(r for r in runs if r):
+    def _lookup_ttl_ms(self, checkpoint: FlowCheckpoint, status: str) -> int:
+        """How long a checkpoint's lookup keys live, in ms (0: no expiry): the ttl, or, for a paused run's
+        checkpoint, as long as save.lua holds it (a day past its timer, or for as long as a person is awaited)."""
+        if not self.ttl_ms or status not in PAUSED:
+            return self.ttl_ms
+        due = due_ms(checkpoint)
+        return 0 if due is None else max(self.ttl_ms, due - int(time.time() * 1000) + 86_400_000)
+
+    def _lookup_writes(self, checkpoint: FlowCheckpoint, status: str, *, locate: bool) -> tuple[Command, ...]:
+        """The locator (read, then set, when ``locate``; else its expiry refreshed) and the run-flows sets of a
+        checkpoint; and a paused parent's lookup keys handed back to the ttl once the run goes on from it."""
+        cp_id, flow, ttl = checkpoint.id, checkpoint.flow_id, self._lookup_ttl_ms(checkpoint, status)
+        locator = self.keys.locator(cp_id)
+        if locate:  # GET first: the flow the id belonged to before (redis-py's reply to SET ... GET is a bool)
+            writes = [cmd("GET", locator), cmd("SET", locator, flow, *(("PX", ttl) if ttl else ()))]
+        else:
+            writes = [cmd("PEXPIRE", locator, ttl) if ttl else cmd("PERSIST", locator)]
+        for run in dict.fromkeys(r for r in (checkpoint.run_id, checkpoint.wf_run_id) if r is not None):
             key = self.keys.run_flows(run)
             writes.append(cmd("SADD", key, flow))
-            if self.ttl_ms:  # a new set takes the ttl; an existing one is only lengthened
-                writes += [cmd("PEXPIRE", key, self.ttl_ms, "NX"), cmd("PEXPIRE", key, self.ttl_ms, "GT")]
+            if ttl:  # a new set takes the ttl; an existing one is only lengthened
+                writes += [cmd("PEXPIRE", key, ttl, "NX"), cmd("PEXPIRE", key, ttl, "GT")]
             else:
                 writes.append(cmd("PERSIST", key))
+        parent = checkpoint.parent_checkpoint_id
+        known = self.cache.state(parent)
+        if parent and ttl and status not in PAUSED and (known is None or known.status in PAUSED):
+            # LT: only a key held longer than the ttl (or forever) for the pause is shortened
+            held = [self.keys.locator(parent)] + [self.keys.run_flows(r) for r in (known.run, known.wf) if known and r]
+            writes += [cmd("PEXPIRE", key, ttl, "LT") for key in dict.fromkeys(held)]
         return tuple(writes)
+
+    def _delete_elsewhere(self, flow: str, cp_id: str) -> Op:
+        """Delete the version of ``cp_id`` stored in ``flow`` (the id was saved again in another flow); its locator
+        already names the new flow and stays."""
+        fields = yield cmd("HGETALL", self.keys.checkpoint(flow, cp_id))
+        if fields:
+            yield from self._delete_records(flow, [Record(flow, cp_id, _fields(fields))], protect=False, locators=False)
 
     def _save_call(self, cp, must_exist, status, stored, root: bytes, plan: _PackPlan, raw_size: int, ticket):
         k, flow, cp_id = self.keys, cp.flow_id, cp.id
@@ -259,7 +308,9 @@ class StoreCore:
             root.hex(), plan.new.base if plan.new else "", codec.FORMAT_VERSION, plan.blob, len(plan.named),
             ",".join(plan.named), raw_size, len(plan.blob),
         ]  # fmt: skip
-        args += ticket.script_args(cp) if ticket is not None else NO_TICKET_ARGS
+        args += ticket.script_args() if ticket is not None else NO_TICKET_ARGS
+        due = due_ms(cp)
+        args += [run_key(cp), "" if due is None else due, len(cp.completed_node_ids)]
         return tuple(keys), tuple(args)
 
     # ---- load -------------------------------------------------------------------------------------------------
@@ -297,35 +348,71 @@ class StoreCore:
         args = (self.keys.pack_prefix(flow), *(p.id for p in held))
         return Script("load", (self.keys.checkpoint(flow, checkpoint_id),), args)
 
-    def _decode(self, records: list[Record], fetched: dict | None = None, pinned: dict | None = None) -> Op:
+    def _decode(self, records: list[Record], fetched: dict | None = None, pinned: dict | None = None,
+                damaged: list | None = None) -> Op:
         """Checkpoints from records, fetching the packs this process does not hold (nor was given) in one round
         trip per attempt. ``fetched`` maps (flow, pack id) to a pack string as stored, None when it was absent;
-        ``pinned`` holds the decoded packs an earlier request told the server it had."""
+        ``pinned`` holds the decoded packs an earlier request told the server it had.
+
+        A record whose packs are gone was deleted meanwhile (left out) or overwritten between the hash read and the
+        pack read (a list's two round trips): it is read again in one script, hash and packs together, and only a
+        version whose own packs are missing is damaged. A damaged record raises, or, given a ``damaged`` list, is
+        appended to it as (record, error) and left out."""
         fetched = dict(fetched or {})
         held: dict[tuple[str, str], codec.Pack] = dict(pinned or {})
-        for rec in records:
-            self._check_format(rec)
+        records = [rec for rec in records if self._usable(rec, damaged)]
         walks = [self._needs(rec, held, fetched) for rec in records]
         unknown = {w for _, missing, _ in walks for w in missing}
         if unknown:  # lists read only hashes; the script answers for every pack asked and walks its chain
             fetched |= yield from self._fetch_packs(unknown, held)
             walks = [self._needs(rec, held, fetched) for rec in records]
-        gone = [rec for rec, (_, missing, lost) in zip(records, walks) if missing or lost]
-        if gone:  # deleted meanwhile (skipped), or damaged (an error)
-            still = yield Batch(tuple(cmd("EXISTS", self.keys.checkpoint(r.flow, r.id)) for r in gone))
-            for rec, exists in zip(gone, still):
-                if exists:
-                    raise CheckpointCorruptedError(rec.id, "a content pack it references is missing")
+        gone = [i for i, (_, missing, lost) in enumerate(walks) if missing or lost]
+        if gone:
+            calls = []
+            for i in gone:
+                calls.append(self._load_script(records[i].flow, records[i].id, held))
+            replies = yield Batch(tuple(calls))
+            for i, reply in zip(gone, replies):
+                if not reply:  # deleted meanwhile
+                    records[i] = None
+                    continue
+                fields, packs = reply
+                flow = records[i].flow
+                fetched |= {(flow, text(pack_id)): blob for pack_id, blob in pairs(packs).items()}
+                records[i] = Record(flow, records[i].id, _fields(pairs(fields)))
+                if not self._usable(records[i], damaged):
+                    records[i] = None
+                    continue
+                walks[i] = self._needs(records[i], held, fetched)
         blobs = {w: b[_PACK_COUNT:] for w, b in fetched.items() if b is not None}  # after the count
         found = []
         for rec, (order, missing, lost) in zip(records, walks):
-            if missing or lost:
+            if rec is None:
                 continue
-            for pack_id in order:
-                if (rec.flow, pack_id) not in held:
-                    self._read_pack((rec.flow, pack_id), rec, blobs, held)
-            found.append(self._decode_one(rec, [held[(rec.flow, p)] for p in order]))
+            try:
+                if missing or lost:
+                    raise CheckpointCorruptedError(rec.id, "a content pack it references is missing")
+                for pack_id in order:
+                    if (rec.flow, pack_id) not in held:
+                        self._read_pack((rec.flow, pack_id), rec, blobs, held)
+                found.append(self._decode_one(rec, [held[(rec.flow, p)] for p in order]))
+            except (CheckpointCorruptedError, UnsupportedFormatError) as error:
+                if damaged is None:
+                    raise
+                damaged.append((rec, error))
         return found
+
+    def _usable(self, rec: Record, damaged: list | None) -> bool:
+        """Whether a record's hash is whole and of a format this reader knows; if not, it raises, or with a
+        ``damaged`` list records it there."""
+        try:
+            self._check_record(rec)
+        except (CheckpointCorruptedError, UnsupportedFormatError) as error:
+            if damaged is None:
+                raise
+            damaged.append((rec, error))
+            return False
+        return True
 
     def _needs(self, rec: Record, held: dict, fetched: dict) -> tuple[list[str], set[tuple[str, str]], bool]:
         """The packs ``rec`` needs (those it names and their bases, newest first), which of them are neither held
@@ -389,11 +476,15 @@ class StoreCore:
             held[where] = pack
             self.cache.add_pack(flow, pack)
 
-    @staticmethod
-    def _check_format(rec: Record) -> None:
+    def _check_record(self, rec: Record) -> None:
+        """A hash missing a field every checkpoint has, or of an unknown format, is a typed error naming its key."""
+        key = self.keys.checkpoint(rec.flow, rec.id)
         version = rec.get("fmt")
         if not version.isdigit():
-            raise CheckpointCorruptedError(rec.id, f"format version field is {version!r}")
+            raise CheckpointCorruptedError(rec.id, f"format version field is {version!r}", key)
+        missing = [name for name in _REQUIRED_FIELDS if name not in rec.fields]
+        if missing or not rec.get("ts").lstrip("-").isdigit():
+            raise CheckpointCorruptedError(rec.id, f"hash fields {missing or ['ts']} are missing or damaged", key)
         if int(version) not in codec.READABLE_FORMATS:  # format 1 was never released; a newer one needs a newer reader
             raise UnsupportedFormatError(rec.id, version, codec.FORMAT_VERSION)
 
@@ -426,27 +517,47 @@ class StoreCore:
 
     # ---- lists ------------------------------------------------------------------------------------------------
 
-    def list_by_flow(self, flow_id: str, status: CheckpointStatus | None, limit: int | None, before: datetime | None) -> Op:
-        """Checkpoints of a flow, newest first, optionally of one status and created before a moment."""
+    def list_by_flow(
+        self, flow_id: str, status: CheckpointStatus | None, limit: int | None, before: datetime | None,
+        *, newest: bool = False,
+    ) -> Op:
+        """Checkpoints of a flow, newest first, optionally of one status and created before a moment. With
+        ``newest`` (the latest checkpoint) a damaged newest one raises instead of being passed over: resuming from
+        an older one would run nodes again."""
         index = self.keys.status_index(flow_id, _status(status)) if status else self.keys.flow_index(flow_id)
         top = f"({micros(before)}" if before is not None else "+inf"
-        records = yield from self._walk([(flow_id, index)], limit, top=top)
-        return (yield from self._decode(records))
+        return (yield from self._listed([(flow_id, index)], limit, top=top, newest=newest))
 
     def list_by_flow_and_run(
-        self, flow_id: str, run_id: str, wf_run_id: str | None, status: CheckpointStatus | None, limit: int | None
+        self, flow_id: str, run_id: str, wf_run_id: str | None, status: CheckpointStatus | None, limit: int | None,
+        *, newest: bool = False,
     ) -> Op:
         """Checkpoints of a flow labelled with ``run_id`` or ``wf_run_id`` (either field), newest first."""
-        sources = [(flow_id, self.keys.run_index(flow_id, r)) for r in dict.fromkeys(x for x in (run_id, wf_run_id) if x)]
-        records = yield from self._walk(sources, limit, status=_status(status) if status else None)
-        return (yield from self._decode(records))
+        runs = dict.fromkeys((run_id, *((wf_run_id,) if wf_run_id else ())))  # as Dynamiq's: run_id even when ''
+        sources = [(flow_id, self.keys.run_index(flow_id, r)) for r in runs]
+        status_name = _status(status) if status else None
+        return (yield from self._listed(sources, limit, status=status_name, newest=newest))
 
     def list_by_run(self, run_id: str, limit: int | None) -> Op:
         """Checkpoints of every flow whose run_id or wf_run_id is ``run_id``, newest first."""
         flows = yield cmd("SMEMBERS", self.keys.run_flows(run_id))
         sources = [(f, self.keys.run_index(f, run_id)) for f in sorted(text(x) for x in flows)]
-        records = yield from self._walk(sources, limit)
-        return (yield from self._decode(records))
+        return (yield from self._listed(sources, limit))
+
+    def _listed(self, sources: list[tuple[str, str]], limit: int | None, *, newest: bool = False, **walk) -> Op:
+        """A list's checkpoints. One damaged checkpoint must not take its whole flow down: it is left out, logged and
+        counted (``damaged_skipped``), and older ones fill its place; only for ``newest`` does it raise."""
+        want = limit
+        while True:
+            records = yield from self._walk(sources, want, **walk)
+            damaged: list[tuple[Record, Exception]] = []
+            found = yield from self._decode(records, damaged=None if newest else damaged)
+            for rec, error in damaged:
+                self.damaged_skipped += 1
+                logger.warning("left damaged checkpoint %s (flow %s) out of a list: %s", rec.id, rec.flow, error)
+            if not damaged or limit is None or len(records) < want:
+                return found if limit is None else found[:limit]
+            want += len(damaged)
 
     def _walk(self, sources: list[tuple[str, str]], limit: int | None, *, top: str = "+inf", status: str | None = None) -> Op:
         """Merge several indexes newest first, keeping live entries (pruning expired ones) until ``limit``."""
@@ -517,7 +628,7 @@ class StoreCore:
                 return True
         raise CheckpointStoreError(f"Checkpoint {checkpoint_id}: delete kept racing with concurrent writers; gave up")
 
-    def _delete_records(self, flow: str, records: list[Record], *, protect: bool) -> Op:
+    def _delete_records(self, flow: str, records: list[Record], *, protect: bool, locators: bool = True) -> Op:
         k = self.keys
         deleted: list[str] = []
         for start in range(0, len(records), _DELETE_BATCH):
@@ -534,23 +645,44 @@ class StoreCore:
             if text(reply[0]) == "WRONGTYPE":
                 raise WrongKeyTypeError("the delete found a key of another type; nothing was deleted", (text(reply[1]),))
             deleted += [text(x) for x in reply[1:]]
-        if deleted:
+        if deleted and locators:
             yield Batch(tuple(cmd("DEL", k.locator(i)) for i in deleted))
             for cp_id in deleted:
                 self.cache.forget(cp_id)
         return deleted
 
     def cleanup_by_flow(self, flow_id: str, keep_count: int, max_ttl_minutes: float | None, fetch_limit: int) -> Op:
-        """Dynamiq's retention rule, except that in-flight chain heads (active, paused, pending_input) stay."""
-        records = yield from self._walk([(flow_id, self.keys.flow_index(flow_id))], fetch_limit)
-        now = micros(datetime.now(timezone.utc))
-        doomed = []
-        for i, rec in enumerate(records):
-            expired = max_ttl_minutes is not None and (now - int(rec.get("ts"))) / 60e6 > max_ttl_minutes
-            if i >= keep_count or expired:
-                doomed.append(rec)
-        deleted = yield from self._delete_records(flow_id, doomed, protect=True)
-        return len(deleted)
+        """Dynamiq's retention rule (keep the newest ``keep_count``, delete what is older than ``max_ttl_minutes``)
+        over the flow's newest ``fetch_limit`` checkpoints, except that in-flight chain heads (active, paused,
+        pending_input) stay — and, spared, do not use up the ``fetch_limit`` window, so retention reaches past any
+        number of runs waiting for people. Ages are read from the index (created_at), not from the hashes."""
+        index = self.keys.flow_index(flow_id)
+        cutoff = None if max_ttl_minutes is None else micros(datetime.now(timezone.utc)) - max_ttl_minutes * 60e6
+        rank = considered = deleted = 0
+        stays = 0  # entries looked at that are still in the index (kept, spared): the next page starts after them
+        while considered < fetch_limit:
+            entries = score_pairs((yield cmd("ZREVRANGE", index, stays, stays + _PAGE - 1, "WITHSCORES")))
+            if not entries:
+                break
+            entries = entries[: fetch_limit - considered]
+            rows = yield Batch(tuple(cmd("HGETALL", self.keys.checkpoint(flow_id, m)) for _, m in entries))
+            doomed, kept, gone = [], 0, []
+            for (score, member), fields in zip(entries, rows):
+                if not fields:  # expired: not a checkpoint any more, and pruned from the index below
+                    gone.append(member)
+                    continue
+                if rank >= keep_count or (cutoff is not None and score < cutoff):
+                    doomed.append(Record(flow_id, member, _fields(fields)))
+                else:
+                    kept += 1
+                rank += 1
+            if gone:
+                yield Script("prune", (index, *(self.keys.checkpoint(flow_id, m) for m in gone)), tuple(gone))
+            removed = len((yield from self._delete_records(flow_id, doomed, protect=True)))
+            deleted += removed
+            considered += kept + removed
+            stays += kept + len(doomed) - removed
+        return deleted
 
     def ping(self) -> Op:
         """True when Redis answers."""

@@ -24,7 +24,7 @@ from dynamiq.types.cancellation import CancellationConfig, CancellationToken
 
 from dynamiq_redis_ckpt import leases
 from dynamiq_redis_ckpt.backend import RedisCheckpointBackend
-from dynamiq_redis_ckpt.errors import ConfigurationError, LeaseLostError
+from dynamiq_redis_ckpt.errors import AlreadyAnsweredError, ConfigurationError, LeaseLostError
 from dynamiq_redis_ckpt.inbox import attach_answers
 from dynamiq_redis_ckpt.leases import Claim, DeadLetter
 from dynamiq_redis_ckpt.registry import REGISTRY, HeldLease, process_owner
@@ -231,7 +231,8 @@ class Recovery:
 
         ``run`` is the wf_run_id; ``node_id`` may be left out when exactly one node waits. ``data`` is what the
         node reads: for an approval ``{"feedback": ..., "is_approved": ..., "data": {...}}``, for a
-        HumanFeedbackTool ``{"content": ...}``, for a custom node whatever it expects. Returns the node id.
+        HumanFeedbackTool ``{"content": ...}``, for a custom node whatever it expects. Returns the node id. The
+        first answer for a node stands: a later one raises AlreadyAnsweredError.
         """
         ttl = self.backend.ttl_seconds
         keep_ms = max(int(ttl * 1000), 7 * 86400_000) if ttl else 0  # answers live as long as the run's checkpoints
@@ -247,6 +248,8 @@ class Recovery:
             reply = self.backend.execute(leases.deliver_op(self.keys, candidate, run, target, answer, keep_ms))
             if reply == "RUNNING":
                 raise ConfigurationError(f"run {run} is running (it holds a live lease), not waiting for input")
+            if reply == "ANSWERED":
+                raise AlreadyAnsweredError(run, target)
             if reply == "OK":
                 return target
         raise ConfigurationError(f"no run {run!r} is paused waiting on {node_id or 'a node'}")

@@ -32,8 +32,12 @@ while a <= #ARGV do
     if wrong(KEYS[i], want) then return {'WRONGTYPE', KEYS[i]} end
   end
   local cur = redis.call('HMGET', KEYS[k], 'st', 'run', 'wf', 'par', 'pk', 'ts', 'kids')
-  local same = cur[1] == ARGV[a + 1] and cur[2] == ARGV[a + 2] and (cur[3] or '') == ARGV[a + 3]
-    and (cur[4] or '') == ARGV[a + 4] and (cur[5] or '') == ARGV[a + 5] and cur[6] == ARGV[a + 6]
+  -- A field missing from a damaged hash reads as '' on both sides, so a damaged record can still be deleted.
+  local exists = redis.call('EXISTS', KEYS[k]) == 1
+  local same = exists
+  for i = 1, 6 do
+    same = same and (cur[i] or '') == ARGV[a + i]
+  end
   local head_in_flight = live[ARGV[a + 1]] and (tonumber(cur[7]) or 0) <= 0
   if same and not (protect and head_in_flight) then
     doomed[#doomed + 1] = {k, a, npacks}

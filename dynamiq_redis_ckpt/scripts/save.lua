@@ -18,10 +18,11 @@
 -- ARGV[17] the base the new pack holds ('' = none)   ARGV[18] format version   ARGV[19] new pack blob ('' = none)
 -- ARGV[20] count of packs named
 -- ARGV[21] pack ids, comma separated (same order as the keys)   ARGV[22] raw size   ARGV[23] stored size
--- ARGV[24] lease mode: '' (no lease), 'take' (acquire, or take over bumping the token), 'held' (compare-and-set),
---          'resume' (re-take a lease this writer handed back on a pause, only if its token is still the current one)
+-- ARGV[24] lease mode: '' (a plain save: the lease is left alone), 'take' (a running flow acquires it, or takes it
+--          over bumping the token), 'held' (compare-and-set), 'resume' (re-take a lease this writer handed back on a
+--          pause, only if its token is still the current one)
 -- ARGV[25] lease owner   ARGV[26] the writer's fencing token   ARGV[27] lease ttl (ms)   ARGV[28] the run's key
--- ARGV[29] resume_at (ms since epoch, '' = none): where a paused run's timer is indexed
+-- ARGV[29] resume_at (ms since epoch, '' = none): when a paused run is due (its timer's index; its retention)
 -- ARGV[30] how many nodes the checkpoint has completed: progress resets the run's failed-recovery count
 --
 -- Reply: {'OK', server_time_us, token}
@@ -114,13 +115,34 @@ elseif new_base and type_of[new_base] == 'none' then
   return {'MISSING', ARGV[17]}
 end
 
+-- A paused run's newest checkpoint must outlive its wait, whatever the ttl: with a timer, until a day after it is
+-- due; waiting for a person, for as long as it waits (no expiry). Its packs, indexes and lease follow it. Once the
+-- run goes on, its next save gives the paused checkpoint and its packs the ttl again (below).
+local st = ARGV[11]
+local paused = st == 'pending_input' or st == 'paused'
+local due = tonumber(ARGV[29])
+local hold = ttl
+if paused and ttl > 0 then
+  hold = due and math.max(ttl, due - now_ms + 86400000) or 0
+end
+local function held_past_ttl(key)  -- no expiry, or one later than the ttl: what a pause's hold gave it
+  local left = redis.call('PTTL', key)
+  return left == -1 or left > ttl
+end
+local parent_held, parent_packs = false, nil
+if ttl > 0 and not paused and ARGV[14] ~= '' and ARGV[14] ~= ARGV[9] and type_of[KEYS[6]] == 'hash'
+    and held_past_ttl(KEYS[6]) then
+  local f = redis.call('HMGET', KEYS[6], 'st', 'pk')
+  parent_held, parent_packs = f[1] == 'pending_input' or f[1] == 'paused', f[2]
+end
+
 -- Shared keys (packs, indexes) must outlive every checkpoint that uses them: a key this save creates takes the
--- ttl, an existing one is only ever lengthened, and a save without ttl makes it permanent.
+-- hold, an existing one is only ever lengthened, and a save without one makes it permanent.
 local function extend(key, created)
-  if ttl > 0 then
+  if hold > 0 then
     local left = redis.call('PTTL', key)
-    if created or (left >= 0 and left < ttl) then
-      redis.call('PEXPIRE', key, ttl)
+    if created or (left >= 0 and left < hold) then
+      redis.call('PEXPIRE', key, hold)
     end
   else
     redis.call('PERSIST', key)
@@ -132,11 +154,27 @@ local function extend_chain(key, created)
   local base = base_of(key)
   while base do
     local left = redis.call('PTTL', base)
-    if left == -2 or left == -1 or (ttl > 0 and left >= ttl) then
+    if left == -2 or left == -1 or (hold > 0 and left >= hold) then
       break
     end
     extend(base, false)
     base = base_of(base)
+  end
+end
+
+-- A run going on from a checkpoint that was held for its pause hands it (and the packs it names, down their chains)
+-- back to the ttl: only what was held past the ttl is touched.
+local function release_hold(key)
+  while key and held_past_ttl(key) do
+    redis.call('PEXPIRE', key, ttl)
+    key = base_of(key)
+  end
+end
+if ttl > 0 and not paused and parent_held then
+  redis.call('PEXPIRE', KEYS[6], ttl)
+  local pack_prefix = string.match(KEYS[P + 1], '^(.*:)')  -- every save names a pack: a key of the flow's packs
+  for id in string.gmatch(parent_packs or '', '[^,]+') do
+    release_hold(pack_prefix .. id)
   end
 end
 
@@ -196,8 +234,8 @@ redis.call('HSET', cp, 'st', ARGV[11], 'run', ARGV[12], 'wf', ARGV[13], 'par', p
 if kids then
   redis.call('HSET', cp, 'kids', kids)
 end
-if ttl > 0 then
-  redis.call('PEXPIRE', cp, ttl)
+if hold > 0 then
+  redis.call('PEXPIRE', cp, hold)
 else
   redis.call('PERSIST', cp)
 end
@@ -210,7 +248,6 @@ if lease_mode ~= '' then
   if lease_mode == 'take' then
     token = tostring(redis.call('HINCRBY', lease, 'token', 1))
   end
-  local st = ARGV[11]
   local done = tonumber(ARGV[30]) or 0
   if done > (tonumber(redis.call('HGET', lease, 'done') or '0') or 0) then
     -- A recovery that completed a node made progress: only attempts that get nowhere lead to dead letters.
@@ -223,7 +260,6 @@ if lease_mode ~= '' then
     redis.call('ZREM', KEYS[13], run_key)
     redis.call('PERSIST', lease)
   else
-    local paused = st == 'pending_input' or st == 'paused'
     redis.call('HSET', lease, 'owner', '', 'exp', 0, 'head', id, 'flow', ARGV[10], 'attempts', 0, 'done', done)
     redis.call('ZREM', KEYS[12], run_key)
     if paused and ARGV[29] ~= '' then
@@ -232,13 +268,11 @@ if lease_mode ~= '' then
       redis.call('ZREM', KEYS[13], run_key)
     end
     -- An ended run's token only has to outlive any holder that could still write (a week is far longer than
-    -- any lease). A paused run's lease (its head) must live as long as the run can be resumed: as long as its
-    -- checkpoints (forever without a ttl), and past its timer's due time.
-    if paused and ttl == 0 then
+    -- any lease). A paused run's lease (its head) lives as long as its held checkpoint.
+    if paused and hold == 0 then
       redis.call('PERSIST', lease)
     else
-      local due = paused and (tonumber(ARGV[29]) or 0) or 0
-      redis.call('PEXPIRE', lease, math.max(ttl, 7 * 86400000, due - now_ms + 86400000))
+      redis.call('PEXPIRE', lease, math.max(paused and hold or ttl, 7 * 86400000))
     end
   end
 end
