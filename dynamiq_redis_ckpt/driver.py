@@ -43,7 +43,7 @@ _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutE
 # redis-py turns some into their own classes and drops the code from the message; the others keep it. (LOADING
 # comes as BusyLoadingError, a ConnectionError, so it is transient above.)
 _REFUSED_CLASSES = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY"}
-_REFUSED_CODES = ("BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+_REFUSED_CODES = ("BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
 
 
 def _refusal(error: Exception) -> str | None:
@@ -53,10 +53,6 @@ def _refusal(error: Exception) -> str | None:
             return code
     code = str(error).split(" ", 1)[0]
     return code if isinstance(error, ResponseError) and code in _REFUSED_CODES else None
-
-
-def _refused(error: Exception) -> bool:
-    return _refusal(error) is not None
 
 
 class RetryPolicy:
@@ -135,7 +131,7 @@ class SyncDriver:
             try:
                 return self._once(request)
             except (*_TRANSIENT, ResponseError) as e:
-                if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refused(e)):
+                if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refusal(e)):
                     raise _translate(e, request) from e
                 time.sleep(self.policy.delay(attempt))
             except redis.RedisError as e:
@@ -256,7 +252,7 @@ class AsyncDriver:
             try:
                 return await self._once(request)
             except (*_TRANSIENT, ResponseError) as e:
-                if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refused(e)):
+                if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refusal(e)):
                     raise _translate(e, request) from e
                 await asyncio.sleep(self.policy.delay(attempt))
             except redis.RedisError as e:

@@ -20,17 +20,18 @@ from typing import Iterator
 
 from dynamiq.checkpoints.checkpoint import CheckpointFlowMixin, FlowCheckpoint
 
-from dynamiq_redis_ckpt.errors import LeaseLostError, StoreUnavailableError
-from dynamiq_redis_ckpt.registry import REGISTRY, LeasePolicy, LeaseRegistry
+from dynamiq_redis_ckpt.errors import CheckpointStoreError, LeaseLostError, StoreUnavailableError
+from dynamiq_redis_ckpt.registry import REGISTRY, LeasePolicy, LeaseRegistry, safe_span
 from dynamiq_redis_ckpt.requests import Sleep
 from dynamiq_redis_ckpt.store import Saved, StoreCore
 
 logger = logging.getLogger(__name__)
 
 _RETRY_PAUSE = 0.25  # seconds between tries of a running flow's save that Redis did not confirm
-_CALLER_DEPTH = 3  # frames above the backend's method searched for Dynamiq's saver (a subclass may wrap save)
+_CALLER_DEPTH = 8  # frames above the backend's method searched for Dynamiq's saver (subclasses may wrap save)
 _FLOW_SAVERS: frozenset[CodeType] = frozenset(
-    f.__code__ for f in vars(CheckpointFlowMixin).values() if isinstance(f, FunctionType)
+    f.__code__ for name, f in vars(CheckpointFlowMixin).items()
+    if isinstance(f, FunctionType) and ("save_checkpoint" in name or "update_checkpoint" in name)
 )
 if not {"_save_checkpoint_unlocked", "_save_checkpoint_async_unlocked"} <= set(vars(CheckpointFlowMixin)):
     logger.warning(
@@ -64,6 +65,12 @@ def saved_by_running_flow(caller: FrameType | None) -> bool:
     return False
 
 
+def _unconfirmed(error: CheckpointStoreError) -> bool:
+    """Whether a failed save's outcome is unknown or may change on a retry: Redis unreachable or refusing for now,
+    or an error reply (the typed subclasses — a key of another type, too large — are final)."""
+    return isinstance(error, StoreUnavailableError) or type(error) is CheckpointStoreError
+
+
 class LeaseGuard:
     """Runs a save as the store operation it is: plain, or fenced by the run's lease (with the registry)."""
 
@@ -76,9 +83,10 @@ class LeaseGuard:
     def save(self, checkpoint: FlowCheckpoint, *, must_exist: bool, fenced: bool):
         """Store ``checkpoint``; when ``fenced``, only under the run's lease (see :class:`LeaseRegistry.begin`).
 
-        A fenced save that Redis does not confirm is tried again until the lease could run out, then the run stops
-        with LeaseLostError: a run never starts its next node on a lease it cannot prove it still holds (Dynamiq
-        would log the failed save and go on while a worker resumes the run elsewhere).
+        A fenced save that Redis does not confirm (unreachable, refusing, an error reply) is tried again until the
+        lease could run out — for a save that takes the lease, for one ttl — then the run stops with LeaseLostError:
+        a run never starts its next node on a lease it cannot prove it holds (Dynamiq would log the failed save and
+        go on while a worker resumes the run elsewhere).
         """
         if not fenced:
             return (yield from self.store.save(checkpoint, must_exist=must_exist))
@@ -91,14 +99,15 @@ class LeaseGuard:
             except LeaseLostError as lost:
                 self.registry.refuse(save, lost.reason)
                 raise
-            except StoreUnavailableError as error:
-                if save.ticket.mode != "held":  # it holds no live lease yet: nothing to outlive, Dynamiq logs it
+            except CheckpointStoreError as error:
+                if not _unconfirmed(error):  # refused for good (a key of another type, ...): nothing was written
                     raise
-                cutoff = save.held.deadline if cutoff is None else cutoff
+                if cutoff is None:
+                    cutoff = save.held.deadline if save.ticket.mode == "held" else sent_at + safe_span(self.policy.ttl)
                 left = cutoff - time.monotonic()
                 if left <= 0:
                     reason = (f"Redis did not confirm the run's checkpoint before its lease could run out ({error}); "
-                              "the run stops here and resumes from its last confirmed checkpoint")  # fmt: skip
+                              "the run stops here and a worker resumes it from its newest stored checkpoint")
                     self.registry.refuse(save, reason)
                     raise LeaseLostError(save.key[2], reason) from error
                 logger.warning("save of run %s not confirmed (%s); trying again for %.1f s", save.key[2], error, left)

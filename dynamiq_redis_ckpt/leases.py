@@ -115,12 +115,14 @@ def renew_op(keys: Keys, lease: LeaseRef):
     return verdict((yield _renew_script(keys, lease)))
 
 
-def renew_many_op(keys: Keys, leases: list[LeaseRef]):
-    """Extend several leases of one store in one round trip (a pipeline of renew scripts, each atomic on its own);
-    returns each lease's verdict, or the WrongKeyTypeError its script answered."""
-    replies = yield Batch(tuple(_renew_script(keys, lease) for lease in leases))
+def renew_many_op(keys: Keys, leases: list[LeaseRef], announce_flows: tuple[str, ...] = ()):
+    """Extend several leases of one store in one round trip (a pipeline of renew scripts, each atomic on its own),
+    announcing ``announce_flows`` to the workers after them; returns each lease's verdict, or the WrongKeyTypeError
+    its script answered."""
+    announcements = tuple(c for flow in dict.fromkeys(announce_flows) for c in announce(keys, flow))
+    replies = yield Batch((*(_renew_script(keys, lease) for lease in leases), *announcements))
     out: list[str | WrongKeyTypeError] = []
-    for reply in replies:
+    for reply in replies[: len(leases)]:
         try:
             out.append(verdict(reply))
         except WrongKeyTypeError as e:
@@ -206,14 +208,13 @@ def claim_op(keys: Keys, flow: str, run: str, owner: str, ttl_ms: int, reason: s
     return None
 
 
-def migrate_registry_op(keys: Keys):
-    """Announce the flows that an older version registered in ``P:flows:{n}`` and drop those sets (run once by a
-    worker; a no-op when there are none). Returns how many flows were moved."""
-    shards = yield Batch(tuple(cmd("SMEMBERS", keys.legacy_flow_registry(i)) for i in range(FLOW_SHARDS)))
-    flows = sorted({text(f) for shard in shards for f in shard})
+def migrate_registry_op(keys: Keys, batch: int = 1000):
+    """Move the flows that older versions registered in ``P:flows:{n}`` onto the wake shards: taken with SPOP (an
+    older pod's concurrent SADD stays for the next call), then announced. Returns how many flows were moved."""
+    shards = yield Batch(tuple(cmd("SPOP", keys.legacy_flow_registry(i), batch) for i in range(FLOW_SHARDS)))
+    flows = sorted({text(f) for shard in shards for f in (shard or ())})
     if flows:
         yield Batch(tuple(c for f in flows for c in announce(keys, f)))
-        yield Batch(tuple(cmd("DEL", keys.legacy_flow_registry(i)) for i in range(FLOW_SHARDS)))
     return len(flows)
 
 

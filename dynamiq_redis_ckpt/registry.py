@@ -44,6 +44,12 @@ def process_owner() -> str:
     return _owner[1]
 
 
+def safe_span(ttl: float) -> float:
+    """How long after a confirmed renewal (or a save that took the lease was sent) a holder may count on its lease:
+    the ttl less a margin for clock-rate differences between this host and Redis."""
+    return ttl - min(1.0, ttl / 10)
+
+
 @dataclass(frozen=True, eq=False)
 class LeaseStore:
     """Where a lease lives: the store's keys and the sync driver the heartbeat renews it with."""
@@ -51,9 +57,9 @@ class LeaseStore:
     keys: Keys
     driver: SyncDriver
 
-    def renew(self, leases: list[LeaseRef]) -> list:
+    def renew(self, leases: list[LeaseRef], announce_flows: tuple[str, ...] = ()) -> list:
         """Renew several leases of this store in one round trip; a verdict (or WrongKeyTypeError) each."""
-        return self.driver.run(renew_many_op(self.keys, leases))
+        return self.driver.run(renew_many_op(self.keys, leases, announce_flows))
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class HeldLease:
     last_error: str | None = None  # why the latest renewal failed, if it did: named when the lease is self-fenced
     on_lost: list[Callable[[str], None]] = field(default_factory=list)
     saves: int = 0  # confirmed saves under it: a renewal sent before the latest one answers for an older state
+    announced: bool = False  # its flow was announced to workers by a renewal (see LeaseRegistry._renew)
 
     @property
     def key(self) -> RunRef:
@@ -96,8 +103,7 @@ class HeldLease:
     def confirmed(self, sent_at: float) -> None:
         """A renewal or save sent at ``sent_at`` (monotonic) was confirmed: the server's expiry is later than
         ``sent_at + ttl``, so that is a safe local deadline (less a margin for clock-rate differences)."""
-        ttl = self.policy.ttl
-        self.deadline = sent_at + ttl - min(1.0, ttl / 10)
+        self.deadline = sent_at + safe_span(self.policy.ttl)
         self.next_renewal = sent_at + self.policy.interval
         self.last_error = None
 
@@ -127,7 +133,7 @@ class LeaseRegistry:
         self._leases: dict[RunRef, HeldLease] = {}
         # Dynamiq run_ids that lost their run's lease in this process, kept for the life of the process (bounded):
         # a fenced run must never write again, however long its node takes.
-        self._retired: OrderedDict[tuple[str, str, str, str], None] = OrderedDict()
+        self._retired: OrderedDict[tuple[str, str, str, str], str] = OrderedDict()  # -> why
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -151,8 +157,9 @@ class LeaseRegistry:
         key = (namespace, checkpoint.flow_id, run_key(checkpoint))
         run_id = checkpoint.run_id
         with self._lock:
-            if key + (run_id,) in self._retired:
-                raise LeaseLostError(key[2], "this run_sync lost the run's lease earlier in this process")
+            retired = self._retired.get(key + (run_id,))
+            if retired is not None:
+                raise LeaseLostError(key[2], f"this run_sync lost the run's lease earlier in this process: {retired}")
             held = self._leases.get(key)
             if held is not None and held.lost is None and not held.paused and time.monotonic() >= held.deadline:
                 self._lose_locked(held, held.self_fence_reason())
@@ -204,7 +211,7 @@ class LeaseRegistry:
         with self._lock:
             if save.held is not None and save.held.lost is None:
                 self._lose_locked(save.held, reason)
-            self._retire_run_locked(save.key, save.run_id)
+            self._retire_run_locked(save.key, save.run_id, reason)
 
     def fence(self, namespace: str, flow: str, run: str, token: int, reason: str) -> None:
         """Mark the run's lease with this fencing token lost (handed back) and retire its run_sync.
@@ -220,11 +227,11 @@ class LeaseRegistry:
         """The lease is lost (if it was not already) and the run_sync that wrote under it never writes again."""
         if held.lost is None:
             self._lose_locked(held, reason)
-        if held.run_id is not None:
-            self._retire_run_locked(held.key, held.run_id)
+        elif held.run_id is not None:
+            self._retire_run_locked(held.key, held.run_id, reason)
 
-    def _retire_run_locked(self, key: RunRef, run_id: str) -> None:
-        self._retired[key + (run_id,)] = None
+    def _retire_run_locked(self, key: RunRef, run_id: str, reason: str) -> None:
+        self._retired[key + (run_id,)] = reason
         while len(self._retired) > 100_000:
             self._retired.popitem(last=False)
 
@@ -256,7 +263,10 @@ class LeaseRegistry:
     # ---- heartbeat --------------------------------------------------------------------------------------------
 
     def _lose_locked(self, held: HeldLease, reason: str) -> None:
+        """The lease is lost: its run_sync never writes again, even after the entry itself is purged."""
         held.lost = reason
+        if held.run_id is not None:
+            self._retire_run_locked(held.key, held.run_id, reason)
         logger.warning("lease of run %s (flow %s) lost: %s", held.run, held.flow, reason)
         for callback in held.on_lost:
             try:
@@ -277,8 +287,10 @@ class LeaseRegistry:
                 live = [h for h in self._leases.values() if h.lost is None and not h.paused]
                 stale = [k for k, h in self._leases.items()
                          if (h.lost or h.paused) and time.monotonic() > h.deadline + _STALE_SECONDS]  # fmt: skip
-                for k in stale:
-                    del self._leases[k]
+                for k in stale:  # a run_sync paused this long must not take the run back by itself either
+                    held = self._leases.pop(k)
+                    if held.run_id is not None:
+                        self._retire_run_locked(k, held.run_id, held.lost or "it paused over an hour ago here")
             now = time.monotonic()
             # By store: one round trip renews all of a store's leases that are due, or due within a quarter of their
             # interval (renewing early is safe), so leases taken at different moments share the next beat.
@@ -309,9 +321,12 @@ class LeaseRegistry:
         store = leases[0].policy.store
         with self._lock:
             sent = [(held.ref, held.saves) for held in leases]
+        # The first renewal of a lease announces its flow again, in case the announcement that followed the save
+        # taking it was lost with its connection: an orphan no worker looks for would never be recovered.
+        first = tuple(held.flow for held in leases if not held.announced)
         sent_at = time.monotonic()
         try:
-            verdicts = store.renew([ref for ref, _ in sent])
+            verdicts = store.renew([ref for ref, _ in sent], first)
         except CheckpointStoreError as e:
             logger.warning("lease renewal of %d run(s) failed: %s", len(leases), e)
             for held in leases:
@@ -327,6 +342,7 @@ class LeaseRegistry:
                     logger.warning("lease renewal of run %s failed: %s", held.run, verdict)
                     self._back_off(held, str(verdict))
                 elif verdict == "OK":
+                    held.announced = True
                     if held.lost is None:
                         held.confirmed(sent_at)
                 elif held.lost is None:

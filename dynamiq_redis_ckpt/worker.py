@@ -24,7 +24,13 @@ from dynamiq.types.cancellation import CancellationConfig, CancellationToken
 
 from dynamiq_redis_ckpt import leases
 from dynamiq_redis_ckpt.backend import RedisCheckpointBackend
-from dynamiq_redis_ckpt.errors import AlreadyAnsweredError, ConfigurationError, LeaseLostError
+from dynamiq_redis_ckpt.errors import (
+    AlreadyAnsweredError,
+    CheckpointStoreError,
+    ConfigurationError,
+    LeaseLostError,
+    WrongKeyTypeError,
+)
 from dynamiq_redis_ckpt.inbox import attach_answers
 from dynamiq_redis_ckpt.leases import Claim, DeadLetter
 from dynamiq_redis_ckpt.registry import REGISTRY, HeldLease, process_owner
@@ -34,6 +40,7 @@ if TYPE_CHECKING:  # prometheus_client is imported only by those who serve metri
 
 logger = logging.getLogger(__name__)
 FlowFactory = Callable[[str], Any]
+_MIGRATE_EVERY = 30.0  # seconds between looks at the registry of flows versions before the wake shards kept
 
 
 def load_flow_factory(flows: str | None = None, yaml_path: str | None = None) -> FlowFactory:
@@ -80,14 +87,15 @@ class Recovery:
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.on_dead: Callable[[str, str], None] | None = None  # called when a claim moves a run to dead letters
-        self._migrated = False
+        self._migrated_at: float | None = None
 
     # ---- operations shared by the sync and async paths --------------------------------------------------------
 
     def _find_op(self, limit: int):
-        if not self._migrated:  # flows an older version registered, announced once
-            yield from leases.migrate_registry_op(self.keys)
-            self._migrated = True
+        now = time.monotonic()
+        if self._migrated_at is None or now - self._migrated_at >= _MIGRATE_EVERY:
+            yield from leases.migrate_registry_op(self.keys)  # flows older pods register, during a rolling upgrade
+            self._migrated_at = now
         return (yield from leases.find_work_op(self.keys, limit))
 
     def _claim_op(self, flow: str, run: str, reason: str):
@@ -107,7 +115,17 @@ class Recovery:
         for flow, run, reason in (yield from self._find_op(free * 2)):
             if len(claims) >= free:
                 break
-            if not skip(flow, run) and (claim := (yield from self._claim_op(flow, run, reason))) is not None:
+            if skip(flow, run):
+                continue
+            try:
+                claim = yield from self._claim_op(flow, run, reason)
+            except WrongKeyTypeError as e:  # one damaged run: the others are still claimed
+                logger.warning("cannot claim run %s of flow %s: %s", run, flow, e)
+                continue
+            except CheckpointStoreError as e:  # Redis went away: keep (and resume) what was claimed so far
+                logger.warning("claiming stopped after %d claim(s): %s", len(claims), e)
+                break
+            if claim is not None:
                 claims.append(claim)
         return claims
 

@@ -73,6 +73,33 @@ def test_a_full_redis_fences_the_run_and_the_error_names_the_cause(own_redis):
     assert backend.load("b") is None
 
 
+def test_a_refusal_for_missing_replicas_is_retried_then_stops_the_run(own_redis):
+    """Review finding: NOREPLICAS (min-replicas-to-write with no replica in sync) was not retried, so Dynamiq
+    swallowed each failed save and the run went on for six nodes without a stored checkpoint."""
+    backend = RedisCheckpointBackend(url=own_redis.url, prefix="norep", lease_ttl_seconds=1.5, retries=1)
+    backend.save(make("a", "f", "r", "wf", S.ACTIVE))
+    backend.redis.config_set("min-replicas-to-write", "1")
+    try:
+        with pytest.raises(LeaseLostError) as lost:
+            backend.save(make("b", "f", "r", "wf", S.ACTIVE, minute=1, parent="a"))
+    finally:
+        backend.redis.config_set("min-replicas-to-write", "0")
+    assert "NOREPLICAS" in lost.value.reason, lost.value.reason
+
+
+def test_a_run_whose_first_save_cannot_take_its_lease_stops(own_redis):
+    """Redis down when a run starts: its first save (which takes the lease) is tried for a lease's length, then the
+    run stops rather than run on without a lease a worker could find."""
+    backend = RedisCheckpointBackend(url=own_redis.url, prefix="down", lease_ttl_seconds=1.5, retries=0,
+                                     socket_connect_timeout=0.2)  # fmt: skip
+    own_redis.kill()
+    started = time.monotonic()
+    with pytest.raises(LeaseLostError) as lost:
+        backend.save(make("a", "f", "r", "wf", S.ACTIVE))
+    assert time.monotonic() - started < 5 and "did not confirm" in lost.value.reason, lost.value.reason
+    own_redis.start()
+
+
 def test_the_self_fence_after_failed_renewals_names_their_error(own_redis):
     backend = RedisCheckpointBackend(url=own_redis.url, prefix="oom2", lease_ttl_seconds=1.5, retries=0)
     backend.save(make("a", "f", "r", "wf", S.ACTIVE))

@@ -442,3 +442,45 @@ def test_renew_answers_wrongtype_for_a_foreign_lease_index_instead_of_failing_th
         leased.redis.zadd(index, dict(saved_index))
         leased.save(make("a2", "f", "run-1", "wf-1", S.COMPLETED, minute=1, parent="a"))
         leased.save(make("b2", "g", "run-2", "wf-2", S.COMPLETED, minute=1, parent="b"))
+
+
+def test_a_run_sync_that_lost_its_lease_stays_fenced_after_its_entry_is_purged(leased):
+    """Review finding: a lease lost through the heartbeat (taken over while the run was in a long node) was
+    forgotten an hour later, and the run's next save took the run back with a fresh token."""
+    leased.save(make("a", "f", "run-1", "wf", S.ACTIVE))
+    other_holder_saves(leased, make("b", "f", "elsewhere", "wf", S.ACTIVE, minute=1, parent="a"))
+    key = (leased._namespace, "f", "wf")
+    for _ in range(50):  # the heartbeat learns of the takeover at its next renewal
+        if REGISTRY.get(key).lost:
+            break
+        time.sleep(0.1)
+    assert "taken over" in REGISTRY.get(key).lost
+    REGISTRY.drop(key)  # what the hourly purge of lost entries does
+    with pytest.raises(LeaseLostError):
+        leased.save(make("c", "f", "run-1", "wf", S.ACTIVE, minute=2, parent="a"))
+    assert lease_of(leased, "f", "wf")["token"] == "2" and leased.load("c") is None
+
+
+def test_one_unclaimable_run_does_not_stop_a_poll_from_claiming_the_others(leased):
+    """Review finding: a key of another type in one flow made every poll fail, dropping the claims already made."""
+    orphan(leased, flow="broken")
+    orphan(leased, flow="healthy")
+    leased.redis.set(leased.store.keys.dead_index("broken"), "not a zset")
+    recovery = Recovery(leased)
+    claims = leased.execute(recovery.claim_some_op(4, lambda flow, run: False))
+    assert [(c.flow, c.run) for c in claims] == [("healthy", "wf")]
+    assert lease_of(leased, "broken", "wf")["token"] == "1", "nothing written for the broken one"
+
+
+def test_a_lost_announcement_is_made_again_by_the_first_renewal(redis_server):
+    """The wake announcement follows the save script in the same pipeline; if it never arrived, the heartbeat's
+    first renewal of the lease announces the flow again, so an orphan can always be found."""
+    backend = RedisCheckpointBackend(url=redis_server.url, prefix=f"an{uuid.uuid4().hex[:6]}", lease_ttl_seconds=1.5)
+    keys = backend.store.keys
+    backend.save(make("a", "f", "r", "wf", S.ACTIVE))
+    shard = keys.shard_of("f")
+    backend.redis.delete(keys.wake(shard), keys.wake_versions(shard))  # as if the announcement was lost
+    time.sleep(0.8)  # one renewal
+    assert backend.redis.zscore(keys.wake(shard), "f") is not None
+    backend.save(make("b", "f", "r", "wf", S.COMPLETED, minute=1, parent="a"))
+    backend.clear()

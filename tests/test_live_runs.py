@@ -199,3 +199,27 @@ def test_an_operator_in_another_process_never_breaks_a_live_run(redis_server, tm
     lease = lease_of(backend, flow_id, run)
     assert lease["token"] == "1" and lease["owner"] == "", "taken once, by A; handed back at its end"
     backend.clear()
+
+
+def test_a_save_wrapped_twice_by_a_subclass_is_still_a_running_flows(leased_backend):
+    """Review finding: the caller check looked three frames up; two decorators on a subclass's save hid the Flow,
+    and its run went without a lease, timer or recovery."""
+    import functools
+
+    def passthrough(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    class Wrapped(RedisCheckpointBackend):
+        @passthrough
+        @passthrough
+        def save(self, checkpoint):
+            return super().save(checkpoint)
+
+    backend = Wrapped(url=leased_backend.url, prefix=leased_backend.prefix, lease_ttl_seconds=3)
+    assert chain_flow(backend, 2, flow_id="wrapped", words=5).run_sync({"q": 1}).status.value == "success"
+    latest = backend.get_latest_by_flow("wrapped")
+    assert lease_of(backend, "wrapped", latest.wf_run_id or latest.run_id)["token"] == "1"
