@@ -484,3 +484,19 @@ def test_a_lost_announcement_is_made_again_by_the_first_renewal(redis_server):
     assert backend.redis.zscore(keys.wake(shard), "f") is not None
     backend.save(make("b", "f", "r", "wf", S.COMPLETED, minute=1, parent="a"))
     backend.clear()
+
+
+def test_an_explicit_resume_under_a_new_wf_run_id_takes_the_old_run_over(leased):
+    """Review finding: resume_from without RunnableConfig(run_id=...) makes Dynamiq draw a new wf_run_id, so the new
+    run took a lease of its own while the old run stayed an orphan a worker would resume a second time."""
+    orphan(leased)  # run "wf", its head "wf-head", its holder gone
+    leased.save(make("n1", "f", "resumed", "wf-new", S.ACTIVE, minute=1, parent="wf-head"))
+    old = lease_of(leased, "f", "wf")
+    assert old["token"] == "2" and old["owner"] == "" and old["superseded_by"] == "wf-new"
+    assert Recovery(leased).find_work() == [], "no worker resumes the old run"
+    leased.save(make("n2", "f", "resumed", "wf-new", S.ACTIVE, minute=2, parent="n1"))
+    leased.save(make("fork", "f", "forked", "wf-fork", S.ACTIVE, minute=3, parent="n1"))  # n1 is not the head: a fork
+    assert lease_of(leased, "f", "wf-new")["token"] == "1", "a resume from an older checkpoint takes nothing over"
+    assert "superseded_by" not in lease_of(leased, "f", "wf-new")
+    leased.save(make("n3", "f", "resumed", "wf-new", S.COMPLETED, minute=4, parent="n2"))
+    leased.save(make("fork2", "f", "forked", "wf-fork", S.COMPLETED, minute=5, parent="fork"))

@@ -240,6 +240,28 @@ else
   redis.call('PERSIST', cp)
 end
 
+-- An explicit resume from another run's newest checkpoint (resume_from without that run's id, so Dynamiq drew a
+-- new wf_run_id) takes that run over as well: its lease is fenced (token bumped) and leaves the workers' indexes,
+-- so neither a zombie of it nor a worker runs it a second time. A resume from an older checkpoint is a fork and
+-- leaves the run alone. Its lease key is this run's with the run key swapped (same flow tag, same slot).
+local function supersede(lease, run_key)
+  if parent == '' or parent == id or type_of[KEYS[6]] ~= 'hash' then
+    return
+  end
+  local p = redis.call('HMGET', KEYS[6], 'run', 'wf')
+  local old_run = (p[2] and p[2] ~= '') and p[2] or p[1]
+  if not old_run or old_run == '' or old_run == run_key then
+    return
+  end
+  local old_lease = string.sub(lease, 1, #lease - #run_key) .. old_run
+  if redis.call('TYPE', old_lease)['ok'] == 'hash' and redis.call('HGET', old_lease, 'head') == parent then
+    redis.call('HINCRBY', old_lease, 'token', 1)
+    redis.call('HSET', old_lease, 'owner', '', 'exp', 0, 'superseded_by', run_key)
+    redis.call('ZREM', KEYS[12], old_run)
+    redis.call('ZREM', KEYS[13], old_run)
+  end
+end
+
 -- The lease: held while the run is active, handed back (token kept) when it ends or pauses. Its 'head' is the
 -- run's newest checkpoint in the order this server applied the saves, whatever the writers' clocks say.
 local token = ARGV[26]
@@ -247,6 +269,7 @@ if lease_mode ~= '' then
   local run_key = ARGV[28]
   if lease_mode == 'take' then
     token = tostring(redis.call('HINCRBY', lease, 'token', 1))
+    supersede(lease, run_key)
   end
   local done = tonumber(ARGV[30]) or 0
   if done > (tonumber(redis.call('HGET', lease, 'done') or '0') or 0) then
