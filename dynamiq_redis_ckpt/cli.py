@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-attempts", type=int, default=5, help="failed recoveries before a dead letter")
     worker.add_argument("--poll", type=float, default=0.5, help="seconds between looks for work")
     worker.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
+    worker.add_argument("--stall-seconds", type=float, default=60.0,
+                        help="/healthz fails when the poll loop has not completed a pass for this long")  # fmt: skip
     worker.set_defaults(handler=_worker)
 
     resume = commands.add_parser("resume", help="answer a run that waits for a person; a worker resumes it")
@@ -76,8 +78,8 @@ def _worker(args: argparse.Namespace) -> int:
     from dynamiq_redis_ckpt.worker import Recovery, Worker, load_flow_factory
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger(__name__)
     backend = _backend(args, lease_ttl_seconds=args.lease_ttl)
-    backend.ping()
     factory = load_flow_factory(flows=args.flows, yaml_path=args.yaml)
     metrics = None
     if args.metrics_port is not None:
@@ -87,15 +89,34 @@ def _worker(args: argparse.Namespace) -> int:
 
         metrics = WorkerMetrics(CollectorRegistry())
     worker = Worker(Recovery(backend, max_attempts=args.max_attempts), factory, concurrency=args.concurrency,
-                    poll_seconds=args.poll, metrics=metrics)  # fmt: skip
-    if metrics is not None:
-        serve(args.metrics_port, metrics.registry, lambda: worker.alive, _pinger(backend))
+                    poll_seconds=args.poll, metrics=metrics, stall_seconds=args.stall_seconds)  # fmt: skip
     worker.install_signal_handlers()
+    if metrics is not None:
+        # Readiness asks Redis with its own short deadline, no retries: a frozen Redis answers 503 within a second.
+        probe = _backend(args, socket_timeout=0.5, socket_connect_timeout=0.5, retries=0, leases=False)
+        serve(args.metrics_port, metrics.registry, lambda: worker.alive, _pinger(probe))
+    if not _wait_for_redis(backend, worker, log):
+        return 0  # stopped (SIGTERM) before Redis answered
     worker.warm_up()
-    logging.getLogger(__name__).info("worker ready: concurrency %d, lease ttl %.1f s", args.concurrency, args.lease_ttl)
+    log.info("worker ready: concurrency %d, lease ttl %.1f s", args.concurrency, args.lease_ttl)
     worker.run()
-    logging.getLogger(__name__).info("worker stopped after resuming %d runs", worker.resumed)
+    log.info("worker stopped after resuming %d runs", worker.resumed)
     return 0
+
+
+def _wait_for_redis(backend, worker, log) -> bool:
+    """Wait (not ready, still alive) until Redis answers, as a pod in a restarting cluster must; False if stopped."""
+    from dynamiq_redis_ckpt.errors import CheckpointStoreError
+
+    delay = 0.5
+    while worker.alive:
+        try:
+            return backend.ping()
+        except CheckpointStoreError as e:
+            log.warning("Redis does not answer yet (%s); trying again in %.1f s", e, delay)
+        worker.idle(delay)
+        delay = min(delay * 2, 5.0)
+    return False
 
 
 def _resume(args: argparse.Namespace) -> int:

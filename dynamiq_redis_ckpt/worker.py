@@ -301,6 +301,7 @@ class Worker:
         concurrency: int = 4,
         poll_seconds: float = 0.5,
         metrics: WorkerMetrics | None = None,
+        stall_seconds: float = 60.0,
     ):
         self.recovery = recovery
         self.metrics = metrics
@@ -309,6 +310,8 @@ class Worker:
         self.flow_factory = flow_factory
         self.concurrency = concurrency
         self.poll_seconds = poll_seconds
+        self.stall_seconds = stall_seconds
+        self._last_pass = time.monotonic()  # when the loop last completed a pass (a failed one counts)
         self._stop = threading.Event()
         self._running: dict[tuple[str, str], tuple[Claim, CancellationToken, Future | asyncio.Task]] = {}
         self._lock = threading.Lock()
@@ -332,8 +335,15 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        """True while the loop has not been asked to stop."""
-        return not self._stop.is_set()
+        """True while the loop has not been asked to stop and completed a pass within ``stall_seconds`` (a pass
+        whose request to Redis failed counts: liveness is about this process, readiness about Redis)."""
+        return not self._stop.is_set() and time.monotonic() - self._last_pass <= self.stall_seconds
+
+    def idle(self, seconds: float) -> None:
+        """Count a pass of a loop that has nothing to do yet (waiting for Redis at start) and sleep up to
+        ``seconds``, less if stopped."""
+        self._last_pass = time.monotonic()
+        self._stop.wait(seconds)
 
     def _claims_op(self):
         """The one claim step of both loops (a store operation): claims for the free slots, none once stopping."""
@@ -357,6 +367,7 @@ class Worker:
                         self._running[(claim.flow, claim.run)] = (claim, cancel, self._pool.submit(self._resume, claim, cancel))
             except Exception:
                 logger.exception("worker poll failed")
+            self._last_pass = time.monotonic()
             self._stop.wait(self.poll_seconds)
         self._shutdown()
 
@@ -372,6 +383,7 @@ class Worker:
                         self._running[(claim.flow, claim.run)] = (claim, cancel, task)
             except Exception:
                 logger.exception("worker poll failed")
+            self._last_pass = time.monotonic()
             await asyncio.sleep(self.poll_seconds)
         running = self._hand_back_running()
         if running:

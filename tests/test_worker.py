@@ -26,9 +26,9 @@ def env_for(redis_server, prefix, **extra) -> dict:
     return os.environ | {"DYNAMIQ_REDIS_CKPT_URL": redis_server.url, PREFIX_ENV: prefix, "PYTHONPATH": str(ROOT)} | extra
 
 
-def start_worker(redis_server, prefix, log_path, *, ttl=2.0, metrics_port=None, **extra) -> subprocess.Popen:
+def start_worker(redis_server, prefix, log_path, *, ttl=2.0, metrics_port=None, flags=(), **extra) -> subprocess.Popen:
     args = [sys.executable, "-m", "dynamiq_redis_ckpt.cli", "worker", "--url", redis_server.url, "--prefix", prefix,
-            "--flows", "tests.flows:worker_flows", "--lease-ttl", str(ttl), "--poll", "0.2"]  # fmt: skip
+            "--flows", "tests.flows:worker_flows", "--lease-ttl", str(ttl), "--poll", "0.2", *flags]  # fmt: skip
     if metrics_port:
         args += ["--metrics-port", str(metrics_port)]
     return subprocess.Popen(args, cwd=ROOT, env=env_for(redis_server, prefix, **extra),
