@@ -691,12 +691,10 @@ class StoreCore:
 
     def clear(self) -> Op:
         """Delete every key of this namespace (SCAN, never KEYS), except what live runs need: a lease a run holds
-        right now, the flows' lease indexes and the workers' wake shards (a plain call never disturbs a live run;
-        workers drop what is left of ended runs when they meet it)."""
-        removed = 0
+        right now and its flow's lease index; their flows are announced to workers again (a plain call never
+        disturbs a live run, and its orphan stays findable)."""
+        removed, live_flows = 0, set()
         for kind, pattern in zip(KINDS, self.keys.namespace_patterns()):
-            if kind == "wake":
-                continue
             cursor = b"0"
             while True:
                 cursor, found = yield cmd("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
@@ -705,9 +703,15 @@ class StoreCore:
                 # one key per command: on a cluster the keys of one SCAN page span many slots
                 deletes = (Script("clear_lease", (key,), ()) if kind == "lease" else cmd("UNLINK", key) for key in found)
                 if found:
-                    removed += sum((yield Batch(tuple(deletes))))
+                    for reply in (yield Batch(tuple(deletes))):
+                        if isinstance(reply, list):  # a live lease, kept: [its flow]
+                            live_flows.add(text(reply[0]))
+                        else:
+                            removed += reply
                 if text(cursor) == "0":
                     break
+        if live_flows:
+            yield Batch(tuple(c for flow in sorted(live_flows) for c in announce(self.keys, flow)))
         self.cache.clear()
         return removed
 

@@ -143,10 +143,14 @@ def test_clear_beside_a_live_run_keeps_its_lease(leased_backend, slow_steps):
     assert lease_key is not None
     backend.clear()
     assert backend.redis.hget(lease_key, "owner") == process_owner().encode(), "the live lease survived clear()"
+    shard = backend.store.keys.shard_of("cleared-chain")
+    assert backend.redis.zrange(backend.store.keys.wake(shard), 0, -1) == [b"cleared-chain"], "and stays findable"
     assert backend.load("old") is None and backend.redis.exists(backend.store.keys.lease("ended", "wf-ended")) == 0
     thread.join(timeout=60)
     assert outcome and outcome[0].status.value == "success", "the run was not disturbed"
     assert backend.redis.hget(lease_key, "token") == b"1"
+    backend.clear()
+    assert list(backend.redis.scan_iter(match=f"{backend.prefix}:*")) == [], "with no live run, clear() leaves nothing"
 
 
 def test_run_async_saves_are_recognised_as_a_running_flows(leased_backend):
