@@ -32,10 +32,14 @@ VANISHED = (
 )
 
 
-def status_of(checkpoint: FlowCheckpoint) -> str:
-    """The checkpoint's status as stored ('active', 'completed', ...)."""
-    status = checkpoint.status
+def status_name(status: CheckpointStatus | str) -> str:
+    """A status as stored ('active', 'completed', ...)."""
     return status.value if isinstance(status, CheckpointStatus) else str(status)
+
+
+def status_of(checkpoint: FlowCheckpoint) -> str:
+    """The checkpoint's status as stored."""
+    return status_name(checkpoint.status)
 
 
 def run_key(checkpoint: FlowCheckpoint) -> str:

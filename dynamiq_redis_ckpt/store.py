@@ -37,6 +37,7 @@ from dynamiq_redis_ckpt.leases import (
     announce,
     due_ms,
     run_key,
+    status_name,
     status_of,
 )
 from dynamiq_redis_ckpt.requests import Batch, Command, Script, cmd, pairs, score_pairs, text
@@ -50,10 +51,6 @@ _PACK_COUNT = 8  # a pack string starts with its reference count, 8 ASCII digits
 _MAX_EXTRA_PACKS = 8  # superseded packs a checkpoint may keep as the dictionary chain of its new pack
 _HELD_PACKS_SENT = 64  # a load tells the server up to this many packs of the flow it need not send
 _REQUIRED_FIELDS = ("st", "run", "ts", "pk")  # in every stored format
-
-
-def _status(value: CheckpointStatus | str) -> str:
-    return value.value if isinstance(value, CheckpointStatus) else str(value)
 
 
 @dataclass(frozen=True)
@@ -524,7 +521,7 @@ class StoreCore:
         """Checkpoints of a flow, newest first, optionally of one status and created before a moment. With
         ``newest`` (the latest checkpoint) a damaged newest one raises instead of being passed over: resuming from
         an older one would run nodes again."""
-        index = self.keys.status_index(flow_id, _status(status)) if status else self.keys.flow_index(flow_id)
+        index = self.keys.status_index(flow_id, status_name(status)) if status else self.keys.flow_index(flow_id)
         top = f"({micros(before)}" if before is not None else "+inf"
         return (yield from self._listed([(flow_id, index)], limit, top=top, newest=newest))
 
@@ -535,8 +532,8 @@ class StoreCore:
         """Checkpoints of a flow labelled with ``run_id`` or ``wf_run_id`` (either field), newest first."""
         runs = dict.fromkeys((run_id, *((wf_run_id,) if wf_run_id else ())))  # as Dynamiq's: run_id even when ''
         sources = [(flow_id, self.keys.run_index(flow_id, r)) for r in runs]
-        status_name = _status(status) if status else None
-        return (yield from self._listed(sources, limit, status=status_name, newest=newest))
+        wanted = status_name(status) if status else None
+        return (yield from self._listed(sources, limit, status=wanted, newest=newest))
 
     def list_by_run(self, run_id: str, limit: int | None) -> Op:
         """Checkpoints of every flow whose run_id or wf_run_id is ``run_id``, newest first."""
