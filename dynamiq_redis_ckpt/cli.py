@@ -79,12 +79,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from dynamiq_redis_ckpt import logs
+
+    logs.configure(args.log_format)  # before Dynamiq is imported: its import logs and warns
+
+    from dynamiq_redis_ckpt.config import mask_url, resolve_url
     from dynamiq_redis_ckpt.worker import Recovery, Worker, load_flow_factory
 
-    from dynamiq_redis_ckpt import logs
-    from dynamiq_redis_ckpt.config import mask_url, resolve_url
-
-    logs.configure(args.log_format)
     log = logging.getLogger(__name__)
     registry = None
     if args.metrics_port is not None:

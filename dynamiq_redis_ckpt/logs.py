@@ -37,7 +37,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(fmt: str = "text", level: int = logging.INFO) -> None:
-    """Send the root logger's records to stderr as ``text`` or ``json`` lines."""
+    """Send the root logger's records (and warnings) to stderr as ``text`` or ``json`` lines. Called before Dynamiq
+    is imported, it also keeps Dynamiq's own ``basicConfig`` from adding a second format."""
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -46,3 +47,4 @@ def configure(fmt: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # a library's warning is a log line too, in the same format
