@@ -572,13 +572,15 @@ def running(tmp_path_factory, rendered):
         argv = _python_command(_with_port([expand(p, env) for p in container["command"] + container["args"]],
                                           "--metrics-port", port))  # fmt: skip
         started["kubernetes"] = Started("kubernetes", argv, env, port, folder / "kubernetes.log")
-        # 3. the compose app: its entrypoint and command, its environment, on the plain Redis
+        # 3. the compose app: its entrypoint and command, beside the dev overlay's worker (same Redis and prefix).
+        #    Its second run dies mid-run (as every tenth does in compose) with a 3 s lease: that worker finishes it.
         app = compose()["services"]["app"]
         port = free_port()
         argv = _python_command(_with_port(app["entrypoint"] + app["command"], "--port", port))
-        app_env = app["environment"] | {"DYNAMIQ_REDIS_CKPT_URL": plain.url, "EXAMPLE_STEP_SECONDS": "0.02",
-                                         "DYNAMIQ_REDIS_CKPT_PREFIX": f"app{uuid.uuid4().hex[:6]}"}  # fmt: skip
-        argv += ["--pause", "0.1", "--crash-every", "0"]
+        argv += ["--runs", "2", "--pause", "5", "--crash-every", "2"]
+        shared = ("DYNAMIQ_REDIS_CKPT_URL", "DYNAMIQ_REDIS_CKPT_PREFIX")
+        app_env = app["environment"] | {key: env[key] for key in shared}
+        app_env |= {"EXAMPLE_STEP_SECONDS": "0.02", "LEASE_TTL": "3"}
         started["app"] = Started("app", argv, app_env, port, folder / "app.log")
         yield started | {"plain": plain, "guarded": guarded, "password": password}
     finally:
@@ -588,6 +590,33 @@ def running(tmp_path_factory, rendered):
                 one_started.proc.wait()
         plain.kill()
         guarded.kill()
+
+
+def test_the_example_app_runs_checkpointed_flows_and_the_dev_worker_recovers_its_crashed_run(running):
+    """Before the workers' tests stop them: the app's first run completes and its /metrics answers; its second
+    run dies in the middle (exit 3), and the dev overlay's worker, whose --flows is the image's example module,
+    claims the orphan and completes it."""
+    from dynamiq.checkpoints.types import CheckpointStatus
+
+    from dynamiq_redis_ckpt import RedisCheckpointBackend
+
+    app = running["app"]
+    app.wait_until(lambda: re.search(r"run \S+-1: success", app.log.read_text()))
+    assert _status(app.port, "/metrics") == 200, "the app serves /metrics while it runs"
+    assert "python_info" in urlopen(f"http://127.0.0.1:{app.port}/metrics", timeout=5).read().decode()
+    assert app.proc.wait(timeout=90) == 3, f"the second run did not die mid-run:\n{app.log.read_text()[-2000:]}"
+    backend = RedisCheckpointBackend(url=app.env["DYNAMIQ_REDIS_CKPT_URL"], prefix=app.env["DYNAMIQ_REDIS_CKPT_PREFIX"])
+    crashed = re.search(r"run (\S+-2) will crash", app.log.read_text()).group(1)
+
+    def completed():
+        latest = backend.get_latest_by_flow("orders")
+        return latest is not None and latest.wf_run_id == crashed and latest.status == CheckpointStatus.COMPLETED
+
+    deadline = time.monotonic() + 90
+    while not completed():
+        assert time.monotonic() < deadline, f"not recovered:\n{running['kubernetes'].log.read_text()[-3000:]}"
+        assert running["kubernetes"].proc.poll() is None, "the dev worker exited"
+        time.sleep(0.3)
 
 
 @pytest.mark.parametrize("which", ["image", "kubernetes"])
@@ -607,15 +636,3 @@ def test_the_container_command_serves_health_and_metrics_then_stops_on_sigterm(w
     print(f"[{which}] exited {code} {took:.1f} s after SIGTERM")
     assert code == 0, worker.log.read_text()[-3000:]
     assert took < grace, f"SIGTERM took {took:.1f} s, longer than the pod's grace period"
-
-
-def test_the_example_app_completes_checkpointed_runs_and_serves_metrics(running):
-    app = running["app"]
-    client = redis.Redis.from_url(running["plain"].url)
-    prefix = app.env["DYNAMIQ_REDIS_CKPT_PREFIX"]
-    app.wait_until(lambda: "success" in app.log.read_text())
-    assert any(True for _ in client.scan_iter(f"{prefix}:cp:*", count=1000)), "the runs' checkpoints are in Redis"
-    app.wait_until(lambda: _status(app.port, "/metrics") == 200, timeout=10)
-    assert "python_info" in urlopen(f"http://127.0.0.1:{app.port}/metrics", timeout=5).read().decode()
-    app.proc.terminate()
-    app.proc.wait(timeout=30)

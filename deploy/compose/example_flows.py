@@ -5,7 +5,8 @@ the compose stack's example app (``example_app.py``) runs the same flows. A real
 ``FROM`` the worker image with the app's flows module and points ``--flows`` (the ConfigMap's ``FLOWS``) at it.
 
 Environment: ``DYNAMIQ_REDIS_CKPT_URL`` (the Redis), ``DYNAMIQ_REDIS_CKPT_PREFIX`` (key namespace; the worker's
-``--prefix`` must be the same), ``EXAMPLE_STEP_SECONDS`` (time each node takes, default 0.5).
+``--prefix`` must be the same), ``LEASE_TTL`` (the lease ttl in seconds, default 15; the worker's ``--lease-ttl``: in
+Kubernetes both come from the ConfigMap), ``EXAMPLE_STEP_SECONDS`` (time each node takes, default 0.5).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def backend() -> RedisCheckpointBackend:
         url=os.environ.get("DYNAMIQ_REDIS_CKPT_URL", "redis://localhost:6379/0"),
         prefix=os.environ.get("DYNAMIQ_REDIS_CKPT_PREFIX", "dynamiq:ckpt"),
         ttl_seconds=86400,
+        lease_ttl_seconds=float(os.environ.get("LEASE_TTL", "15")),
         metrics=True,
     )
 
