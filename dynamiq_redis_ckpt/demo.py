@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -678,7 +679,8 @@ def _indent(text: str) -> str:
 def _finish(demo: Demo, inspector: RedisCheckpointBackend, worker, flow) -> int:
     if worker is not None:
         code, how = worker.stop()
-        lines = [line for line in worker.log().splitlines() if any(s in line for s in WORKER_LOG_SHOWN)]
+        lines = [re.sub(r"^\d{4}-\d\d-\d\d ", "", line) for line in worker.log().splitlines()
+                 if any(shown in line for shown in WORKER_LOG_SHOWN)]  # fmt: skip
         print(f"\nWorker stopped with SIGTERM: {how}" if not worker.in_process else f"\nWorker stopped: {how}")
         if lines:
             print("  its log:\n" + _indent("\n".join(lines[-6:])))
