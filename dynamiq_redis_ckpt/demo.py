@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -348,8 +349,10 @@ class FlowProcess:
                                      text=True)  # fmt: skip
         self.pid = self.proc.pid
 
-    def wait_ready(self) -> str | None:
+    def wait_ready(self, timeout: float) -> str | None:
         """Wait for the child's "ready <output of an uninterrupted run>" line; None when ready, else why not."""
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            return f"the flow's process was not ready within {timeout:g} s"
         word, _, reference = self.proc.stdout.readline().partition(" ")  # or "" when the child died
         if word != "ready":
             return f"the flow's process did not start (exit code {self.proc.poll()})"
@@ -359,6 +362,9 @@ class FlowProcess:
     def go(self) -> None:
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def kill(self, run: str) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)
@@ -401,12 +407,15 @@ class FlowThread:
         except SimulatedCrash as e:
             self.outcome["crash"] = e
 
-    def wait_ready(self) -> str | None:
+    def wait_ready(self, timeout: float) -> str | None:
         self.reference = reference_output()
         return None
 
     def go(self) -> None:
         self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
 
     def kill(self, run: str) -> None:
         from dynamiq_redis_ckpt.registry import REGISTRY
@@ -488,7 +497,7 @@ def _run(demo: Demo) -> int:
             worker = WorkerThread(demo)
             print(f"Worker: {worker.describe()}")
             flow = FlowThread(demo)
-        not_ready = flow.wait_ready() or worker.wait_ready(START_TIMEOUT)
+        not_ready = flow.wait_ready(START_TIMEOUT) or worker.wait_ready(START_TIMEOUT)
         if not demo.check(not_ready is None, f"worker and flow started ({not_ready})"):
             return _finish(demo, inspector, worker, flow)
         print(f"  worker ready: GET http://127.0.0.1:{worker.port}/readyz -> 200")
@@ -513,8 +522,8 @@ def _kill_and_watch(demo: Demo, inspector: RedisCheckpointBackend, worker, flow)
     """Kill the flow while KILL_DURING runs, then watch Redis until the worker completed the run."""
     deadline = time.monotonic() + START_TIMEOUT
     while not any(node == KILL_DURING and pid == flow.pid for node, pid, _ in _read_effects(demo.effects_path)):
-        if time.monotonic() > deadline:
-            demo.check(False, f"the flow reached {KILL_DURING} within {START_TIMEOUT:g} s")
+        if time.monotonic() > deadline or not flow.alive():
+            demo.check(False, f"the flow reached {KILL_DURING} within {START_TIMEOUT:g} s, running")
             return None
         time.sleep(0.02)
     time.sleep(STEP_SECONDS / 2)  # in the middle of the node
