@@ -1,7 +1,8 @@
 """Command line: ``dynamiq-redis-ckpt <command>`` (or ``python -m dynamiq_redis_ckpt.cli <command>``).
 
 Commands:
-    demo      crash a flow mid-run and resume it from Redis (see :mod:`dynamiq_redis_ckpt.demo`)
+    demo      kill a flow's process mid-run and watch a worker process recover the run (see
+              :mod:`dynamiq_redis_ckpt.demo`)
     worker    recover runs whose lease ran out or whose timer is due (see :mod:`dynamiq_redis_ckpt.worker`)
     resume    answer a run that waits for a person (a worker resumes it with the answer; the first answer stands,
               a later one exits with code 3)
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamiq-redis-ckpt", description="Redis checkpoint store for Dynamiq.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    demo = commands.add_parser("demo", help="crash a flow mid-run and resume it from its checkpoints in Redis")
+    demo = commands.add_parser("demo", help="kill a flow mid-run; a worker recovers the run by itself")
     demo.add_argument("--url", help="Redis to use (default $DYNAMIQ_REDIS_CKPT_URL, else a private redis-server)")
     demo.set_defaults(handler=_demo)
 
