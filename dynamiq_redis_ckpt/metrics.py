@@ -3,8 +3,9 @@ worker's /metrics, /healthz and /readyz endpoint.
 
 Collectors live on a registry passed in (nothing happens at import time), so a service mounts them on its own
 registry or app; only layers that record import this module, and only when metrics are on. In prometheus-client's
-multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before the first collector is made) every process writes its own
-files and one :class:`prometheus_client.multiprocess.MultiProcessCollector` adds them up; the gauges say how.
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` in the environment before prometheus-client is first imported)
+every process writes its own files and one :class:`prometheus_client.multiprocess.MultiProcessCollector` adds them
+up; the gauges say how.
 The catalogue, with each metric's meaning, is the README's "Operating it" section.
 """
 
