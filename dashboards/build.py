@@ -182,7 +182,7 @@ ROWS: list[tuple[str, list[Panel]]] = [
         ], "From a worker's claim to the resumed run's end.", unit="s"),
         ts("Worker poll", [
             (quantile(0.99, "dynamiq_ckpt_worker_scan_duration_seconds", by="instance"), "scan p99 {{instance}}"),
-            (f"time() - max by (instance) ({sel('dynamiq_ckpt_worker_last_scan_timestamp_seconds')})",
+            (f"time() - max by (instance) ({sel('dynamiq_ckpt_worker_last_scan_timestamp_seconds')} > 0)",
              "since last pass {{instance}}"),
         ], "Time one poll pass (find + claim) takes, and seconds since each worker last completed a pass (a stalled "
            "loop grows without bound; /healthz fails past --stall-seconds).", unit="s"),
