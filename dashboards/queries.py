@@ -90,6 +90,11 @@ class Result:
         rows = [[s["value"]] if self.instant else s["values"] for s in self.series]
         return sum(1 for row in rows for _, v in row if math.isfinite(float(v)))
 
+    def peak(self) -> float:
+        """The largest finite sample (0 when none)."""
+        rows = [[s["value"]] if self.instant else s["values"] for s in self.series]
+        return max((float(v) for row in rows for _, v in row if math.isfinite(float(v))), default=0.0)
+
 
 def panels(dashboard: dict) -> list[dict]:
     """Every panel that queries, rows' collapsed panels included, in the dashboard's order."""

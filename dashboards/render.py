@@ -90,16 +90,25 @@ def _when(ts: float) -> dt.datetime:
 def draw_timeseries(ax, panel: dict, results: list[Result], span: tuple[float, float]) -> None:
     _frame(ax)
     unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "short")
-    lines = 0
+    drawn = []  # (label, xs, ys) of every series with a number to draw
     for result in results:
         for series in sorted(result.series, key=lambda s: legend(result.legend, s["metric"])):
             xs = [_when(t) for t, _ in series["values"]]
             ys = [float(v) if math.isfinite(float(v)) else math.nan for _, v in series["values"]]
-            if not any(math.isfinite(y) for y in ys):
-                continue
-            ax.plot(xs, ys, color=PALETTE[lines % len(PALETTE)], linewidth=1.4,
-                    label=legend(result.legend, series["metric"]))  # fmt: skip
-            lines += 1
+            if any(math.isfinite(y) for y in ys):
+                drawn.append((legend(result.legend, series["metric"]), xs, ys))
+    # Many series (errors by kind, ...): the legend names those that moved; the flat zeros are one grey line.
+    quiet = [d for d in drawn if all(not math.isfinite(y) or y == 0 for y in d[2])] if len(drawn) > 6 else []
+    lines = 0
+    for label, xs, ys in drawn:
+        if any(q[0] == label for q in quiet):
+            continue
+        ax.plot(xs, ys, color=PALETTE[lines % len(PALETTE)], linewidth=1.4, label=label)
+        lines += 1
+    if quiet:
+        ax.plot(quiet[0][1], [0 if math.isfinite(y) else math.nan for y in quiet[0][2]], color=MUTED, linewidth=1,
+                label=f"{len(quiet)} more at 0")  # fmt: skip
+        lines += 1
     if not lines:
         _no_data(ax)
         ax.set_xticks([]), ax.set_yticks([])
@@ -175,8 +184,7 @@ def draw_heatmap(ax, panel: dict, results: list[Result], span: tuple[float, floa
     step = (xs[1] - xs[0]) if len(xs) > 1 else 1 / 86400
     edges_x = np.append(xs - step / 2, xs[-1] + step / 2)
     masked = np.ma.masked_where(shown <= 0, shown)
-    cmap = plt.get_cmap("Oranges").copy()
-    cmap.set_bad(PANEL_BG)
+    cmap = plt.get_cmap("Oranges").with_extremes(bad=PANEL_BG)
     ax.pcolormesh(edges_x, np.arange(len(bounds) + 1), masked, cmap=cmap, shading="flat",
                   norm=matplotlib.colors.PowerNorm(0.5, vmin=0))  # fmt: skip
     ax.set_yticks(np.arange(len(bounds)) + 0.5)
