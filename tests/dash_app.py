@@ -4,13 +4,14 @@
 
 What a service embedding the package does: ``RedisCheckpointBackend(..., metrics=True)`` puts the store's collectors
 on prometheus_client's default registry, ``start_http_server`` serves it. The process completes a small chain flow
-every few tenths of a second (saves of varied sizes, loads, lists, a cleanup now and then), pauses one run until a
+every second or so (saves of varied sizes, loads, lists, a cleanup now and then, now and then a long node), pauses one run until a
 timer and one for a person, answers the person three seconds later, and leaves both resumptions to the worker. It
 stops on SIGTERM.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
 import signal
@@ -23,7 +24,7 @@ from prometheus_client import start_http_server
 
 from dynamiq_redis_ckpt import RedisCheckpointBackend
 from dynamiq_redis_ckpt.worker import Recovery
-from tests.flows import ask_flow, chain_flow, timer_flow
+from tests.flows import SLEEP_ENV, ask_flow, chain_flow, timer_flow
 
 ASK_RUN = "wf-ask-dash"
 
@@ -35,6 +36,8 @@ def main() -> int:
     backend = RedisCheckpointBackend(url=url, prefix=prefix, metrics=True,
                                      lease_ttl_seconds=float(os.environ.get("CKPT_TEST_LEASE_TTL", "2")))  # fmt: skip
     start_http_server(port, addr="127.0.0.1")
+    # What Dynamiq imports lazily on a run's first pause (seconds of CPU): paid here, not by the first paused run.
+    importlib.import_module("dynamiq.nodes.agents.exceptions")
     print("app ready", flush=True)
 
     timer_flow(backend, "timer-dash", seconds=3.0).run_sync({"q": 1}, config=RunnableConfig(run_id="wf-timer-dash"))
@@ -42,9 +45,11 @@ def main() -> int:
     asked_at, answered = time.monotonic(), False
     print("paused a timer and a question", flush=True)
 
-    rng, i = random.Random(7), 0
+    rng, i, step_sleep = random.Random(7), 0, os.environ.get(SLEEP_ENV, "0")
     while not stop.is_set():
         flow = chain_flow(backend, 4, flow_id="orders", words=rng.choice((30, 150, 600, 2500)))
+        slow = i % 6 == 5  # now and then a node as long as a model call: the lease's heartbeat renews it meanwhile
+        os.environ[SLEEP_ENV] = "1.5" if slow else step_sleep
         flow.run_sync({"question": f"order {i}"}, config=RunnableConfig(run_id=f"wf-orders-{i}"))
         latest = backend.get_latest_by_flow("orders")
         backend.load(latest.id)
