@@ -18,6 +18,7 @@ from dynamiq_redis_ckpt.driver import AsyncDriver, RetryPolicy, SyncDriver
 from dynamiq_redis_ckpt.errors import ConfigurationError
 from dynamiq_redis_ckpt.guard import LeaseGuard, saved_by_running_flow
 from dynamiq_redis_ckpt.keys import Keys
+from dynamiq_redis_ckpt.observe import observed
 from dynamiq_redis_ckpt.registry import LeasePolicy, LeaseStore
 from dynamiq_redis_ckpt.store import StoreCore
 
@@ -50,6 +51,9 @@ class RedisCheckpointBackend(CheckpointBackend):
     leases: bool = Field(default=True, description="Hold a fenced run lease from a run's first save to its end")
     lease_ttl_seconds: float = Field(default=15.0, description="A lease runs out this long after its last renewal")
     heartbeat_interval_seconds: float | None = Field(default=None, description="Renewal period; default ttl / 3")
+    metrics: Any = Field(default=None, exclude=True, description="Prometheus metrics: True (prometheus-client's "
+                         "default registry), a CollectorRegistry, or None (off, no cost)")  # fmt: skip
+    metrics_flow_label: bool = Field(default=False, description="Label save/load metrics with the flow id")
 
     _owns_client: bool = PrivateAttr(default=True)
     _namespace: str = PrivateAttr()
@@ -57,6 +61,7 @@ class RedisCheckpointBackend(CheckpointBackend):
     _sync: SyncDriver = PrivateAttr()
     _async: AsyncDriver = PrivateAttr()
     _guard: LeaseGuard = PrivateAttr()
+    _observer: Any = PrivateAttr(default=None)
 
     @field_validator("ttl_seconds")
     @classmethod
@@ -109,6 +114,25 @@ class RedisCheckpointBackend(CheckpointBackend):
         interval = self.heartbeat_interval_seconds or self.lease_ttl_seconds / 3  # set before the "after" validator
         lease_policy = LeasePolicy(self.lease_ttl_seconds, interval, lease_store)
         self._guard = LeaseGuard(self._core, self._namespace, lease_policy)
+        if self.metrics is not None and self.metrics is not False:
+            self._observe_with(self.metrics)
+
+    def _observe_with(self, metrics: Any) -> None:
+        from dynamiq_redis_ckpt.metrics import StoreMetrics  # imported only when metrics are on
+
+        if isinstance(metrics, StoreMetrics):
+            observer = metrics
+        else:
+            observer = StoreMetrics.on(None if metrics is True else metrics, flow_label=self.metrics_flow_label)
+        self._observer = self._sync.observer = self._async.observer = self._core.observer = observer
+        policy = self._guard.policy
+        self._guard.policy = LeasePolicy(policy.ttl, policy.interval, policy.store, observer)
+
+    def _op(self, operation: str, op, flow: str | None = None):
+        """``op``, reporting its duration (and a save's outcome and sizes) when metrics are on."""
+        if self._observer is None:
+            return op
+        return observed(self._observer, operation, op, flow if self.metrics_flow_label else None)
 
     @property
     def to_dict_exclude_params(self) -> dict[str, bool]:
@@ -175,7 +199,7 @@ class RedisCheckpointBackend(CheckpointBackend):
         """The save operation (shared by the sync and async paths): a running flow's is fenced by its run's lease,
         any other caller's leaves leases alone (see :mod:`dynamiq_redis_ckpt.guard`)."""
         fenced = self.leases and saved_by_running_flow(caller)
-        return self._guard.save(checkpoint, must_exist=must_exist, fenced=fenced)
+        return self._op("save", self._guard.save(checkpoint, must_exist=must_exist, fenced=fenced), checkpoint.flow_id)
 
     def save(self, checkpoint: FlowCheckpoint) -> str:
         """Save (insert or overwrite) a checkpoint; returns its id. The checkpoint object is not modified.
@@ -187,7 +211,7 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     def load(self, checkpoint_id: str) -> FlowCheckpoint | None:
         """Load a checkpoint by id; None when it is not stored (or has expired)."""
-        return self._sync.run(self._core.load(checkpoint_id))
+        return self._sync.run(self._op("load", self._core.load(checkpoint_id)))
 
     def update(self, checkpoint: FlowCheckpoint) -> None:
         """Overwrite a stored checkpoint; raises CheckpointNotFoundError (a FileNotFoundError) when absent."""
@@ -195,7 +219,7 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     def delete(self, checkpoint_id: str) -> bool:
         """Delete a checkpoint; True when it existed."""
-        return self._sync.run(self._core.delete(checkpoint_id))
+        return self._sync.run(self._op("delete", self._core.delete(checkpoint_id)))
 
     def get_list_by_flow(
         self,
@@ -206,17 +230,17 @@ class RedisCheckpointBackend(CheckpointBackend):
         before: datetime | None = None,
     ) -> list[FlowCheckpoint]:
         """Checkpoints of a flow, newest first (``limit=None`` for all)."""
-        return self._sync.run(self._core.list_by_flow(flow_id, status, limit, before))
+        return self._sync.run(self._op("list", self._core.list_by_flow(flow_id, status, limit, before), flow_id))
 
     def get_latest_by_flow(self, flow_id: str, *, status: CheckpointStatus | None = None) -> FlowCheckpoint | None:
         """The newest checkpoint of a flow; CheckpointCorruptedError when that one is damaged (resuming from an older
         one would run nodes again: pick one from ``get_list_by_flow`` deliberately)."""
-        found = self._sync.run(self._core.list_by_flow(flow_id, status, 1, None, newest=True))
+        found = self._sync.run(self._op("list", self._core.list_by_flow(flow_id, status, 1, None, newest=True), flow_id))
         return found[0] if found else None
 
     def get_list_by_run(self, run_id: str, *, limit: int | None = None) -> list[FlowCheckpoint]:
         """Checkpoints whose run_id or wf_run_id is ``run_id``, across flows, newest first."""
-        return self._sync.run(self._core.list_by_run(run_id, limit))
+        return self._sync.run(self._op("list", self._core.list_by_run(run_id, limit)))
 
     def get_list_by_flow_and_run(
         self,
@@ -228,7 +252,7 @@ class RedisCheckpointBackend(CheckpointBackend):
         limit: int | None = None,
     ) -> list[FlowCheckpoint]:
         """Checkpoints of a flow matching ``run_id`` or ``wf_run_id`` (in either field), newest first."""
-        return self._sync.run(self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, limit))
+        return self._sync.run(self._op("list", self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, limit), flow_id))
 
     def get_latest_by_flow_and_run(
         self,
@@ -239,13 +263,15 @@ class RedisCheckpointBackend(CheckpointBackend):
         status: CheckpointStatus | None = None,
     ) -> FlowCheckpoint | None:
         """The newest checkpoint of a flow's run; CheckpointCorruptedError when that one is damaged."""
-        found = self._sync.run(self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, 1, newest=True))
+        found = self._sync.run(self._op("list", self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, 1, newest=True),
+                                        flow_id))
         return found[0] if found else None
 
     def cleanup_by_flow(self, flow_id: str, *, keep_count: int = 10, max_ttl_minutes: int | None = None) -> int:
         """Dynamiq's retention rule; never deletes the head of a chain that is active, paused or pending input."""
         return self._sync.run(
-            self._core.cleanup_by_flow(flow_id, keep_count, max_ttl_minutes, self.max_cleanup_results)
+            self._op("cleanup", self._core.cleanup_by_flow(flow_id, keep_count, max_ttl_minutes, self.max_cleanup_results),
+                     flow_id)
         )
 
     def clear(self) -> None:
@@ -260,7 +286,7 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     async def load_async(self, checkpoint_id: str) -> FlowCheckpoint | None:
         """Async :meth:`load`."""
-        return await self._async.run(self._core.load(checkpoint_id))
+        return await self._async.run(self._op("load", self._core.load(checkpoint_id)))
 
     async def update_async(self, checkpoint: FlowCheckpoint) -> None:
         """Async :meth:`update`."""
@@ -268,7 +294,7 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     async def delete_async(self, checkpoint_id: str) -> bool:
         """Async :meth:`delete`."""
-        return await self._async.run(self._core.delete(checkpoint_id))
+        return await self._async.run(self._op("delete", self._core.delete(checkpoint_id)))
 
     async def get_list_by_flow_async(
         self,
@@ -279,18 +305,18 @@ class RedisCheckpointBackend(CheckpointBackend):
         before: datetime | None = None,
     ) -> list[FlowCheckpoint]:
         """Async :meth:`get_list_by_flow`."""
-        return await self._async.run(self._core.list_by_flow(flow_id, status, limit, before))
+        return await self._async.run(self._op("list", self._core.list_by_flow(flow_id, status, limit, before), flow_id))
 
     async def get_latest_by_flow_async(
         self, flow_id: str, *, status: CheckpointStatus | None = None
     ) -> FlowCheckpoint | None:
         """Async :meth:`get_latest_by_flow`."""
-        found = await self._async.run(self._core.list_by_flow(flow_id, status, 1, None, newest=True))
+        found = await self._async.run(self._op("list", self._core.list_by_flow(flow_id, status, 1, None, newest=True), flow_id))
         return found[0] if found else None
 
     async def get_list_by_run_async(self, run_id: str, *, limit: int | None = None) -> list[FlowCheckpoint]:
         """Async :meth:`get_list_by_run`."""
-        return await self._async.run(self._core.list_by_run(run_id, limit))
+        return await self._async.run(self._op("list", self._core.list_by_run(run_id, limit)))
 
     async def get_list_by_flow_and_run_async(
         self,
@@ -302,7 +328,7 @@ class RedisCheckpointBackend(CheckpointBackend):
         limit: int | None = None,
     ) -> list[FlowCheckpoint]:
         """Async :meth:`get_list_by_flow_and_run`."""
-        return await self._async.run(self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, limit))
+        return await self._async.run(self._op("list", self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, limit), flow_id))
 
     async def get_latest_by_flow_and_run_async(
         self,
@@ -313,7 +339,7 @@ class RedisCheckpointBackend(CheckpointBackend):
         status: CheckpointStatus | None = None,
     ) -> FlowCheckpoint | None:
         """Async :meth:`get_latest_by_flow_and_run`."""
-        op = self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, 1, newest=True)
+        op = self._op("list", self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, 1, newest=True), flow_id)
         found = await self._async.run(op)
         return found[0] if found else None
 
@@ -336,7 +362,8 @@ class RedisCheckpointBackend(CheckpointBackend):
     ) -> int:
         """Async :meth:`cleanup_by_flow`."""
         return await self._async.run(
-            self._core.cleanup_by_flow(flow_id, keep_count, max_ttl_minutes, self.max_cleanup_results)
+            self._op("cleanup", self._core.cleanup_by_flow(flow_id, keep_count, max_ttl_minutes, self.max_cleanup_results),
+                     flow_id)
         )
 
     async def clear_async(self) -> None:

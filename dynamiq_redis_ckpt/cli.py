@@ -1,7 +1,8 @@
 """Command line: ``dynamiq-redis-ckpt <command>`` (or ``python -m dynamiq_redis_ckpt.cli <command>``).
 
 Commands:
-    demo      crash a flow mid-run and resume it from Redis (see :mod:`dynamiq_redis_ckpt.demo`)
+    demo      kill a flow's process mid-run and watch a worker process recover the run (see
+              :mod:`dynamiq_redis_ckpt.demo`)
     worker    recover runs whose lease ran out or whose timer is due (see :mod:`dynamiq_redis_ckpt.worker`)
     resume    answer a run that waits for a person (a worker resumes it with the answer; the first answer stands,
               a later one exits with code 3)
@@ -11,6 +12,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
@@ -20,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamiq-redis-ckpt", description="Redis checkpoint store for Dynamiq.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    demo = commands.add_parser("demo", help="crash a flow mid-run and resume it from its checkpoints in Redis")
+    demo = commands.add_parser("demo", help="kill a flow mid-run; a worker recovers the run by itself")
     demo.add_argument("--url", help="Redis to use (default $DYNAMIQ_REDIS_CKPT_URL, else a private redis-server)")
     demo.set_defaults(handler=_demo)
 
@@ -36,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
     worker.add_argument("--stall-seconds", type=float, default=60.0,
                         help="/healthz fails when the poll loop has not completed a pass for this long")  # fmt: skip
+    worker.add_argument("--metrics-flow-label", action="store_true",
+                        help="label save/load metrics with the flow id (only for a bounded set of flows)")  # fmt: skip
+    worker.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="log lines as text, or as one JSON object per line with the run's ids as fields")  # fmt: skip
     worker.set_defaults(handler=_worker)
 
     resume = commands.add_parser("resume", help="answer a run that waits for a person; a worker resumes it")
@@ -75,33 +81,67 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from dynamiq_redis_ckpt import logs
+
+    logs.configure(args.log_format)  # before Dynamiq is imported: its import logs and warns
+
+    from dynamiq_redis_ckpt.config import mask_url, resolve_url
     from dynamiq_redis_ckpt.worker import Recovery, Worker, load_flow_factory
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger(__name__)
-    backend = _backend(args, lease_ttl_seconds=args.lease_ttl)
-    factory = load_flow_factory(flows=args.flows, yaml_path=args.yaml)
-    metrics = None
+    registry = None
     if args.metrics_port is not None:
         from prometheus_client import CollectorRegistry
 
-        from dynamiq_redis_ckpt.metrics import WorkerMetrics, serve
+        registry = CollectorRegistry()
+    backend = _backend(args, lease_ttl_seconds=args.lease_ttl, metrics=registry,
+                       metrics_flow_label=args.metrics_flow_label)  # fmt: skip
+    log.info("worker on %s, prefix %s", mask_url(backend.url or resolve_url(None)), backend.prefix)
+    factory = load_flow_factory(flows=args.flows, yaml_path=args.yaml)
+    metrics = None
+    if registry is not None:
+        from dynamiq_redis_ckpt.metrics import WorkerMetrics
 
-        metrics = WorkerMetrics(CollectorRegistry())
+        metrics = WorkerMetrics(registry)
     worker = Worker(Recovery(backend, max_attempts=args.max_attempts), factory, concurrency=args.concurrency,
                     poll_seconds=args.poll, metrics=metrics, stall_seconds=args.stall_seconds)  # fmt: skip
     worker.install_signal_handlers()
-    if metrics is not None:
-        # Readiness asks Redis with its own short deadline, no retries: a frozen Redis answers 503 within a second.
-        probe = _backend(args, socket_timeout=0.5, socket_connect_timeout=0.5, retries=0, leases=False)
-        serve(args.metrics_port, metrics.registry, lambda: worker.alive, _pinger(probe))
+    if registry is not None:
+        _serve_worker(args, registry, worker)
     if not _wait_for_redis(backend, worker, log):
         return 0  # stopped (SIGTERM) before Redis answered
     worker.warm_up()
+    # Dynamiq's imports leave a large heap that never goes away: frozen, it is not walked by every full collection,
+    # nor by the one at exit (which took 5-6 s after SIGTERM, most of a pod's termination grace period).
+    gc.freeze()
     log.info("worker ready: concurrency %d, lease ttl %.1f s", args.concurrency, args.lease_ttl)
     worker.run()
     log.info("worker stopped after resuming %d runs", worker.resumed)
     return 0
+
+
+def _serve_worker(args: argparse.Namespace, registry, worker) -> None:
+    """/metrics (the worker's and its backend's metrics, the fleet read from Redis at scrape time, the process's),
+    /healthz and /readyz."""
+    from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
+    from dynamiq_redis_ckpt import __version__, leases
+    from dynamiq_redis_ckpt.metrics import FleetCollector, serve
+
+    # Readiness and the fleet read ask Redis with their own short deadline, no retries: a frozen Redis answers 503
+    # within a second, and a scrape is never held up for long.
+    probe = _backend(args, socket_timeout=0.5, socket_connect_timeout=0.5, retries=0, leases=False)
+
+    def build() -> dict[str, str]:
+        info = probe.redis.info("server")
+        return {"version": __version__, "redis_version": str(info.get("redis_version", "unknown")),
+                "redis_mode": str(info.get("redis_mode", "standalone"))}  # fmt: skip
+
+    registry.register(FleetCollector(lambda: probe.execute(leases.fleet_op(probe.store.keys)), build))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    serve(args.metrics_port, registry, lambda: worker.alive, _pinger(probe))
 
 
 def _wait_for_redis(backend, worker, log) -> bool:

@@ -20,8 +20,9 @@ from typing import Any, Callable
 
 import redis
 import redis.asyncio
+from redis.exceptions import AuthenticationError, BusyLoadingError, DataError, NoScriptError, OutOfMemoryError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, NoScriptError, OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dynamiq_redis_ckpt import scripts
@@ -53,6 +54,26 @@ def _refusal(error: Exception) -> str | None:
             return code
     code = str(error).split(" ", 1)[0]
     return code if isinstance(error, ResponseError) and code in _REFUSED_CODES else None
+
+
+def error_kind(error: Exception) -> str:
+    """The kind a metric counts a failed request under (``dynamiq_ckpt_redis_errors_total{kind}``)."""
+    if isinstance(error, (RedisTimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(error, AuthenticationError):
+        return "auth"
+    if isinstance(error, BusyLoadingError):
+        return "loading"
+    if isinstance(error, NoScriptError):
+        return "noscript"
+    if isinstance(error, (RedisConnectionError, ConnectionError, OSError)):
+        return "connection"
+    if (code := _refusal(error)) is not None:
+        return code.lower()
+    first = str(error).split(" ", 1)[0]
+    if isinstance(error, ResponseError) and first in ("MOVED", "ASK", "WRONGTYPE", "NOAUTH", "WRONGPASS"):
+        return {"NOAUTH": "auth", "WRONGPASS": "auth"}.get(first, first.lower())
+    return "other"
 
 
 class RetryPolicy:
@@ -108,6 +129,7 @@ class SyncDriver:
     def __init__(self, client: redis.Redis, policy: RetryPolicy):
         self.client = client
         self.policy = policy
+        self.observer = None  # a metrics.StoreMetrics when metrics are on: counts every failed attempt
 
     def run(self, op) -> Any:
         """Drive a store operation (a generator) to its result; a failed request's error is thrown into it."""
@@ -131,16 +153,22 @@ class SyncDriver:
             try:
                 return self._once(request)
             except (*_TRANSIENT, ResponseError) as e:
+                if self.observer is not None:
+                    self.observer.redis_error(error_kind(e))
                 if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refusal(e)):
                     raise _translate(e, request) from e
                 time.sleep(self.policy.delay(attempt))
             except redis.RedisError as e:
+                if self.observer is not None:
+                    self.observer.redis_error(error_kind(e))
                 raise _translate(e, request) from e
 
     def _once(self, request: Any) -> Any:
         try:
             return self._send(request)
         except NoScriptError:  # the server lost its scripts (restart, SCRIPT FLUSH): load them and send again
+            if self.observer is not None:
+                self.observer.redis_error("noscript")
             for name in _scripts_of(request):
                 self.client.script_load(scripts.source(name))
             return self._send(request)
@@ -212,6 +240,7 @@ class AsyncDriver:
         self.policy = policy
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.observer = None  # as SyncDriver.observer
         self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref, Any] | None = None  # the last loop's client, without a dictionary lookup
 
@@ -252,10 +281,14 @@ class AsyncDriver:
             try:
                 return await self._once(request)
             except (*_TRANSIENT, ResponseError) as e:
+                if self.observer is not None:
+                    self.observer.redis_error(error_kind(e))
                 if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refusal(e)):
                     raise _translate(e, request) from e
                 await asyncio.sleep(self.policy.delay(attempt))
             except redis.RedisError as e:
+                if self.observer is not None:
+                    self.observer.redis_error(error_kind(e))
                 raise _translate(e, request) from e
 
     async def _once(self, request: Any) -> Any:
@@ -263,6 +296,8 @@ class AsyncDriver:
         try:
             return await self._send(client, request)
         except NoScriptError:
+            if self.observer is not None:
+                self.observer.redis_error("noscript")
             loads = [("SCRIPT", "LOAD", scripts.source(name)) for name in _scripts_of(request)]
             _first_error(await self._pipeline(client, loads))
             return await self._send(client, request)

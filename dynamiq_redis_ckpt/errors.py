@@ -102,7 +102,8 @@ class LeaseLostError(BaseException):
     ``flow.run_sync`` ends by raising it. None of the run's later writes land.
     """
 
-    def __init__(self, run_id: str, reason: str):
+    def __init__(self, run_id: str, reason: str, kind: str = "taken_over"):
         super().__init__(f"Lease of run {run_id} lost: {reason}")
         self.run_id = run_id
         self.reason = reason
+        self.kind = kind  # how, in one word: taken_over, vanished, unconfirmed, claimed, retired (a metric label)

@@ -21,6 +21,7 @@ from typing import Iterator
 from dynamiq.checkpoints.checkpoint import CheckpointFlowMixin, FlowCheckpoint
 
 from dynamiq_redis_ckpt.errors import CheckpointStoreError, LeaseLostError, StoreUnavailableError
+from dynamiq_redis_ckpt.logs import ids
 from dynamiq_redis_ckpt.registry import REGISTRY, LeasePolicy, LeaseRegistry, safe_span
 from dynamiq_redis_ckpt.requests import Sleep
 from dynamiq_redis_ckpt.store import Saved, StoreCore
@@ -97,7 +98,7 @@ class LeaseGuard:
             try:
                 saved: Saved = yield from self.store.save(checkpoint, must_exist=must_exist, ticket=save.ticket)
             except LeaseLostError as lost:
-                self.registry.refuse(save, lost.reason)
+                self.registry.refuse(save, lost.reason, lost.kind)
                 raise
             except CheckpointStoreError as error:
                 if not _unconfirmed(error):  # refused for good (a key of another type, ...): nothing was written
@@ -108,9 +109,10 @@ class LeaseGuard:
                 if left <= 0:
                     reason = (f"Redis did not confirm the run's checkpoint before its lease could run out ({error}); "
                               "the run stops here and a worker resumes it from its newest stored checkpoint")
-                    self.registry.refuse(save, reason)
-                    raise LeaseLostError(save.key[2], reason) from error
-                logger.warning("save of run %s not confirmed (%s); trying again for %.1f s", save.key[2], error, left)
+                    self.registry.refuse(save, reason, "unconfirmed")
+                    raise LeaseLostError(save.key[2], reason, "unconfirmed") from error
+                logger.warning("save of run %s not confirmed (%s); trying again for %.1f s", save.key[2], error, left,
+                               extra=ids(save.key[1], save.key[2], checkpoint.id))
                 yield Sleep(min(_RETRY_PAUSE, left))
                 continue
             self.registry.confirm(save, checkpoint, saved.token, sent_at, self.policy)

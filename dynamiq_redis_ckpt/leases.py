@@ -14,6 +14,7 @@ worker's poll costs one call per shard, and ended runs leave nothing behind that
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint
@@ -156,6 +157,8 @@ class Claim:
     attempt: int
     owner: str
     reason: str  # "orphan" | "due"
+    waited_ms: int | None = None  # how long it had been claimable when claimed (server clock); None if unknown
+    claimed_at: float = 0.0  # time.monotonic() in the claiming process when the claim was confirmed
 
 
 @dataclass(frozen=True)
@@ -205,11 +208,59 @@ def claim_op(keys: Keys, flow: str, run: str, owner: str, ttl_ms: int, reason: s
     reply = yield Script("claim", lease_keys, (run, owner, ttl_ms, reason, max_attempts))
     outcome = verdict(reply)
     if outcome == "OK":
-        return Claim(flow, run, int(text(reply[1])), text(reply[2]), int(text(reply[3])), owner, reason)
+        waited = text(reply[4]) if len(reply) > 4 else ""
+        return Claim(flow, run, int(text(reply[1])), text(reply[2]), int(text(reply[3])), owner, reason,
+                     int(waited) if waited else None, time.monotonic())  # fmt: skip
     if outcome == "DEAD":
         yield cmd("SADD", keys.dead_flows(keys.shard_of(flow)), flow)
         return "DEAD"
     return None
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Runs of a namespace by state, as workers see them: ``leased`` (lease index entries not claimable yet: live
+    leases, and failed attempts waiting out their back-off), ``orphaned`` (claimable now), ``scheduled`` (paused until a
+    timer), ``due`` (timer came or a person answered: claimable now), ``dead``; the oldest orphan's wait (s)."""
+
+    runs: dict[str, int]
+    oldest_orphan_seconds: float
+    flows: int
+
+
+def fleet_op(keys: Keys, flows_per_shard: int = 64):
+    """A :class:`Fleet` read in two round trips of bounded size (never a scan): the flows of each wake shard
+    (at most ``flows_per_shard``: flows with live leases, orphans or timers) and of each dead-letter shard, then
+    counts from their indexes."""
+    head = [cmd("TIME")]
+    head += [cmd("ZRANGE", keys.wake(i), 0, flows_per_shard - 1) for i in range(FLOW_SHARDS)]
+    head += [cmd("SRANDMEMBER", keys.dead_flows(i), flows_per_shard) for i in range(FLOW_SHARDS)]
+    replies = yield Batch(tuple(head))
+    seconds, micros_ = replies[0]
+    now_ms = int(seconds) * 1000 + int(micros_) // 1000
+    live = sorted({text(f) for reply in replies[1 : 1 + FLOW_SHARDS] for f in reply or ()})
+    dead = sorted({text(f) for reply in replies[1 + FLOW_SHARDS :] for f in reply or ()})
+    counts: list[Command] = []
+    for flow in live:
+        leased, due = keys.lease_index(flow), keys.due_index(flow)
+        counts += [cmd("ZCARD", leased), cmd("ZCOUNT", leased, "-inf", now_ms), cmd("ZRANGE", leased, 0, 0, "WITHSCORES"),
+                   cmd("ZCARD", due), cmd("ZCOUNT", due, "-inf", now_ms)]  # fmt: skip
+    counts += [cmd("ZCARD", keys.dead_index(flow)) for flow in dead]
+    replies = (yield Batch(tuple(counts))) if counts else []
+    runs = dict.fromkeys(("leased", "orphaned", "scheduled", "due", "dead"), 0)
+    oldest = None
+    for i in range(len(live)):
+        in_index, orphans, first, timers, due_now = replies[5 * i : 5 * i + 5]
+        runs["leased"] += int(in_index) - int(orphans)
+        runs["orphaned"] += int(orphans)
+        runs["scheduled"] += int(timers) - int(due_now)
+        runs["due"] += int(due_now)
+        if int(orphans) and first:
+            at = score_pairs(first)[0][0]
+            oldest = at if oldest is None else min(oldest, at)
+    runs["dead"] = sum(int(n) for n in replies[5 * len(live) :])
+    waited = max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0
+    return Fleet(runs, waited, len(live))
 
 
 def migrate_registry_op(keys: Keys, batch: int = 1000):

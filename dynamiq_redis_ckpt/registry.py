@@ -18,13 +18,14 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 
 from dynamiq_redis_ckpt.driver import SyncDriver
 from dynamiq_redis_ckpt.errors import CheckpointStoreError, LeaseLostError, WrongKeyTypeError
 from dynamiq_redis_ckpt.keys import Keys
+from dynamiq_redis_ckpt.logs import ids
 from dynamiq_redis_ckpt.leases import ACTIVE, TERMINAL, VANISHED, LeaseRef, LeaseTicket, renew_many_op, run_key, status_of
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class LeasePolicy:
     ttl: float
     interval: float
     store: LeaseStore
+    observer: Any = None  # a metrics.StoreMetrics when the backend's metrics are on
 
 
 @dataclass
@@ -89,6 +91,7 @@ class HeldLease:
     lost: str | None = None
     last_error: str | None = None  # why the latest renewal failed, if it did: named when the lease is self-fenced
     on_lost: list[Callable[[str], None]] = field(default_factory=list)
+    on_first_save: Callable[[], None] | None = None  # a worker's claim: called once its resumed run's save lands
     saves: int = 0  # confirmed saves under it: a renewal sent before the latest one answers for an older state
     announced: bool = False  # its flow was announced to workers by a renewal (see LeaseRegistry._renew)
 
@@ -136,6 +139,7 @@ class LeaseRegistry:
         self._retired: OrderedDict[tuple[str, str, str, str], str] = OrderedDict()  # -> why
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._observers: set[Any] = set()  # metrics observers of leases seen here (their gauge goes back to 0)
 
     def reset_after_fork(self) -> None:
         """A forked child holds none of its parent's leases and must not renew them."""
@@ -143,6 +147,7 @@ class LeaseRegistry:
         self._leases = {}
         self._wake = threading.Event()
         self._thread = None
+        self._observers = set()
 
     # ---- a running flow's saves -------------------------------------------------------------------------------
 
@@ -159,15 +164,16 @@ class LeaseRegistry:
         with self._lock:
             retired = self._retired.get(key + (run_id,))
             if retired is not None:
-                raise LeaseLostError(key[2], f"this run_sync lost the run's lease earlier in this process: {retired}")
+                raise LeaseLostError(key[2], f"this run_sync lost the run's lease earlier in this process: {retired}",
+                                     "retired")
             held = self._leases.get(key)
             if held is not None and held.lost is None and not held.paused and time.monotonic() >= held.deadline:
-                self._lose_locked(held, held.self_fence_reason())
+                self._lose_locked(held, held.self_fence_reason(), "self_fenced")
             if held is None:
                 return FencedSave(key, run_id, self._take(ttl), None)
             if held.run_id is None and held.head not in (checkpoint.parent_checkpoint_id, checkpoint.id):
                 # A worker claimed the run here; only the run it resumes (from the claimed head) may write under it.
-                raise LeaseLostError(key[2], "the run was claimed by a worker of this process")
+                raise LeaseLostError(key[2], "the run was claimed by a worker of this process", "claimed")
             if held.run_id is not None and held.run_id != run_id:
                 return FencedSave(key, run_id, self._take(ttl), held)  # takes over; the old run_sync is retired
             if held.lost is not None:
@@ -184,9 +190,10 @@ class LeaseRegistry:
         """Record the lease state a confirmed save left behind (``token``: the lease's token after it)."""
         status = status_of(checkpoint)
         with self._lock:
+            first = self._first_save_locked(save.key)
             previous = save.held
             if save.ticket.mode == "take" and previous is not None:
-                self._retire_locked(previous, "a new run_sync of the run took the lease over")
+                self._retire_locked(previous, "a new run_sync of the run took the lease over", "superseded")
             held = self._leases.get(save.key)
             # The heartbeat is woken only for a lease it does not renew yet: waking it on every save cost each
             # save a thread switch, and a confirmed save only moves the next renewal later.
@@ -197,20 +204,33 @@ class LeaseRegistry:
                 self._leases[save.key] = held
             if status in TERMINAL:
                 del self._leases[save.key]  # the save script handed the lease back for good
-                return
-            held.token = token
-            held.paused = status != ACTIVE  # a pause (maybe mid-run): handed back, token kept, no heartbeat
-            held.saves += 1
-            held.confirmed(sent_at)
+                wake = False
+            else:
+                held.token = token
+                held.paused = status != ACTIVE  # a pause (maybe mid-run): handed back, token kept, no heartbeat
+                held.saves += 1
+                held.confirmed(sent_at)
+        if first is not None:
+            try:
+                first()
+            except Exception:  # a metric callback must not fail a save that landed
+                logger.exception("on_first_save callback failed")
         if wake and not held.paused:
             self._ensure_heartbeat()
 
-    def refuse(self, save: FencedSave, reason: str) -> None:
+    def _first_save_locked(self, key: RunRef) -> Callable[[], None] | None:
+        held = self._leases.get(key)
+        if held is None or held.on_first_save is None:
+            return None
+        callback, held.on_first_save = held.on_first_save, None
+        return callback
+
+    def refuse(self, save: FencedSave, reason: str, kind: str) -> None:
         """The save was refused (or could not be confirmed in time): the lease it used is lost, and its run_sync
         never writes this run again."""
         with self._lock:
             if save.held is not None and save.held.lost is None:
-                self._lose_locked(save.held, reason)
+                self._lose_locked(save.held, reason, kind)
             self._retire_run_locked(save.key, save.run_id, reason)
 
     def fence(self, namespace: str, flow: str, run: str, token: int, reason: str) -> None:
@@ -221,12 +241,12 @@ class LeaseRegistry:
         with self._lock:
             held = self._leases.get((namespace, flow, run))
             if held is not None and held.token == token:
-                self._retire_locked(held, reason)
+                self._retire_locked(held, reason, "handed_back")
 
-    def _retire_locked(self, held: HeldLease, reason: str) -> None:
+    def _retire_locked(self, held: HeldLease, reason: str, kind: str) -> None:
         """The lease is lost (if it was not already) and the run_sync that wrote under it never writes again."""
         if held.lost is None:
-            self._lose_locked(held, reason)
+            self._lose_locked(held, reason, kind)
         elif held.run_id is not None:
             self._retire_run_locked(held.key, held.run_id, reason)
 
@@ -246,7 +266,7 @@ class LeaseRegistry:
         with self._lock:
             previous = self._leases.get(held.key)
             if previous is not None:
-                self._retire_locked(previous, "the run was claimed by a worker")
+                self._retire_locked(previous, "the run was claimed by a worker", "claimed")
             self._leases[held.key] = held
         self._ensure_heartbeat()
 
@@ -262,12 +282,15 @@ class LeaseRegistry:
 
     # ---- heartbeat --------------------------------------------------------------------------------------------
 
-    def _lose_locked(self, held: HeldLease, reason: str) -> None:
-        """The lease is lost: its run_sync never writes again, even after the entry itself is purged."""
+    def _lose_locked(self, held: HeldLease, reason: str, kind: str) -> None:
+        """The lease is lost (``kind``: why, in one word, for the metric): its run_sync never writes again, even
+        after the entry itself is purged."""
         held.lost = reason
+        if held.policy.observer is not None:
+            held.policy.observer.lease_lost(kind)
         if held.run_id is not None:
             self._retire_run_locked(held.key, held.run_id, reason)
-        logger.warning("lease of run %s (flow %s) lost: %s", held.run, held.flow, reason)
+        logger.warning("lease of run %s (flow %s) lost: %s", held.run, held.flow, reason, extra=ids(held.flow, held.run))
         for callback in held.on_lost:
             try:
                 callback(reason)
@@ -305,10 +328,23 @@ class LeaseRegistry:
                 now = time.monotonic()
                 for held in live:
                     if held.lost is None and now >= held.deadline:
-                        self._lose_locked(held, held.self_fence_reason())
+                        self._lose_locked(held, held.self_fence_reason(), "self_fenced")
                 upcoming = [h.next_renewal for h in self._leases.values() if h.lost is None and not h.paused]
+                self._report_held_locked()
             self._wake.wait(max(0.01, min(upcoming, default=now + 1.0) - time.monotonic()))
             self._wake.clear()
+
+    def _report_held_locked(self) -> None:
+        """Set each observer's gauge of leases held (every beat, at least once a second: cheaper than tracking
+        every change, and a plain gauge works in prometheus-client's multiprocess mode)."""
+        counts = dict.fromkeys(self._observers, 0)
+        for held in self._leases.values():
+            observer = held.policy.observer
+            if observer is not None:
+                self._observers.add(observer)
+                counts[observer] = counts.get(observer, 0) + (held.lost is None and not held.paused)
+        for observer, count in counts.items():
+            observer.leases_now(count)
 
     @staticmethod
     def _back_off(held: HeldLease, error: str) -> None:
@@ -329,6 +365,7 @@ class LeaseRegistry:
             verdicts = store.renew([ref for ref, _ in sent], first)
         except CheckpointStoreError as e:
             logger.warning("lease renewal of %d run(s) failed: %s", len(leases), e)
+            _count_renewals(leases, "error")
             for held in leases:
                 self._back_off(held, str(e))
             return
@@ -339,20 +376,29 @@ class LeaseRegistry:
                     # confirmed state is newer than this answer
                     continue
                 if isinstance(verdict, WrongKeyTypeError):
-                    logger.warning("lease renewal of run %s failed: %s", held.run, verdict)
+                    logger.warning("lease renewal of run %s failed: %s", held.run, verdict, extra=ids(held.flow, held.run))
                     self._back_off(held, str(verdict))
+                    _count_renewals([held], "error")
                 elif verdict == "OK":
+                    _count_renewals([held], "ok")
                     held.announced = True
                     if held.lost is None:
                         held.confirmed(sent_at)
                 elif held.lost is None:
-                    reason = _LOSS_REASONS.get(verdict, "the lease was taken over by another holder")
-                    self._lose_locked(held, held.loss_reason(reason))
+                    _count_renewals([held], "lost")
+                    kind, reason = _LOSS_REASONS.get(verdict, ("taken_over", "the lease was taken over by another holder"))
+                    self._lose_locked(held, held.loss_reason(reason), kind)
+
+
+def _count_renewals(leases: list[HeldLease], outcome: str) -> None:
+    observer = leases[0].policy.observer if leases else None
+    if observer is not None:
+        observer.renewed(outcome, len(leases))
 
 
 _LOSS_REASONS = {
-    "EXPIRED": "the lease ran out before a renewal reached Redis (process stalled?)",
-    "VANISHED": VANISHED,
+    "EXPIRED": ("expired", "the lease ran out before a renewal reached Redis (process stalled?)"),
+    "VANISHED": ("vanished", VANISHED),
 }
 
 REGISTRY = LeaseRegistry()

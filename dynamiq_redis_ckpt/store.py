@@ -29,6 +29,7 @@ from dynamiq_redis_ckpt.errors import (
     WrongKeyTypeError,
 )
 from dynamiq_redis_ckpt.keys import KINDS, Keys
+from dynamiq_redis_ckpt.logs import ids
 from dynamiq_redis_ckpt.leases import (
     NO_TICKET_ARGS,
     PAUSED,
@@ -55,10 +56,14 @@ _REQUIRED_FIELDS = ("st", "run", "ts", "pk")  # in every stored format
 
 @dataclass(frozen=True)
 class Saved:
-    """The outcome of a save: the id, and the fencing token the run's lease now carries (0 without a lease)."""
+    """The outcome of a save: the id, the fencing token the run's lease now carries (0 without a lease), and its
+    sizes in bytes: the encoded checkpoint, and the new content it stored before and after compression."""
 
     checkpoint_id: str
     token: int
+    encoded_bytes: int = 0
+    new_raw_bytes: int = 0
+    new_stored_bytes: int = 0
 
 
 @dataclass
@@ -95,6 +100,7 @@ class _PackPlan:
     named: list[str]  # what the checkpoint's 'pk' field lists
     chunk_packs: dict[bytes, str]
     bases: dict[str, str]  # every pack loading it needs -> its base, newest first
+    raw_size: int = 0  # the new pack's chunks before compression
 
 
 @dataclass
@@ -135,6 +141,7 @@ class StoreCore:
         self.cache = cache or Cache()
         self._last_flow: str | None = None  # the flow a load tries first (see load)
         self.damaged_skipped = 0  # damaged checkpoints lists have left out (each one logged)
+        self.observer = None  # a metrics.StoreMetrics when metrics are on
 
     # ---- save -------------------------------------------------------------------------------------------------
 
@@ -185,7 +192,7 @@ class StoreCore:
                 self.cache.remember(cp_id, state)
                 if plan.new is not None:
                     self.cache.add_pack(flow, plan.new)
-                return Saved(cp_id, int(text(reply[2]) or 0))
+                return Saved(cp_id, int(text(reply[2]) or 0), encoded.raw_size, plan.raw_size, len(plan.blob))
             if verdict == "NOTFOUND":
                 raise CheckpointNotFoundError(cp_id)
             if verdict == "RETRY":
@@ -195,9 +202,10 @@ class StoreCore:
                 known = _Known()
             elif verdict == "FENCED":
                 holder, token = text(reply[1]), text(reply[2])
-                raise LeaseLostError(run_key(checkpoint), f"the lease is now held by {holder or 'nobody'} with token {token}")
+                raise LeaseLostError(run_key(checkpoint), f"the lease is now held by {holder or 'nobody'} with token {token}",
+                                    "taken_over")
             elif verdict == "VANISHED":
-                raise LeaseLostError(run_key(checkpoint), VANISHED)
+                raise LeaseLostError(run_key(checkpoint), VANISHED, "vanished")
             elif verdict == "WRONGTYPE":
                 raise WrongKeyTypeError("the save found a key of another type; nothing was written", (text(reply[1]),))
             else:
@@ -243,7 +251,8 @@ class StoreCore:
         order = [p for p in known.packs if p in needed]  # newest first, as the stored versions listed them
         bases |= {p: known.packs.get(p, "") for p in order + sorted(needed.difference(order))}
         chunk_packs = {ref: known.chunks.get(ref) or pack.id for ref in chunks}
-        return _PackPlan(pack, blob, known.named(list(bases)), chunk_packs, bases)
+        raw_size = sum(len(chunk) for chunk in new.values())
+        return _PackPlan(pack, blob, known.named(list(bases)), chunk_packs, bases, raw_size)
 
     def _lookup_ttl_ms(self, checkpoint: FlowCheckpoint, status: str) -> int:
         """How long a checkpoint's lookup keys live, in ms (0: no expiry): the ttl, or, for a paused run's
@@ -551,7 +560,10 @@ class StoreCore:
             found = yield from self._decode(records, damaged=None if newest else damaged)
             for rec, error in damaged:
                 self.damaged_skipped += 1
-                logger.warning("left damaged checkpoint %s (flow %s) out of a list: %s", rec.id, rec.flow, error)
+                if self.observer is not None:
+                    self.observer.damaged_found()
+                logger.warning("left damaged checkpoint %s (flow %s) out of a list: %s", rec.id, rec.flow, error,
+                               extra=ids(rec.flow, checkpoint=rec.id))
             if not damaged or limit is None or len(records) < want:
                 return found if limit is None else found[:limit]
             want += len(damaged)

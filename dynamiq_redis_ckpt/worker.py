@@ -16,8 +16,10 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
+from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.config import CheckpointConfig
 from dynamiq.runnables import RunnableConfig, RunnableResult
 from dynamiq.types.cancellation import CancellationConfig, CancellationToken
@@ -33,6 +35,7 @@ from dynamiq_redis_ckpt.errors import (
 )
 from dynamiq_redis_ckpt.inbox import attach_answers
 from dynamiq_redis_ckpt.leases import Claim, DeadLetter
+from dynamiq_redis_ckpt.logs import ids
 from dynamiq_redis_ckpt.registry import REGISTRY, HeldLease, process_owner
 
 if TYPE_CHECKING:  # prometheus_client is imported only by those who serve metrics (see cli)
@@ -81,13 +84,16 @@ class Recovery:
     never blocks the event loop.
     """
 
-    def __init__(self, backend: RedisCheckpointBackend, *, max_attempts: int = 5, backoff_seconds: float = 2.0):
+    def __init__(self, backend: RedisCheckpointBackend, *, max_attempts: int = 5, backoff_seconds: float = 2.0,
+                 metrics: WorkerMetrics | None = None):  # fmt: skip
         self.backend = backend
+        self.metrics = metrics  # claims, dead letters, recovery latency, timer lag and people's wait when set
         self.keys = backend.store.keys
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.on_dead: Callable[[str, str], None] | None = None  # called when a claim moves a run to dead letters
         self._migrated_at: float | None = None
+        self._triggers: dict[tuple[str, str, int], str] = {}  # a resumed claim -> orphan | timer | input
 
     # ---- operations shared by the sync and async paths --------------------------------------------------------
 
@@ -101,8 +107,14 @@ class Recovery:
     def _claim_op(self, flow: str, run: str, reason: str):
         ttl_ms = int(self.backend.lease_ttl_seconds * 1000)
         outcome = yield from leases.claim_op(self.keys, flow, run, process_owner(), ttl_ms, reason, self.max_attempts)
+        if self.metrics is not None:
+            won = "won" if isinstance(outcome, Claim) else "dead_lettered" if outcome == "DEAD" else "lost_race"
+            self.metrics.claims.labels(reason, won).inc()
+            if outcome == "DEAD":
+                self.metrics.dead_letters.inc()
         if outcome == "DEAD":
-            logger.error("run %s of flow %s failed %d recoveries: moved to dead letters", run, flow, self.max_attempts)
+            logger.error("run %s of flow %s failed %d recoveries: moved to dead letters", run, flow, self.max_attempts,
+                         extra=ids(flow, run))
             if self.on_dead is not None:
                 self.on_dead(flow, run)
             return None
@@ -120,7 +132,7 @@ class Recovery:
             try:
                 claim = yield from self._claim_op(flow, run, reason)
             except WrongKeyTypeError as e:  # one damaged run: the others are still claimed
-                logger.warning("cannot claim run %s of flow %s: %s", run, flow, e)
+                logger.warning("cannot claim run %s of flow %s: %s", run, flow, e, extra=ids(flow, run))
                 continue
             except CheckpointStoreError as e:  # Redis went away: keep (and resume) what was claimed so far
                 logger.warning("claiming stopped after %d claim(s): %s", len(claims), e)
@@ -150,7 +162,7 @@ class Recovery:
             # The owner name is the process's, shared by every lease here: only this very lease is this claim's.
             if REGISTRY.get(held.key) is held and held.lost is None and not held.paused:
                 logger.warning("run %s returned still holding its lease (its last save failed?): handing it back",
-                               claim.run)  # fmt: skip
+                               claim.run, extra=ids(claim.flow, claim.run))  # fmt: skip
                 yield from self._release_op(claim.flow, claim.run, held.owner, held.token, failed=True,
                                             attempt=claim.attempt)  # fmt: skip
 
@@ -187,15 +199,44 @@ class Recovery:
         """Heartbeat the claimed lease (a loss cancels the run) and build the resumed run's config."""
         token = cancel or CancellationToken()
         held = HeldLease(self.backend.namespace, claim.flow, claim.run, claim.owner, claim.token,
-                         self.backend.lease_policy, head=claim.head, on_lost=[lambda reason: token.cancel()])  # fmt: skip
+                         self.backend.lease_policy, head=claim.head, on_lost=[lambda reason: token.cancel()],
+                         on_first_save=self._latency_observer(claim))  # fmt: skip
         REGISTRY.adopt(held, time.monotonic())
         config = RunnableConfig(
             run_id=claim.run,
             checkpoint=CheckpointConfig(resume_from=claim.head, backend=self.backend),
             cancellation=CancellationConfig(token=token),
         )
-        logger.info("resuming run %s of flow %s from %s (attempt %d)", claim.run, claim.flow, claim.head, claim.attempt)
+        logger.info("resuming run %s of flow %s from %s (attempt %d)", claim.run, claim.flow, claim.head, claim.attempt,
+                    extra=ids(claim.flow, claim.run, claim.head, claim.attempt))
         return held, config
+
+    def _latency_observer(self, claim: Claim) -> Callable[[], None] | None:
+        """Observes, at the resumed run's first confirmed save, how long after the run became claimable it got going
+        again: recovery latency for an orphan, timer lag for a due run (server clock until the claim, then this
+        process's monotonic clock: no skew between hosts)."""
+        if self.metrics is None or claim.waited_ms is None:
+            return None
+        histogram = self.metrics.recovery_latency if claim.reason == "orphan" else self.metrics.timer_lag
+        return lambda: histogram.observe(claim.waited_ms / 1000 + time.monotonic() - claim.claimed_at)
+
+    def _wants_pause_time(self, served: list[str]) -> bool:
+        return bool(served) and self.metrics is not None
+
+    def _served(self, claim: Claim, served: list[str], paused: FlowCheckpoint | None) -> None:
+        """Record what woke the run; for a person's answer, how long the run waited (its ``paused`` checkpoint's
+        time to now)."""
+        trigger = "orphan" if claim.reason == "orphan" else "input" if served else "timer"
+        self._triggers[(claim.flow, claim.run, claim.token)] = trigger
+        if self._wants_pause_time(served):
+            if paused is not None:
+                waited = datetime.now(timezone.utc) - paused.updated_at.astimezone(timezone.utc)
+                self.metrics.input_wait.observe(max(0.0, waited.total_seconds()))
+
+    def trigger_of(self, claim: Claim) -> str:
+        """What woke a resumed run (orphan, timer or input), forgotten once asked."""
+        fallback = "orphan" if claim.reason == "orphan" else "timer"
+        return self._triggers.pop((claim.flow, claim.run, claim.token), fallback)
 
     def resume(self, claim: Claim, flow_factory: FlowFactory, cancel: CancellationToken | None = None) -> RunnableResult:
         """Resume a claimed run through Dynamiq's own resume path, with the run's own wf_run_id.
@@ -208,6 +249,8 @@ class Recovery:
         try:
             flow = flow_factory(claim.flow)
             served = attach_answers(flow, self.backend.execute(leases.inbox_op(self.keys, claim.flow, claim.run)))
+            paused = self.backend.load(claim.head) if self._wants_pause_time(served) else None
+            self._served(claim, served, paused)
             result = flow.run_sync(None, config=config)
         finally:
             lost = held.lost  # read before the hand-back below, which would look like a loss
@@ -226,6 +269,8 @@ class Recovery:
             flow = flow_factory(claim.flow)
             inbox = await self.backend.execute_async(leases.inbox_op(self.keys, claim.flow, claim.run))
             served = attach_answers(flow, inbox)
+            paused = (await self.backend.load_async(claim.head)) if self._wants_pause_time(served) else None
+            self._served(claim, served, paused)
             result = await flow.run_async(None, config=config)
         finally:
             lost = held.lost
@@ -306,7 +351,7 @@ class Worker:
         self.recovery = recovery
         self.metrics = metrics
         if metrics is not None:
-            recovery.on_dead = lambda flow, run: metrics.dead_letters.inc()
+            recovery.metrics = metrics
         self.flow_factory = flow_factory
         self.concurrency = concurrency
         self.poll_seconds = poll_seconds
@@ -353,13 +398,14 @@ class Worker:
         if free <= 0:
             return []
         claims = yield from self.recovery.claim_some_op(free, lambda f, r: (f, r) in running or self._stop.is_set())
-        for claim in claims:
-            self._count_claim(claim.reason)
+        if self.metrics:
+            self.metrics.running.inc(len(claims))
         return claims
 
     def run(self) -> None:
         """Poll until stopped, then hand back what is still running and return."""
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 for claim in self.recovery.backend.execute(self._claims_op()):
                     cancel = CancellationToken()
@@ -367,7 +413,7 @@ class Worker:
                         self._running[(claim.flow, claim.run)] = (claim, cancel, self._pool.submit(self._resume, claim, cancel))
             except Exception:
                 logger.exception("worker poll failed")
-            self._last_pass = time.monotonic()
+            self._passed(started)
             self._stop.wait(self.poll_seconds)
         self._shutdown()
 
@@ -375,6 +421,7 @@ class Worker:
         """The same loop on an event loop (for services that embed it): claims with ``redis.asyncio`` and resumes
         through ``run_async`` as tasks, at most ``concurrency`` at once. Stop it with :meth:`stop`."""
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 for claim in await self.recovery.backend.execute_async(self._claims_op()):
                     cancel = CancellationToken()
@@ -383,20 +430,23 @@ class Worker:
                         self._running[(claim.flow, claim.run)] = (claim, cancel, task)
             except Exception:
                 logger.exception("worker poll failed")
-            self._last_pass = time.monotonic()
+            self._passed(started)
             await asyncio.sleep(self.poll_seconds)
         running = self._hand_back_running()
         if running:
             await asyncio.wait([task for _, _, task in running], timeout=30)
 
-    def _count_claim(self, reason: str) -> None:
+    def _passed(self, started: float) -> None:
+        """A poll pass ended (a failed one counts: liveness is about this loop, readiness about Redis)."""
+        self._last_pass = time.monotonic()
         if self.metrics:
-            self.metrics.claims.labels(reason).inc()
-            self.metrics.running.inc()
+            self.metrics.scan_seconds.observe(self._last_pass - started)
+            self.metrics.last_scan.set(time.time())
 
-    def _count_end(self, outcome: str, started: float) -> None:
+    def _count_end(self, claim: Claim, outcome: str, started: float) -> None:
+        trigger = self.recovery.trigger_of(claim)
         if self.metrics:
-            self.metrics.resumes.labels(outcome).inc()
+            self.metrics.resumes.labels(trigger, outcome).inc()
             self.metrics.running.dec()
             self.metrics.resume_seconds.observe(time.monotonic() - started)
 
@@ -408,18 +458,20 @@ class Worker:
         try:
             yield lambda result: ended.__setitem__(0, result.status.value)
             self.resumed += 1
-            logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, ended[0])
+            logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, ended[0], extra=ids(claim.flow, claim.run))
         except LeaseLostError as lost:
             ended[0] = "handed_back" if self._stop.is_set() else "lease_lost"  # a stop fences the runs it hands back
-            logger.warning("run %s stopped: %s", claim.run, lost)
+            logger.warning("run %s stopped: %s", claim.run, lost, extra=ids(claim.flow, claim.run))
         except Exception:
-            logger.exception("recovery of run %s failed (attempt %d)", claim.run, claim.attempt)
+            logger.exception("recovery of run %s failed (attempt %d)", claim.run, claim.attempt,
+                             extra=ids(claim.flow, claim.run, claim.head, claim.attempt))
             try:
                 self.recovery.hand_back(claim, failed=True)  # refused harmlessly if already handed back on stop
             except Exception:
-                logger.exception("hand-back of run %s failed; its lease will run out instead", claim.run)
+                logger.exception("hand-back of run %s failed; its lease will run out instead", claim.run,
+                                 extra=ids(claim.flow, claim.run))
         finally:
-            self._count_end(ended[0], started)
+            self._count_end(claim, ended[0], started)
             with self._lock:
                 self._running.pop((claim.flow, claim.run), None)
 
@@ -439,7 +491,8 @@ class Worker:
             try:
                 self.recovery.hand_back(claim, failed=False)
             except Exception:
-                logger.exception("hand-back of run %s failed; its lease will run out instead", claim.run)
+                logger.exception("hand-back of run %s failed; its lease will run out instead", claim.run,
+                                 extra=ids(claim.flow, claim.run))
             cancel.cancel()
         return running
 

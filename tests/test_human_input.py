@@ -93,7 +93,12 @@ def test_embedded_async_worker_resumes_an_answered_run(backend):
     recovery = Recovery(backend)
     recovery.deliver_input("wf-a", {"choice": "green"})
     factory = lambda f: ask_flow(RedisCheckpointBackend(url=backend.url, prefix=backend.prefix), f)  # noqa: E731
-    worker = Worker(recovery, factory, concurrency=2, poll_seconds=0.1)
+    from prometheus_client import CollectorRegistry
+
+    from dynamiq_redis_ckpt.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics(CollectorRegistry())
+    worker = Worker(recovery, factory, concurrency=2, poll_seconds=0.1, metrics=metrics)
 
     async def serve():
         loop_task = asyncio.create_task(worker.run_async())
@@ -109,6 +114,12 @@ def test_embedded_async_worker_resumes_an_answered_run(backend):
     done = asyncio.run(serve())
     assert done.status == S.COMPLETED and done.node_states["ask"].output_data == {"answer": {"choice": "green"}}
     assert worker.resumed == 1
+    sample = metrics.registry.get_sample_value
+    assert sample("dynamiq_ckpt_resumes_total", {"trigger": "input", "outcome": "success"}) == 1
+    assert sample("dynamiq_ckpt_worker_claims_total", {"trigger": "due", "outcome": "won"}) == 1
+    assert sample("dynamiq_ckpt_human_input_wait_seconds_count") == 1
+    assert 0 <= sample("dynamiq_ckpt_human_input_wait_seconds_sum") < 60
+    assert sample("dynamiq_ckpt_timer_lag_seconds_count") == 1, "answer -> resumed run's first save"
 
 
 def test_answer_finds_the_flow_where_a_multi_flow_run_waits(backend):

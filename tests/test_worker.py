@@ -49,6 +49,15 @@ def effects(path: Path) -> collections.Counter:
     return collections.Counter(line.split("@")[0] for line in path.read_text().split()) if path.exists() else collections.Counter()
 
 
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """A worker's /metrics as {(sample name, sorted labels): value}, parsed by prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+
+
 def stop(proc: subprocess.Popen) -> int:
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=60)
@@ -78,10 +87,24 @@ def test_worker_resumes_a_killed_run_and_stops_on_sigterm(redis_server, tmp_path
         runs = {cp.wf_run_id for cp in backend.get_list_by_flow(flow_id, limit=None)}
         assert runs == {done.wf_run_id}, "the resumed run kept its wf_run_id: one chain"
         assert len(backend.get_chain(done.id)) == len(backend.get_list_by_flow(flow_id, limit=None))
-        scraped = wait_for(lambda: (m := urlopen(f"http://127.0.0.1:{port}/metrics").read().decode())
-                           and 'dynamiq_ckpt_resumes_total{outcome="success"} 1.0' in m and m)  # fmt: skip
-        assert 'dynamiq_ckpt_claims_total{reason="orphan"} 1.0' in scraped
-        assert "dynamiq_ckpt_runs_in_progress 0.0" in scraped
+        scraped = wait_for(lambda: (m := scrape(port))
+                           and m.get(("dynamiq_ckpt_resumes_total", (("outcome", "success"), ("trigger", "orphan"))))
+                           and m)  # fmt: skip
+        assert scraped[("dynamiq_ckpt_worker_claims_total", (("outcome", "won"), ("trigger", "orphan")))] == 1
+        assert scraped[("dynamiq_ckpt_runs_in_progress", ())] == 0
+        # Recovery latency: from the lease running out to the resumed run's first save, one observation. The kill
+        # came after a renewal at most, so the lease ran out within a ttl (2 s) of it; the worker polls every 0.2 s.
+        assert scraped[("dynamiq_ckpt_recovery_latency_seconds_count", ())] == 1
+        latency = scraped[("dynamiq_ckpt_recovery_latency_seconds_sum", ())]
+        print(f"[recovery] recovery latency as the worker measured it: {latency:.2f} s")
+        assert 0 < latency < 10
+        saves = scraped[("dynamiq_ckpt_saves_total", (("outcome", "ok"),))]
+        assert saves >= 3, "the resumed run's saves (nodes 5..7 and the end) are counted by the worker's backend"
+        assert scraped[("dynamiq_ckpt_operation_duration_seconds_count", (("operation", "save"),))] == saves
+        assert scraped[("dynamiq_ckpt_fleet_up", ())] == 1
+        assert scraped[("dynamiq_ckpt_fleet_runs", (("state", "orphaned"),))] == 0
+        info = [labels for name, labels in scraped if name == "dynamiq_ckpt_build_info"]
+        assert dict(info[0])["redis_version"] == backend.redis.info("server")["redis_version"]
     finally:
         code = stop(worker)
         backend.clear()
@@ -125,7 +148,9 @@ def test_timer_fires_once_at_its_time_across_workers(redis_server, tmp_path):
     os.environ[EFFECTS_ENV] = str(log)
     try:
         backend = RedisCheckpointBackend(url=redis_server.url, prefix=prefix)
-        workers = [start_worker(redis_server, prefix, tmp_path / f"w{i}.log", **{EFFECTS_ENV: str(log)}) for i in range(3)]
+        ports = [free_port() for _ in range(3)]
+        workers = [start_worker(redis_server, prefix, tmp_path / f"w{i}.log", metrics_port=ports[i],
+                                **{EFFECTS_ENV: str(log)}) for i in range(3)]  # fmt: skip
         try:
             wait_for(lambda: all("worker ready" in (tmp_path / f"w{i}.log").read_text() for i in range(3)))
             first = timer_flow(backend, "timer-1", seconds=3.0).run_sync({"q": 1})
@@ -133,6 +158,7 @@ def test_timer_fires_once_at_its_time_across_workers(redis_server, tmp_path):
             paused = backend.get_latest_by_flow("timer-1")
             assert paused.status == S.PENDING_INPUT and paused.resume_at is not None
             done = wait_for(lambda: (cp := backend.get_latest_by_flow("timer-1")) and cp.status == S.COMPLETED and cp)
+            scraped = [scrape(port) for port in ports]
         finally:
             codes = [stop(w) for w in workers]
         assert codes == [0, 0, 0]
@@ -141,6 +167,12 @@ def test_timer_fires_once_at_its_time_across_workers(redis_server, tmp_path):
         woke = float(lines[0].split("@")[1])
         assert woke >= paused.resume_at.timestamp(), "never early"
         print(f"\n[timer] fired {woke - paused.resume_at.timestamp():.2f} s after its due time")
+        won = [m[("dynamiq_ckpt_worker_claims_total", (("outcome", "won"), ("trigger", "due")))] for m in scraped]
+        assert sorted(won) == [0, 0, 1], "one worker claimed the timer"
+        lag = [m[("dynamiq_ckpt_timer_lag_seconds_count", ())] for m in scraped]
+        assert sorted(lag) == [0, 0, 1]
+        lag_seconds = sum(m[("dynamiq_ckpt_timer_lag_seconds_sum", ())] for m in scraped)
+        assert 0 <= lag_seconds < 10, lag_seconds
         assert done.wf_run_id == paused.wf_run_id
         assert backend.redis.zcard(backend._core.keys.due_index("timer-1")) == 0
     finally:

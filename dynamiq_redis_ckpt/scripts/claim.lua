@@ -6,7 +6,9 @@
 -- KEYS[4] the flow's dead letters
 -- ARGV[1] the run's key   ARGV[2] owner   ARGV[3] ttl (ms)   ARGV[4] 'orphan' | 'due'   ARGV[5] max attempts
 --
--- Reply: {'OK', token, head checkpoint id, attempt} | {'NOT_DUE'} | {'DEAD', head} | {'WRONGTYPE', key}
+-- Reply: {'OK', token, head checkpoint id, attempt, waited} | {'NOT_DUE'} | {'DEAD', head} | {'WRONGTYPE', key}
+--        waited: ms since the run became claimable (its lease ran out, its timer fell due, a person answered);
+--        '' when not known (an answer stored by a version that scored answers 0)
 
 local expected = {'hash', 'zset', 'zset', 'zset'}
 for i = 1, 4 do
@@ -22,8 +24,9 @@ if not l[3] then
   redis.call('ZREM', KEYS[3], run)
   return {'NOT_DUE'}
 end
+local at
 if ARGV[4] == 'orphan' then
-  local at = tonumber(redis.call('ZSCORE', KEYS[2], run) or '')
+  at = tonumber(redis.call('ZSCORE', KEYS[2], run) or '')
   if not at or at > now_ms then return {'NOT_DUE'} end
   local exp = tonumber(l[2]) or 0
   if l[1] ~= '' and exp > now_ms then
@@ -31,7 +34,7 @@ if ARGV[4] == 'orphan' then
     return {'NOT_DUE'}
   end
 else
-  local at = tonumber(redis.call('ZSCORE', KEYS[3], run) or '')
+  at = tonumber(redis.call('ZSCORE', KEYS[3], run) or '')
   if not at or at > now_ms then return {'NOT_DUE'} end
   redis.call('ZREM', KEYS[3], run)
   if l[1] ~= '' and (tonumber(l[2]) or 0) > now_ms then
@@ -50,4 +53,5 @@ local exp = string.format('%.0f', now_ms + tonumber(ARGV[3]))
 redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'exp', exp)
 redis.call('ZADD', KEYS[2], exp, run)
 redis.call('PERSIST', KEYS[1])
-return {'OK', tostring(token), l[3], tostring(attempt)}
+local waited = at > 0 and string.format('%.0f', now_ms - at) or ''
+return {'OK', tostring(token), l[3], tostring(attempt), waited}

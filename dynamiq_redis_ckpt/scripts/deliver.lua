@@ -19,5 +19,5 @@ if tonumber(ARGV[4]) > 0 then
 else
   redis.call('PERSIST', KEYS[1])
 end
-redis.call('ZADD', KEYS[2], 0, ARGV[1])
+redis.call('ZADD', KEYS[2], now_ms, ARGV[1])  -- due now; the score says since when
 return {'OK'}

@@ -1,7 +1,7 @@
 -- due.lua: the runs of one flow that a worker may claim now, and when its next one falls due. Read only.
 --
 -- KEYS[1] P:flow:{F}:leases   zset: run -> when claimable (lease expiry, or the end of a retry back-off; ms)
--- KEYS[2] P:flow:{F}:due      zset: run -> when a paused run is due (timer, or 0 once a person answered; ms)
+-- KEYS[2] P:flow:{F}:due      zset: run -> when a paused run is due (timer, or when a person answered; ms)
 -- ARGV[1] how many runs of each kind at most
 --
 -- Reply: {next, {orphaned runs}, {due runs}}, where next is the earliest score in either index, claimable or not
