@@ -4,8 +4,9 @@ Prometheus (Debian's package) scrapes, every second, a recovery worker and an ap
 Dynamiq flows on a real redis-server: runs completing, a run SIGKILLed mid-run and recovered by the worker, a timer
 firing, a person's answer, and a run whose recovery keeps failing until it is a dead letter. Then each panel's
 queries run through Prometheus's HTTP API exactly as Grafana expands them; any query that errors or draws nothing
-fails the test. The renderer draws the dashboard from the same data (``DYNAMIQ_CKPT_DASHBOARD_PNG=docs/dashboard.png``
-also writes the image the README shows).
+fails the test. The renderer draws the dashboard from the same data, to a temporary file, or to the image the
+README shows: ``DYNAMIQ_CKPT_DASHBOARD_PNG=docs/dashboard.png DYNAMIQ_CKPT_DASHBOARD_SECONDS=60`` (the time range
+drawn is at least that many seconds; 20 by default).
 """
 
 from __future__ import annotations
@@ -125,8 +126,9 @@ def test_every_panel_draws_real_data_on_a_real_prometheus(redis_server, tmp_path
         # The end state scraped on both targets; then a rate window more, so rates over the last events are drawn.
         dead = 'max(dynamiq_ckpt_fleet_runs{state="dead"}) == 1 and on() count(up == 1) == 2'
         wait_for(lambda: api.query(dead, time.time()), timeout=20)
+        history = float(os.environ.get("DYNAMIQ_CKPT_DASHBOARD_SECONDS", "20"))  # at least this much to look at
         time.sleep(max(intervals(start, time.time(), SCRAPE_SECONDS)["__rate_interval"] + SCRAPE_SECONDS,
-                       20 - (time.time() - start)))  # and at least 20 s to look at
+                       history - (time.time() - start)))  # fmt: skip
         end = time.time()
         phase("scraped")
         scenario = time.monotonic() - began
