@@ -89,7 +89,8 @@ ROWS: list[tuple[str, list[Panel]]] = [
         stat("Runs by state", f"max by (state) ({sel(FLEET)})",
              "Runs of the whole fleet by state, read from Redis by the workers (every worker reports the same fleet: "
              "max across them). leased: a live lease; orphaned: its lease ran out, waiting for a worker; scheduled: "
-             "paused until a timer; due: its timer came or a person answered, waiting for a worker; dead: dead letters.",
+             "paused until a timer; due: its timer came or a person answered, waiting for a worker; dead: dead "
+             "letters.",
              w=8, legend="{{state}}"),
         stat("Orphans waiting", "max(" + sel(FLEET, 'state="orphaned"') + ")",
              "Runs whose lease ran out and that no worker has claimed yet. Normally 0 or briefly a few.",
@@ -244,8 +245,8 @@ def _panel_json(panel: Panel, pid: int, x: int, y: int) -> dict:
         "datasource": DATASOURCE, "gridPos": {"h": panel.h, "w": panel.w, "x": x, "y": y}, "targets": targets,
     }  # fmt: skip
     if panel.kind == "timeseries":
-        out["fieldConfig"] = {"defaults": {"unit": panel.unit, "min": 0, "custom": {"drawStyle": "line", "lineWidth": 1,
-                              "fillOpacity": 10, "showPoints": "never", "spanNulls": False}}, "overrides": []}  # fmt: skip
+        custom = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10, "showPoints": "never", "spanNulls": False}
+        out["fieldConfig"] = {"defaults": {"unit": panel.unit, "min": 0, "custom": custom}, "overrides": []}
         out["options"] = {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
                           "tooltip": {"mode": "multi", "sort": "desc"}}  # fmt: skip
     elif panel.kind == "stat":

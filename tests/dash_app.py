@@ -4,9 +4,9 @@
 
 What a service embedding the package does: ``RedisCheckpointBackend(..., metrics=True)`` puts the store's collectors
 on prometheus_client's default registry, ``start_http_server`` serves it. The process completes a small chain flow
-every second or so (saves of varied sizes, loads, lists, a cleanup now and then, now and then a long node), pauses one run until a
-timer and one for a person, answers the person three seconds later, and leaves both resumptions to the worker. It
-stops on SIGTERM.
+every second or so (saves of varied sizes, loads, lists, a cleanup now and then, now and then a long node), pauses
+one run until a timer and one for a person, answers the person three seconds later, and leaves both resumptions to
+the worker. It stops on SIGTERM.
 """
 
 from __future__ import annotations

@@ -102,7 +102,8 @@ def test_every_panel_draws_real_data_on_a_real_prometheus(redis_server, tmp_path
     victim = _start(["tests.dash_victim", redis_server.url, prefix, str(go)], tmp_path / "victim.log", env)
     backend = RedisCheckpointBackend(url=redis_server.url, prefix=prefix)
     phase = lambda what: print(f"[dashboards] {time.time() - t0:5.1f} s  {what}", flush=True)  # noqa: E731
-    logs = lambda: "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log")))  # noqa: E731
+    logs = lambda: "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"  # noqa: E731
+                             for p in sorted(tmp_path.glob("*.log")))  # fmt: skip
     said = lambda name, line: line in (tmp_path / f"{name}.log").read_text()  # noqa: E731
     try:
         print()
@@ -155,8 +156,9 @@ def test_every_panel_draws_real_data_on_a_real_prometheus(redis_server, tmp_path
         jobs = api.label_values("job", "dynamiq_ckpt_leases_held")
         if sorted(jobs) != ["dynamiq-ckpt-app", "dynamiq-ckpt-worker"]:
             failures.append(f"the $job variable lists {jobs}")
-        exposed = {s["__name__"] for s in api.api("series", **{"match[]": '{__name__=~"dynamiq_ckpt_.+"}',
-                                                               "start": f"{start:.0f}", "end": f"{end:.0f}"})}  # fmt: skip
+        series = api.api("series", **{"match[]": '{__name__=~"dynamiq_ckpt_.+"}', "start": f"{start:.0f}",
+                                      "end": f"{end:.0f}"})  # fmt: skip
+        exposed = {s["__name__"] for s in series}
         families = {re.sub(r"_(bucket|count|sum)$", "", n) for n in exposed if not n.endswith("_created")}
         shown = {re.sub(r"_bucket$", "", n) for n in used}
         missing = sorted(families - shown - NOT_ON_A_PANEL)
@@ -167,7 +169,7 @@ def test_every_panel_draws_real_data_on_a_real_prometheus(redis_server, tmp_path
         image = Path(os.environ.get("DYNAMIQ_CKPT_DASHBOARD_PNG") or tmp_path / "dashboard.png")
         drawn_at = time.monotonic()
         by_panel = render(board, api, start, end, image, scrape_seconds=SCRAPE_SECONDS, template=template,
-                          subtitle="test run: a worker and an app on a real redis-server, scraped every second")  # fmt: skip
+                          subtitle="test run: a worker and an app on a real redis-server, scraped every second")
         assert image.stat().st_size > 50_000 and len(by_panel) == len(panels(board))
         assert not failures, "\n".join(failures) + f"\n(of {checked} queries)\n" + logs()[-4000:]
         print(f"[dashboards] {checked} queries of {len(panels(board))} panels drew data over {end - start:.0f} s "
