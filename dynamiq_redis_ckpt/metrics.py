@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
@@ -227,6 +228,15 @@ class FleetCollector:
         info.add_metric([labels.get("version", ""), labels.get("redis_version", "unknown"),
                          labels.get("redis_mode", "unknown")], 1)  # fmt: skip
         yield info
+
+
+def catalogue() -> dict[str, str]:
+    """Every metric family the package exports, as exposed (a counter's name ends in ``_total``) -> its type."""
+    registry = CollectorRegistry()
+    StoreMetrics(registry)
+    WorkerMetrics(registry)
+    registry.register(FleetCollector(lambda: SimpleNamespace(runs={}, oldest_orphan_seconds=0.0, flows=0), dict))
+    return {f.name + ("_total" if f.type == "counter" else ""): f.type for f in registry.collect()}
 
 
 def serve(port: int, registry: CollectorRegistry, alive: Callable[[], bool], ready: Callable[[], bool],

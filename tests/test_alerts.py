@@ -15,48 +15,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dynamiq_redis_ckpt.metrics import ERROR_KINDS, FLEET_STATES, OPERATIONS, catalogue
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 RUNBOOK = ROOT / "docs" / "operating" / "alerts.md"
 
-# The metrics the package exports, with their types: mirrors the README's metric table ("Operating it").
-CATALOGUE = {
-    "dynamiq_ckpt_operation_duration_seconds": "histogram",
-    "dynamiq_ckpt_saves_total": "counter",
-    "dynamiq_ckpt_checkpoint_encoded_bytes": "histogram",
-    "dynamiq_ckpt_save_added_bytes": "histogram",
-    "dynamiq_ckpt_content_bytes_total": "counter",
-    "dynamiq_ckpt_redis_errors_total": "counter",
-    "dynamiq_ckpt_lease_renewals_total": "counter",
-    "dynamiq_ckpt_leases_lost_total": "counter",
-    "dynamiq_ckpt_fenced_writes_total": "counter",
-    "dynamiq_ckpt_damaged_checkpoints_total": "counter",
-    "dynamiq_ckpt_leases_held": "gauge",
-    "dynamiq_ckpt_worker_claims_total": "counter",
-    "dynamiq_ckpt_recovery_latency_seconds": "histogram",
-    "dynamiq_ckpt_timer_lag_seconds": "histogram",
-    "dynamiq_ckpt_human_input_wait_seconds": "histogram",
-    "dynamiq_ckpt_resumes_total": "counter",
-    "dynamiq_ckpt_resume_duration_seconds": "histogram",
-    "dynamiq_ckpt_runs_in_progress": "gauge",
-    "dynamiq_ckpt_worker_scan_duration_seconds": "histogram",
-    "dynamiq_ckpt_worker_last_scan_timestamp_seconds": "gauge",
-    "dynamiq_ckpt_dead_letters_total": "counter",
-    "dynamiq_ckpt_fleet_runs": "gauge",
-    "dynamiq_ckpt_fleet_oldest_orphan_age_seconds": "gauge",
-    "dynamiq_ckpt_fleet_flows": "gauge",
-    "dynamiq_ckpt_fleet_up": "gauge",
-    "dynamiq_ckpt_build_info": "gauge",
-}
+CATALOGUE = catalogue()  # what the package exports: built from its own collectors
 PROMETHEUS_OWN = {"up"}  # series Prometheus itself writes for every target
 # The label values the catalogue allows, for the labels the rules select on.
-LABEL_VALUES = {
-    "operation": {"save", "load", "list", "delete", "cleanup"},
-    "state": {"leased", "orphaned", "scheduled", "due", "dead"},
-    "kind": {"timeout", "connection", "auth", "readonly", "oom", "busy", "loading", "tryagain", "clusterdown",
-             "masterdown", "noreplicas", "moved", "ask", "noscript", "wrongtype", "other"},
-}  # fmt: skip
+LABEL_VALUES = {"operation": set(OPERATIONS), "state": set(FLEET_STATES), "kind": set(ERROR_KINDS)}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
                 "offset", "inf", "nan"}  # fmt: skip
 

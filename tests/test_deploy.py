@@ -603,7 +603,8 @@ def test_the_example_app_runs_checkpointed_flows_and_the_dev_worker_recovers_its
     app = running["app"]
     app.wait_until(lambda: re.search(r"run \S+-1: success", app.log.read_text()))
     assert _status(app.port, "/metrics") == 200, "the app serves /metrics while it runs"
-    assert "python_info" in urlopen(f"http://127.0.0.1:{app.port}/metrics", timeout=5).read().decode()
+    scraped = urlopen(f"http://127.0.0.1:{app.port}/metrics", timeout=5).read().decode()
+    assert "dynamiq_ckpt_saves_total{outcome=\"ok\"}" in scraped and "python_info" in scraped
     assert app.proc.wait(timeout=90) == 3, f"the second run did not die mid-run:\n{app.log.read_text()[-2000:]}"
     backend = RedisCheckpointBackend(url=app.env["DYNAMIQ_REDIS_CKPT_URL"], prefix=app.env["DYNAMIQ_REDIS_CKPT_PREFIX"])
     crashed = re.search(r"run (\S+-2) will crash", app.log.read_text()).group(1)

@@ -272,3 +272,33 @@ def logged_flows(flow_id: str):
     """The worker's registry for the JSON-log test."""
     url = os.environ.get("DYNAMIQ_REDIS_CKPT_URL")
     return chain_flow(RedisCheckpointBackend(url=url, prefix="m-log"), 2, flow_id=flow_id)
+
+
+def test_claims_are_counted_won_lost_and_dead_lettered(redis_server):
+    from dynamiq_redis_ckpt.metrics import WorkerMetrics
+    from dynamiq_redis_ckpt.worker import Recovery
+    from tests.test_human_input import make_first_checkpoint
+
+    backend = RedisCheckpointBackend(url=redis_server.url, prefix="m-claims", lease_ttl_seconds=0.6)
+    metrics = WorkerMetrics(CollectorRegistry())
+    first, second = Recovery(backend, metrics=metrics), Recovery(backend, metrics=metrics, max_attempts=1)
+    try:
+        flow = chain_flow(backend, 2, flow_id="claimed")
+        for run in ("wf-race", "wf-dead"):
+            with as_running_flow():  # a run that took its lease, then died (this process stops renewing it)
+                backend.save(make_first_checkpoint(flow, run))
+            held = REGISTRY.get((backend.namespace, "claimed", run))
+            REGISTRY.fence(backend.namespace, "claimed", run, held.token, "the test stops renewing it")
+        time.sleep(0.8)
+        assert first.claim("claimed", "wf-race") is not None
+        assert second.claim("claimed", "wf-race") is None, "taken already"
+        backend.redis.hset(backend.store.keys.lease("claimed", "wf-dead"), "attempts", 1)
+        assert second.claim("claimed", "wf-dead") is None
+        count = metrics.registry.get_sample_value
+        assert count("dynamiq_ckpt_worker_claims_total", {"trigger": "orphan", "outcome": "won"}) == 1
+        assert count("dynamiq_ckpt_worker_claims_total", {"trigger": "orphan", "outcome": "lost_race"}) == 1
+        assert count("dynamiq_ckpt_worker_claims_total", {"trigger": "orphan", "outcome": "dead_lettered"}) == 1
+        assert count("dynamiq_ckpt_dead_letters_total") == 1
+        assert [d.run for d in first.dead_letters()] == ["wf-dead"]
+    finally:
+        backend.clear()
