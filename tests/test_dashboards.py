@@ -73,6 +73,16 @@ def test_the_dashboard_imports_into_any_grafana():
     assert rows == ["Overview", "Store", "Leases and recovery", "Timers and people", "Dead letters"]
 
 
+def test_the_panels_show_every_metric_of_the_catalogue_and_no_other():
+    """Fast and without Prometheus: a misspelt name, or a metric no panel shows, is caught here first."""
+    from dynamiq_redis_ckpt.metrics import catalogue
+
+    exprs = [t["expr"] for p in panels(json.loads(JSON.read_text())) for t in p["targets"]]
+    used = {re.sub(r"_bucket$", "", name) for e in exprs for name in re.findall(r"dynamiq_ckpt_\w+", e)}
+    assert used - set(catalogue()) == set(), "names the package does not export"
+    assert set(catalogue()) - used == NOT_ON_A_PANEL, "metrics no panel shows"
+
+
 def _start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)  # fmt: skip
