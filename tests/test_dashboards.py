@@ -180,8 +180,8 @@ def test_every_panel_draws_real_data_on_a_real_prometheus(redis_server, tmp_path
         drawn_at = time.monotonic()
         by_panel = render(board, api, start, end, image, scrape_seconds=SCRAPE_SECONDS, template=template,
                           subtitle="test run: a worker and an app on a real redis-server, scraped every second")
-        assert image.stat().st_size > 50_000 and len(by_panel) == len(panels(board))
         assert not failures, "\n".join(failures) + f"\n(of {checked} queries)\n" + logs()[-4000:]
+        assert image.stat().st_size > 50_000 and len(by_panel) == len(panels(board)), "a panel the renderer missed"
         print(f"[dashboards] {checked} queries of {len(panels(board))} panels drew data over {end - start:.0f} s "
               f"({intervals(start, end, SCRAPE_SECONDS)}); scenario {scenario:.1f} s, "
               f"render {time.monotonic() - drawn_at:.1f} s")  # fmt: skip
