@@ -81,6 +81,8 @@ def _frame(ax) -> None:
 
 def _no_data(ax) -> None:
     ax.text(0.5, 0.5, "No data", color=MUTED, ha="center", va="center", fontsize=12, transform=ax.transAxes)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.grid(False)
 
 
 def _when(ts: float) -> dt.datetime:
@@ -111,7 +113,6 @@ def draw_timeseries(ax, panel: dict, results: list[Result], span: tuple[float, f
         lines += 1
     if not lines:
         _no_data(ax)
-        ax.set_xticks([]), ax.set_yticks([])
         return
     ax.set_xlim(_when(span[0]), _when(span[1]))
     ax.set_ylim(bottom=0)
