@@ -115,10 +115,17 @@ def test_every_panel_draws_real_data_on_a_real_prometheus(redis_server, tmp_path
     logs = lambda: "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"  # noqa: E731
                              for p in sorted(tmp_path.glob("*.log")))  # fmt: skip
     said = lambda name, line: line in (tmp_path / f"{name}.log").read_text()  # noqa: E731
+
+    def until(predicate, timeout: float, what: str):
+        try:
+            return wait_for(predicate, timeout=timeout)
+        except AssertionError:
+            raise AssertionError(f"{what}: not within {timeout:g} s\n{logs()}") from None
+
     try:
         print()
-        wait_for(lambda: said("worker", "worker ready") and said("victim", "victim ready")
-                 and said("app", "paused a timer and a question"), timeout=60)  # fmt: skip
+        until(lambda: said("worker", "worker ready") and said("victim", "victim ready")
+              and said("app", "paused a timer and a question"), 90, "worker, app and victim ready")  # fmt: skip
         phase("worker ready; the app runs flows, a timer and a question paused")
         start = time.time() - 3  # the dashboard's time range: from just before the work began
         # A process SIGKILLed with two runs in flight: one the worker completes, one of a flow it does not have (its
@@ -128,15 +135,16 @@ def test_every_panel_draws_real_data_on_a_real_prometheus(redis_server, tmp_path
         killed = time.monotonic()
         phase("a process SIGKILLed with two runs in flight")
         recovery = Recovery(backend)
-        wait_for(lambda: _completed(backend, "chain-6-killed"), timeout=30)
+        until(lambda: _completed(backend, "chain-6-killed"), 30, "the killed run completed by the worker")
         phase(f"killed run completed by the worker {time.monotonic() - killed:.1f} s after the kill (ttl {TTL:g} s)")
-        wait_for(lambda: [d.run for d in recovery.dead_letters()] == ["wf-retired-12"], timeout=30)
+        until(lambda: [d.run for d in recovery.dead_letters()] == ["wf-retired-12"], 30, "the dead letter")
         phase("the retired flow's run is a dead letter")
-        wait_for(lambda: _completed(backend, "timer-dash") and _completed(backend, "ask-dash"), timeout=30)
+        until(lambda: _completed(backend, "timer-dash") and _completed(backend, "ask-dash"), 30,
+              "the timer's and the answered run's resumptions")  # fmt: skip
         phase("timer fired and the answered run resumed")
         # The end state scraped on both targets; then a rate window more, so rates over the last events are drawn.
         dead = 'max(dynamiq_ckpt_fleet_runs{state="dead"}) == 1 and on() count(up == 1) == 2'
-        wait_for(lambda: api.query(dead, time.time()), timeout=20)
+        until(lambda: api.query(dead, time.time()), 20, "Prometheus scraping the end state")
         history = float(os.environ.get("DYNAMIQ_CKPT_DASHBOARD_SECONDS", "20"))  # at least this much to look at
         time.sleep(max(intervals(start, time.time(), SCRAPE_SECONDS)["__rate_interval"] + SCRAPE_SECONDS,
                        history - (time.time() - start)))  # fmt: skip
