@@ -11,6 +11,7 @@ The catalogue, with each metric's meaning, is the README's "Operating it" sectio
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import weakref
@@ -47,6 +48,8 @@ ERROR_KINDS = ("timeout", "connection", "auth", "readonly", "oom", "busy", "load
 LOSS_REASONS = ("expired", "taken_over", "vanished", "self_fenced", "unconfirmed", "claimed", "handed_back",
                 "superseded")  # fmt: skip
 FLEET_STATES = ("leased", "orphaned", "scheduled", "due", "dead")
+RESUME_TRIGGERS = ("orphan", "timer", "input")
+RESUME_OUTCOMES = ("success", "failure", "canceled", "error", "lease_lost", "handed_back")
 
 
 class StoreMetrics:
@@ -85,7 +88,10 @@ class StoreMetrics:
                                "(never returned as data)", **on)  # fmt: skip
         self.leases_held = Gauge(PREFIX + "leases_held", "Leases this process holds now", multiprocess_mode="livesum",
                                  **on)  # fmt: skip
-        for kind in ERROR_KINDS:  # every series exists from the start: rate() and alerts see the first error
+        if not flow_label:  # every series exists from the start: rate() and alerts see the first one counted
+            for outcome in SAVE_OUTCOMES:
+                self.saves.labels(outcome)
+        for kind in ERROR_KINDS:
             self.redis_errors.labels(kind)
         for reason in LOSS_REASONS:
             self.leases_lost.labels(reason)
@@ -173,9 +179,12 @@ class WorkerMetrics:
         self.last_scan = Gauge(PREFIX + "worker_last_scan_timestamp_seconds", "Unix time the poll loop last completed "
                                "a pass", multiprocess_mode="livemax", **on)  # fmt: skip
         self.dead_letters = Counter(PREFIX + "dead_letters", "Runs this worker moved to dead letters", **on)
-        for trigger in ("orphan", "due"):
+        for trigger in ("orphan", "due"):  # every series exists from the start (see StoreMetrics)
             for outcome in ("won", "lost_race", "dead_lettered"):
                 self.claims.labels(trigger, outcome)
+        for trigger in RESUME_TRIGGERS:
+            for outcome in RESUME_OUTCOMES:
+                self.resumes.labels(trigger, outcome)
 
 
 class FleetCollector:
@@ -240,6 +249,15 @@ def catalogue() -> dict[str, str]:
     return {f.name + ("_total" if f.type == "counter" else ""): f.type for f in registry.collect()}
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A scraper that hung up mid-answer (its timeout) is routine, not a traceback in the worker's log."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 def serve(port: int, registry: CollectorRegistry, alive: Callable[[], bool], ready: Callable[[], bool],
           host: str = "0.0.0.0"):  # fmt: skip
     """Serve /metrics, /healthz (the worker loop runs) and /readyz (Redis answers) on a daemon thread."""
@@ -263,6 +281,6 @@ def serve(port: int, registry: CollectorRegistry, alive: Callable[[], bool], rea
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = _QuietServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="dynamiq-redis-ckpt-metrics", daemon=True).start()
     return server
