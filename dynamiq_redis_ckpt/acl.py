@@ -14,7 +14,7 @@ from dynamiq_redis_ckpt.keys import KINDS, glob_escape
 
 # Sent by the store and lease operations and inside the Lua scripts, by data type.
 DATA_COMMANDS = (
-    "del", "exists", "get", "getrange", "set", "setrange", "pexpire", "persist", "pttl", "type", "unlink",  # keys, strings
+    "del", "exists", "get", "getrange", "set", "setrange", "pexpire", "persist", "pttl", "type", "unlink",  # keys, strs
     "hdel", "hexists", "hget", "hgetall", "hincrby", "hmget", "hset",  # hashes
     "sadd", "smembers", "spop", "srandmember",  # sets
     "zadd", "zcard", "zcount", "zrange", "zrangebyscore", "zrem", "zrevrange", "zrevrangebyscore", "zscore",  # zsets

@@ -139,7 +139,7 @@ class Keys:
         return key.startswith(f"{self.prefix}:flow:{{") and key[key.index("}", len(self.prefix)) + 1 :] == ":leases"
 
     def lease_of_index(self, index: str, run_key: str) -> str:
-        """The lease of run ``run_key`` named in lease index ``index`` (``P:flow:{F}:leases`` -> ``P:lease:{F}:<run>``)."""
+        """The lease of run ``run_key`` in lease index ``index``: ``P:flow:{F}:leases`` -> ``P:lease:{F}:<run>``."""
         flow_tag = index[len(f"{self.prefix}:flow:") : -len(":leases")]
         return f"{self.prefix}:lease:{flow_tag}:{run_key}"
 

@@ -120,7 +120,9 @@ def test_backend_flows_and_recovery_run_as_the_least_privilege_user(own_redis):
     orphan(short, flow, "wf-dead")
     time.sleep(0.8)
     found = set(recovery.find_work())
-    assert {("chain-2-acl", "wf-orphan", "orphan"), ("chain-2-acl", "wf-dead", "orphan"), ("ask-acl", "wf-ask", "due")} <= found
+    expected = {("chain-2-acl", "wf-orphan", "orphan"), ("chain-2-acl", "wf-dead", "orphan"),
+                ("ask-acl", "wf-ask", "due")}
+    assert expected <= found
     factory = {"chain-2-acl": lambda f: chain_flow(backend, 2, flow_id=f), "ask-acl": lambda f: ask_flow(backend, f)}
     for flow_id, run, reason in [("chain-2-acl", "wf-orphan", "orphan"), ("ask-acl", "wf-ask", "due")]:
         claim = recovery.claim(flow_id, run, reason)
@@ -230,6 +232,7 @@ def test_without_scan_only_clear_is_refused(own_redis):
 # ---- the worker process as the user -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_worker_process_runs_as_the_user_and_recovers_a_run(own_redis, tmp_path):
     admin = redis.Redis(port=own_redis.port)
     add_user(admin, "wk")
