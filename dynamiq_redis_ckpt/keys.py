@@ -138,6 +138,11 @@ class Keys:
         """Whether ``key`` (of this namespace) is a flow's lease index (``P:flow:{F}:leases``)."""
         return key.startswith(f"{self.prefix}:flow:{{") and key[key.index("}", len(self.prefix)) + 1 :] == ":leases"
 
+    def lease_of_index(self, index: str, run_key: str) -> str:
+        """The lease of run ``run_key`` in lease index ``index``: ``P:flow:{F}:leases`` -> ``P:lease:{F}:<run>``."""
+        flow_tag = index[len(f"{self.prefix}:flow:") : -len(":leases")]
+        return f"{self.prefix}:lease:{flow_tag}:{run_key}"
+
     def namespace_patterns(self) -> tuple[str, ...]:
         """SCAN patterns matching every key of this namespace and nothing else, one per kind of :data:`KINDS`
         (used only by ``clear``).

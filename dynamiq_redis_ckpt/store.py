@@ -702,12 +702,13 @@ class StoreCore:
         """Delete every key of this namespace (SCAN, never KEYS), except what live runs need: a lease a run holds
         right now and its flow's lease index; their flows are announced to workers again (a plain call never
         disturbs a live run, and its orphan stays findable)."""
-        removed, live_flows = 0, set()
+        removed, live_flows, lease_indexes = 0, set(), set()
         for kind, pattern in zip(KINDS, self.keys.namespace_patterns()):
             cursor = b"0"
             while True:
                 cursor, found = yield cmd("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
                 if kind == "flow":
+                    lease_indexes.update(text(key) for key in found if self.keys.is_lease_index(text(key)))
                     found = [key for key in found if not self.keys.is_lease_index(text(key))]
                 # one key per command: on a cluster the keys of one SCAN page span many slots
                 deletes = (Script("clear_lease", (key,), ()) if kind == "lease" else cmd("UNLINK", key) for key in found)
@@ -719,6 +720,13 @@ class StoreCore:
                             removed += reply
                 if text(cursor) == "0":
                     break
+        # A lease index keeps only the runs whose lease is still there (live): the entries of the leases deleted
+        # above go, and an index left empty goes with them (a live run's renewal adds its entry back anyway).
+        for index in sorted(lease_indexes):
+            runs = [text(run) for run in (yield cmd("ZRANGE", index, 0, -1))]
+            for i in range(0, len(runs), _PAGE):
+                page = runs[i : i + _PAGE]
+                yield Script("prune", (index, *(self.keys.lease_of_index(index, run) for run in page)), tuple(page))
         if live_flows:
             yield Batch(tuple(c for flow in sorted(live_flows) for c in announce(self.keys, flow)))
         self.cache.clear()

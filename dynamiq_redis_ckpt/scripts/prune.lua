@@ -1,7 +1,8 @@
--- prune.lua: drop index entries whose checkpoint has expired; entries still backed by a hash stay.
+-- prune.lua: drop index entries whose checkpoint has expired (or, for a lease index, whose lease clear() deleted);
+-- entries still backed by a hash stay.
 --
 -- KEYS[1]      an index (zset)
--- KEYS[2 .. n] the checkpoint hashes of the candidate entries
+-- KEYS[2 .. n] the checkpoint hashes (leases) of the candidate entries
 -- ARGV[1 .. n-1] the candidate ids, aligned with KEYS[2 .. n]
 --
 -- Reply: number of entries removed.
