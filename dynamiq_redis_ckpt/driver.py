@@ -22,7 +22,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import AuthenticationError, BusyLoadingError, DataError, NoScriptError, OutOfMemoryError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import NoPermissionError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dynamiq_redis_ckpt import scripts
@@ -66,6 +66,8 @@ def error_kind(error: Exception) -> str:
         return "loading"
     if isinstance(error, NoScriptError):
         return "noscript"
+    if isinstance(error, NoPermissionError):
+        return "noperm"
     if isinstance(error, (RedisConnectionError, ConnectionError, OSError)):
         return "connection"
     if (code := _refusal(error)) is not None:

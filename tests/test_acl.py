@@ -181,11 +181,15 @@ def test_other_namespaces_and_administration_are_out_of_reach(own_redis):
     with pytest.raises(redis.ResponseError, match="NOPERM|can.t access|can.t run"):
         user.evalsha(sha, 0)
     # A backend of a neighbour's prefix used with this user's credentials: refused, nothing read or written.
-    wrong = RedisCheckpointBackend(url=user_url(own_redis), prefix="app:eu", retries=0)
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    wrong = RedisCheckpointBackend(url=user_url(own_redis), prefix="app:eu", retries=0, metrics=registry)
     with pytest.raises(CheckpointStoreError, match="NOPERM|permission"):
         wrong.load("theirs")
     with pytest.raises(CheckpointStoreError, match="NOPERM|permission"):
         wrong.save(contract.make("mine", "fa", "r"))
+    assert registry.get_sample_value("dynamiq_ckpt_redis_errors_total", {"kind": "noperm"}) == 2, "counted as refusals"
     # SCAN (for clear()) is not filtered by key patterns: the user sees a neighbour's key *names* (docs/security.md).
     assert user.scan(0, match="other:*", count=1000)[1]
     # clear() of the user's own namespace: its SCAN sees every key name, but it deletes only its own.
