@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -24,18 +24,23 @@ def resolve_url(url: str | None) -> str:
     return url
 
 
+_SECRET_PARAMS = {"password", "ssl_password"}  # redis-py reads a password from the query string too
+
+
 def mask_url(url: str | None) -> str | None:
-    """The url with any password replaced by ``***``."""
+    """The url with any password (in its user part or its query string) replaced by ``***``."""
     if not url:
         return url
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+    query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, True)],
+                      safe="*")  # fmt: skip
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        netloc = f"{parts.username or ''}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def client_options(socket_timeout: float, socket_connect_timeout: float, max_connections: int) -> dict[str, Any]:

@@ -226,20 +226,24 @@ class Fleet:
     runs: dict[str, int]
     oldest_orphan_seconds: float
     flows: int
+    truncated: bool = False  # a shard held more flows than one read looks at: the counts are lower bounds
 
 
 def fleet_op(keys: Keys, flows_per_shard: int = 64):
-    """A :class:`Fleet` read in two round trips of bounded size (never a scan): the flows of each wake shard
-    (at most ``flows_per_shard``: flows with live leases, orphans or timers) and of each dead-letter shard, then
-    counts from their indexes."""
+    """A :class:`Fleet` read in two round trips of bounded size (never a scan of the keyspace): the flows of each
+    wake shard (the ``flows_per_shard`` due soonest: flows with live leases, orphans or timers) and the first page of
+    each dead-letter shard, then counts from their indexes. ``truncated`` says when a shard held more."""
     head = [cmd("TIME")]
     head += [cmd("ZRANGE", keys.wake(i), 0, flows_per_shard - 1) for i in range(FLOW_SHARDS)]
-    head += [cmd("SRANDMEMBER", keys.dead_flows(i), flows_per_shard) for i in range(FLOW_SHARDS)]
+    head += [cmd("SSCAN", keys.dead_flows(i), 0, "COUNT", flows_per_shard) for i in range(FLOW_SHARDS)]
     replies = yield Batch(tuple(head))
     seconds, micros_ = replies[0]
     now_ms = int(seconds) * 1000 + int(micros_) // 1000
-    live = sorted({text(f) for reply in replies[1 : 1 + FLOW_SHARDS] for f in reply or ()})
-    dead = sorted({text(f) for reply in replies[1 + FLOW_SHARDS :] for f in reply or ()})
+    wakes, pages = replies[1 : 1 + FLOW_SHARDS], replies[1 + FLOW_SHARDS :]
+    live = sorted({text(f) for reply in wakes for f in reply or ()})
+    dead = sorted({text(f) for cursor, members in pages for f in members or ()})
+    truncated = any(len(reply or ()) >= flows_per_shard for reply in wakes) or any(
+        int(cursor) != 0 for cursor, _ in pages)
     counts: list[Command] = []
     for flow in live:
         leased, due = keys.lease_index(flow), keys.due_index(flow)
@@ -260,7 +264,7 @@ def fleet_op(keys: Keys, flows_per_shard: int = 64):
             oldest = at if oldest is None else min(oldest, at)
     runs["dead"] = sum(int(n) for n in replies[5 * len(live) :])
     waited = max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0
-    return Fleet(runs, waited, len(live))
+    return Fleet(runs, waited, len(live), truncated)
 
 
 def migrate_registry_op(keys: Keys, batch: int = 1000):

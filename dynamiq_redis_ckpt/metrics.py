@@ -42,7 +42,7 @@ RUN_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200)
 SCAN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 OPERATIONS = ("save", "load", "list", "delete", "cleanup")
-SAVE_OUTCOMES = ("ok", "error", "fenced", "too_large", "not_found")
+SAVE_OUTCOMES = ("ok", "error", "fenced", "lease_lost", "too_large", "not_found", "canceled")
 ERROR_KINDS = ("timeout", "connection", "auth", "readonly", "oom", "busy", "loading", "tryagain", "clusterdown",
                "masterdown", "noreplicas", "moved", "ask", "noscript", "wrongtype", "noperm", "other")  # fmt: skip
 LOSS_REASONS = ("expired", "taken_over", "vanished", "self_fenced", "unconfirmed", "claimed", "handed_back",
@@ -227,6 +227,8 @@ class FleetCollector:
             yield GaugeMetricFamily(PREFIX + "fleet_oldest_orphan_age_seconds", "How long the oldest orphan has "
                                     "waited for a worker (0 when none)", value=view.oldest_orphan_seconds)
             yield GaugeMetricFamily(PREFIX + "fleet_flows", "Flows the fleet read looked at", value=view.flows)
+            yield GaugeMetricFamily(PREFIX + "fleet_truncated", "1 when a shard held more flows than one fleet read "
+                                    "looks at: the fleet counts are lower bounds", value=int(view.truncated))
         if self._build_labels is None or self._build_labels.get("redis_version") == "unknown":
             try:
                 self._build_labels = self._build()
@@ -245,7 +247,8 @@ def catalogue() -> dict[str, str]:
     registry = CollectorRegistry()
     StoreMetrics(registry)
     WorkerMetrics(registry)
-    registry.register(FleetCollector(lambda: SimpleNamespace(runs={}, oldest_orphan_seconds=0.0, flows=0), dict))
+    view = SimpleNamespace(runs={}, oldest_orphan_seconds=0.0, flows=0, truncated=False)
+    registry.register(FleetCollector(lambda: view, dict))
     return {f.name + ("_total" if f.type == "counter" else ""): f.type for f in registry.collect()}
 
 

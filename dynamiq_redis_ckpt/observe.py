@@ -7,6 +7,8 @@ prometheus-client.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any
 
@@ -18,6 +20,9 @@ from dynamiq_redis_ckpt.errors import (
     UnsupportedFormatError,
 )
 
+logger = logging.getLogger(__name__)
+FENCING = ("taken_over", "vanished")  # LeaseLostError kinds where another holder's lease refused the write
+
 
 def observed(observer: Any, operation: str, op, flow: str | None = None):
     """Run ``op`` (a store operation) as a store operation, reporting it to ``observer``."""
@@ -27,8 +32,11 @@ def observed(observer: Any, operation: str, op, flow: str | None = None):
         result = yield from op
         outcome = "ok"
         return result
-    except LeaseLostError:
-        outcome = "fenced"
+    except LeaseLostError as lost:  # fenced by another holder, or the lease was lost another way (Redis silent)
+        outcome = "fenced" if lost.kind in FENCING else "lease_lost"
+        raise
+    except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):  # the caller gave up: not a store error
+        outcome = "canceled"
         raise
     except CheckpointTooLargeError:
         outcome = "too_large"
@@ -40,7 +48,11 @@ def observed(observer: Any, operation: str, op, flow: str | None = None):
         observer.damaged_found()
         raise
     finally:
-        observer.call(operation, time.perf_counter() - started, flow)
-        if operation == "save":
-            sizes = (result.encoded_bytes, result.new_raw_bytes, result.new_stored_bytes) if outcome == "ok" else None
-            observer.saved(outcome, flow, sizes)
+        try:
+            if outcome != "canceled":
+                observer.call(operation, time.perf_counter() - started, flow)
+            if operation == "save":
+                sizes = (result.encoded_bytes, result.new_raw_bytes, result.new_stored_bytes) if outcome == "ok" else None
+                observer.saved(outcome, flow, sizes)
+        except Exception:  # a metric must never replace a save's result or its real error
+            logger.exception("recording a metric failed")

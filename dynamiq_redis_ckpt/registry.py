@@ -265,7 +265,12 @@ class LeaseRegistry:
         held.confirmed(sent_at)
         with self._lock:
             previous = self._leases.get(held.key)
-            if previous is not None:
+            if previous is not None and previous.paused and previous.lost is None:
+                # it handed its lease back when it paused: resumed, not lost (no warning, no lost-lease count)
+                previous.lost = "the run was resumed by a worker after its pause"
+                if previous.run_id is not None:
+                    self._retire_run_locked(previous.key, previous.run_id, previous.lost)
+            elif previous is not None:
                 self._retire_locked(previous, "the run was claimed by a worker", "claimed")
             self._leases[held.key] = held
         self._ensure_heartbeat()

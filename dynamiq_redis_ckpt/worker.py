@@ -220,15 +220,19 @@ class Recovery:
         histogram = self.metrics.recovery_latency if claim.reason == "orphan" else self.metrics.timer_lag
         return lambda: histogram.observe(claim.waited_ms / 1000 + time.monotonic() - claim.claimed_at)
 
-    def _wants_pause_time(self, served: list[str]) -> bool:
-        return bool(served) and self.metrics is not None
+    def _wants_pause_time(self, claim: Claim, served: list[str]) -> bool:
+        """Whether to load the paused checkpoint for the people's-wait metric: a due claim that served an answer (an
+        orphan's claim may serve the same answer again, after a crash; it is not a second wait)."""
+        return bool(served) and self.metrics is not None and claim.reason == "due"
 
     def _served(self, claim: Claim, served: list[str], paused: FlowCheckpoint | None) -> None:
         """Record what woke the run; for a person's answer, how long the run waited (its ``paused`` checkpoint's
         time to now)."""
+        if self.metrics is None:
+            return
         trigger = "orphan" if claim.reason == "orphan" else "input" if served else "timer"
-        self._triggers[(claim.flow, claim.run, claim.token)] = trigger
-        if self._wants_pause_time(served):
+        self._triggers[(claim.flow, claim.run, claim.token)] = trigger  # popped by Worker when the resume ends
+        if self._wants_pause_time(claim, served):
             if paused is not None:
                 waited = datetime.now(timezone.utc) - paused.updated_at.astimezone(timezone.utc)
                 self.metrics.input_wait.observe(max(0.0, waited.total_seconds()))
@@ -249,7 +253,12 @@ class Recovery:
         try:
             flow = flow_factory(claim.flow)
             served = attach_answers(flow, self.backend.execute(leases.inbox_op(self.keys, claim.flow, claim.run)))
-            paused = self.backend.load(claim.head) if self._wants_pause_time(served) else None
+            paused = None
+            if self._wants_pause_time(claim, served):
+                try:
+                    paused = self.backend.load(claim.head)
+                except CheckpointStoreError:  # a metric must not fail a recovery: Dynamiq loads it again anyway
+                    pass
             self._served(claim, served, paused)
             result = flow.run_sync(None, config=config)
         finally:
@@ -269,7 +278,12 @@ class Recovery:
             flow = flow_factory(claim.flow)
             inbox = await self.backend.execute_async(leases.inbox_op(self.keys, claim.flow, claim.run))
             served = attach_answers(flow, inbox)
-            paused = (await self.backend.load_async(claim.head)) if self._wants_pause_time(served) else None
+            paused = None
+            if self._wants_pause_time(claim, served):
+                try:
+                    paused = await self.backend.load_async(claim.head)
+                except CheckpointStoreError:
+                    pass
             self._served(claim, served, paused)
             result = await flow.run_async(None, config=config)
         finally:

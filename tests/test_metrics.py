@@ -225,6 +225,11 @@ def test_fleet_read_counts_runs_by_state_without_a_scan(own_redis):
     assert 4.0 <= fleet.oldest_orphan_seconds < 60 and fleet.flows == 2
     stats = raw.info("commandstats")
     assert not any(name in stats for name in ("cmdstat_scan", "cmdstat_keys")), "bounded reads only"
+    assert not fleet.truncated
+    shard = keys.shard_of("fleet-0")
+    crowd = [f for f in (f"crowd-{i}" for i in range(200)) if keys.shard_of(f) == shard][:2]
+    raw.zadd(keys.wake(shard), {f: now_ms for f in crowd})
+    assert backend.execute(fleet_op(keys, flows_per_shard=2)).truncated, "a shard with more flows than a read looks at"
     backend.clear()
 
 
@@ -302,3 +307,19 @@ def test_claims_are_counted_won_lost_and_dead_lettered(redis_server):
         assert [d.run for d in first.dead_letters()] == ["wf-dead"]
     finally:
         backend.clear()
+
+
+def test_a_pause_resumed_by_a_worker_of_the_same_process_is_no_lost_lease(measured):
+    from dynamiq_redis_ckpt.worker import Recovery
+    from tests.flows import timer_flow
+
+    backend, registry = measured
+    assert timer_flow(backend, "paused", seconds=0.5).run_sync({"q": 1}).status.value == "failure"  # paused
+    time.sleep(0.7)
+    recovery = Recovery(backend)
+    claim = recovery.claim("paused", backend.get_latest_by_flow("paused").wf_run_id, "due")
+    assert claim is not None
+    assert recovery.resume(claim, lambda f: timer_flow(backend, f, seconds=0.5)).status.value == "success"
+    lost = {s.labels["reason"]: s.value for m in registry.collect() for s in m.samples
+            if s.name == "dynamiq_ckpt_leases_lost_total"}  # fmt: skip
+    assert lost and not any(lost.values()), lost
