@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="Redis url (default $DYNAMIQ_REDIS_CKPT_URL, else redis://localhost:6379/0)")
     parser.add_argument("--prefix", default=None, help="key namespace (default dynamiq:ckpt)")
+    parser.add_argument("--tls-ca", help="rediss://: CA file the server's certificate must chain to "
+                        "(default $DYNAMIQ_REDIS_CKPT_TLS_CA, else the system's CAs)")  # fmt: skip
+    parser.add_argument("--tls-cert", help="rediss://: client certificate file (default $DYNAMIQ_REDIS_CKPT_TLS_CERT)")
+    parser.add_argument("--tls-key", help="rediss://: client key file (default $DYNAMIQ_REDIS_CKPT_TLS_KEY)")
 
 
 def _backend(args: argparse.Namespace, **options):
@@ -71,6 +75,9 @@ def _backend(args: argparse.Namespace, **options):
 
     if args.prefix:
         options["prefix"] = args.prefix
+    for option in ("tls_ca", "tls_cert", "tls_key"):
+        if getattr(args, option, None):
+            options[f"{option}_file"] = getattr(args, option)
     return RedisCheckpointBackend(url=args.url, **options)
 
 
@@ -85,6 +92,16 @@ def _worker(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_format)  # before Dynamiq is imported: its import logs and warns
 
+    from dynamiq_redis_ckpt.errors import ConfigurationError, TLSError
+
+    try:
+        return _run_worker(args)
+    except (ConfigurationError, TLSError) as e:  # waiting or restarting does not fix these
+        logging.getLogger(__name__).error("worker cannot start: %s", e)
+        return 2
+
+
+def _run_worker(args: argparse.Namespace) -> int:
     from dynamiq_redis_ckpt.config import mask_url, resolve_url
     from dynamiq_redis_ckpt.worker import Recovery, Worker, load_flow_factory
 
@@ -148,10 +165,14 @@ def _wait_for_redis(backend, worker, log) -> bool:
     """Wait (not ready, still alive) until Redis answers, as a pod in a restarting cluster must; False if stopped."""
     from dynamiq_redis_ckpt.errors import CheckpointStoreError
 
+    from dynamiq_redis_ckpt.errors import ConfigurationError, TLSError
+
     delay = 0.5
     while worker.alive:
         try:
             return backend.ping()
+        except (ConfigurationError, TLSError):
+            raise
         except CheckpointStoreError as e:
             log.warning("Redis does not answer yet (%s); trying again in %.1f s", e, delay)
         worker.idle(delay)

@@ -42,7 +42,7 @@ SCAN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 OPERATIONS = ("save", "load", "list", "delete", "cleanup")
 SAVE_OUTCOMES = ("ok", "error", "fenced", "too_large", "not_found")
 ERROR_KINDS = ("timeout", "connection", "auth", "readonly", "oom", "busy", "loading", "tryagain", "clusterdown",
-               "masterdown", "noreplicas", "moved", "ask", "noscript", "wrongtype", "other")  # fmt: skip
+               "masterdown", "noreplicas", "moved", "ask", "noscript", "wrongtype", "tls", "other")  # fmt: skip
 LOSS_REASONS = ("expired", "taken_over", "vanished", "self_fenced", "unconfirmed", "claimed", "handed_back",
                 "superseded")  # fmt: skip
 FLEET_STATES = ("leased", "orphaned", "scheduled", "due", "dead")
