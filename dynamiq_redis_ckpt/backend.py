@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_vali
 from dynamiq_redis_ckpt import config
 from dynamiq_redis_ckpt.driver import AsyncDriver, RetryPolicy, SyncDriver
 from dynamiq_redis_ckpt.errors import ConfigurationError
+from dynamiq_redis_ckpt.eviction import EvictionCheck
 from dynamiq_redis_ckpt.guard import LeaseGuard, saved_by_running_flow
 from dynamiq_redis_ckpt.keys import Keys
 from dynamiq_redis_ckpt.observe import observed
@@ -54,6 +55,8 @@ class RedisCheckpointBackend(CheckpointBackend):
     metrics: Any = Field(default=None, exclude=True, description="Prometheus metrics: True (prometheus-client's "
                          "default registry), a CollectorRegistry, or None (off, no cost)")  # fmt: skip
     metrics_flow_label: bool = Field(default=False, description="Label save/load metrics with the flow id")
+    allow_eviction: bool = Field(default=False, description="Accept a Redis whose maxmemory-policy may evict our keys "
+                                 "(one warning instead of ConfigurationError; see docs/production.md)")
     tls_ca_file: str | None = Field(default=None, description="rediss://: CA file (PEM) the server's certificate must "
                                     "chain to; default $DYNAMIQ_REDIS_CKPT_TLS_CA, else the system's CAs")
     tls_cert_file: str | None = Field(default=None, description="rediss://: client certificate (PEM) for servers that "
@@ -124,6 +127,9 @@ class RedisCheckpointBackend(CheckpointBackend):
         self._sync = SyncDriver(sync_client, policy)
         self._async = AsyncDriver(make_async, policy, timeout, connect_timeout)
         kwargs = sync_client.connection_pool.connection_kwargs
+        if "server" not in kwargs:  # fakeredis (an in-process server) evicts nothing
+            check = EvictionCheck(allow=self.allow_eviction, ttl=bool(self.ttl_seconds), leases=self.leases)
+            self._sync.preflight = self._async.preflight = check
         if "ssl_cert_reqs" in kwargs and not kwargs.get("ssl_certfile"):
             # a server that requires client certificates just closes the connection: say what to check
             self._sync.hint = self._async.hint = ("TLS without a client certificate: if the server requires one "

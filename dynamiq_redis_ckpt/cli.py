@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-attempts", type=int, default=5, help="failed recoveries before a dead letter")
     worker.add_argument("--poll", type=float, default=0.5, help="seconds between looks for work")
     worker.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
+    worker.add_argument("--allow-eviction", action="store_true",
+                        help="start even if Redis's maxmemory-policy may evict checkpoint keys (not recommended)")  # fmt: skip
     worker.add_argument("--stall-seconds", type=float, default=60.0,
                         help="/healthz fails when the poll loop has not completed a pass for this long")  # fmt: skip
     worker.add_argument("--metrics-flow-label", action="store_true",
@@ -111,7 +113,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         from prometheus_client import CollectorRegistry
 
         registry = CollectorRegistry()
-    backend = _backend(args, lease_ttl_seconds=args.lease_ttl, metrics=registry,
+    backend = _backend(args, lease_ttl_seconds=args.lease_ttl, metrics=registry, allow_eviction=args.allow_eviction,
                        metrics_flow_label=args.metrics_flow_label)  # fmt: skip
     log.info("worker on %s, prefix %s", mask_url(backend.url or resolve_url(None)), backend.prefix)
     factory = load_flow_factory(flows=args.flows, yaml_path=args.yaml)
@@ -147,7 +149,8 @@ def _serve_worker(args: argparse.Namespace, registry, worker) -> None:
 
     # Readiness and the fleet read ask Redis with their own short deadline, no retries: a frozen Redis answers 503
     # within a second, and a scrape is never held up for long.
-    probe = _backend(args, socket_timeout=0.5, socket_connect_timeout=0.5, retries=0, leases=False)
+    probe = _backend(args, socket_timeout=0.5, socket_connect_timeout=0.5, retries=0, leases=False,
+                     allow_eviction=args.allow_eviction)  # not ready on a Redis that may evict
 
     def build() -> dict[str, str]:
         info = probe.redis.info("server")

@@ -162,9 +162,15 @@ class SyncDriver:
         self.policy = policy
         self.observer = None  # a metrics.StoreMetrics when metrics are on: counts every failed attempt
         self.hint = None  # added to the message of a StoreUnavailableError (what to check in this configuration)
+        self.preflight = None  # an eviction.EvictionCheck to pass before the first operation (None: nothing to do)
 
     def run(self, op) -> Any:
         """Drive a store operation (a generator) to its result; a failed request's error is thrown into it."""
+        if self.preflight is not None:
+            self._preflight(op)
+        return self._drive(op)
+
+    def _drive(self, op) -> Any:
         try:
             request = next(op)
             while True:
@@ -176,6 +182,17 @@ class SyncDriver:
                     request = op.send(reply)
         except StopIteration as done:
             return done.value
+
+    def _preflight(self, op) -> None:
+        check = self.preflight
+        if not check.passed:
+            try:
+                self._drive(check.op())
+            except BaseException:
+                op.close()
+                raise
+        if check.passed:
+            self.preflight = None
 
     def _execute(self, request: Any) -> Any:
         if isinstance(request, Sleep):
@@ -274,6 +291,7 @@ class AsyncDriver:
         self.connect_timeout = connect_timeout
         self.observer = None  # as SyncDriver.observer
         self.hint = None  # as SyncDriver.hint
+        self.preflight = None  # as SyncDriver.preflight
         self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref, Any] | None = None  # the last loop's client, without a dictionary lookup
 
@@ -294,6 +312,19 @@ class AsyncDriver:
 
     async def run(self, op) -> Any:
         """Drive a store operation (a generator) to its result; a failed request's error is thrown into it."""
+        if self.preflight is not None:
+            check = self.preflight
+            if not check.passed:
+                try:
+                    await self._drive(check.op())
+                except BaseException:
+                    op.close()
+                    raise
+            if check.passed:
+                self.preflight = None
+        return await self._drive(op)
+
+    async def _drive(self, op) -> Any:
         try:
             request = next(op)
             while True:
