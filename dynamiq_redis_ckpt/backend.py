@@ -130,10 +130,14 @@ class RedisCheckpointBackend(CheckpointBackend):
         if "server" not in kwargs:  # fakeredis (an in-process server) evicts nothing
             check = EvictionCheck(allow=self.allow_eviction, ttl=bool(self.ttl_seconds), leases=self.leases)
             self._sync.preflight = self._async.preflight = check
-        if "ssl_cert_reqs" in kwargs and not kwargs.get("ssl_certfile"):
-            # a server that requires client certificates just closes the connection: say what to check
-            self._sync.hint = self._async.hint = ("TLS without a client certificate: if the server requires one "
-                                                  "(tls-auth-clients yes), set tls_cert_file and tls_key_file")
+        if "ssl_cert_reqs" in kwargs:
+            # a plain port times out a TLS client, and a server that requires client certificates may just close
+            # the connection: say what to check
+            hint = "TLS: is the port a TLS port? (a plain one leaves the handshake to time out)"
+            if not kwargs.get("ssl_certfile"):
+                hint += "; no client certificate is set: if the server requires one (tls-auth-clients yes), set " \
+                        "tls_cert_file and tls_key_file"
+            self._sync.hint = self._async.hint = hint
         lease_store = LeaseStore(self._core.keys, self._sync)
         interval = self.heartbeat_interval_seconds or self.lease_ttl_seconds / 3  # set before the "after" validator
         lease_policy = LeasePolicy(self.lease_ttl_seconds, interval, lease_store)

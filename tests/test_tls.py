@@ -185,8 +185,10 @@ def test_a_missing_client_certificate_fails_with_a_tls_error(tls_redis, certs):
         backend.ping()
     except TLSError as e:  # the server's "certificate required" alert reached the client
         assert "requires a client certificate" in str(e)
+        print(f"\n[tls] no client certificate: {e}")
     except StoreUnavailableError as e:  # the server closed the connection before its alert was read
-        assert "set tls_cert_file and tls_key_file" in str(e)
+        assert "set tls_cert_file and tls_key_file" in str(e)  # the hint of a TLS url without a client cert
+        print(f"\n[tls] no client certificate (untyped): {e}")
     else:
         raise AssertionError("connected without a client certificate")
 
@@ -213,3 +215,10 @@ def test_the_worker_connects_over_tls_and_is_ready(tls_redis, certs, tmp_path):
     output = bad.communicate(timeout=60)[0]
     assert bad.returncode == 2, output
     assert "not signed by the trusted CA" in output and "worker cannot start" in output
+
+
+def test_a_tls_url_on_a_plain_port_says_what_to_check(redis_server, certs):
+    url = redis_server.url.replace("redis://", "rediss://")
+    backend = backend_for(url, certs, retries=0, socket_connect_timeout=0.3)
+    with pytest.raises(StoreUnavailableError, match="is the port a TLS port"):
+        backend.ping()
