@@ -140,6 +140,7 @@ def test_a_checkpoint_whose_content_was_evicted_is_a_typed_error_and_left_out_of
     assert fresh_reader.get_list_by_flow("f", status=S.COMPLETED) == []
 
 
+@pytest.mark.slow
 def test_the_worker_refuses_an_evicting_redis_with_exit_code_2(own_redis, tmp_path):
     policy(own_redis, "allkeys-lru")
     prefix = f"evw{uuid.uuid4().hex[:6]}"

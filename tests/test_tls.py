@@ -25,7 +25,6 @@ from tests.test_worker import ROOT, wait_for
 from tests.test_worker_health import status
 from tests.tls_certs import Certs, make_certs
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
 
 
 class TLSRedis:
@@ -64,6 +63,7 @@ class TLSRedis:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Certs:
+    assert shutil.which("openssl"), "the openssl command line is missing: apt-get install openssl (.ci/run does)"
     return make_certs(tmp_path_factory.mktemp("tls"))
 
 
@@ -193,6 +193,7 @@ def test_a_missing_client_certificate_fails_with_a_tls_error(tls_redis, certs):
         raise AssertionError("connected without a client certificate")
 
 
+@pytest.mark.slow
 def test_the_worker_connects_over_tls_and_is_ready(tls_redis, certs, tmp_path):
     port, log, prefix = free_port(), tmp_path / "worker.log", f"tlsw{uuid.uuid4().hex[:6]}"
     env = {"DYNAMIQ_REDIS_CKPT_URL": tls_redis.url(), PREFIX_ENV: prefix, "PYTHONPATH": str(ROOT)}
@@ -219,6 +220,6 @@ def test_the_worker_connects_over_tls_and_is_ready(tls_redis, certs, tmp_path):
 
 def test_a_tls_url_on_a_plain_port_says_what_to_check(redis_server, certs):
     url = redis_server.url.replace("redis://", "rediss://")
-    backend = backend_for(url, certs, retries=0, socket_connect_timeout=0.3)
+    backend = backend_for(url, certs, retries=0, socket_connect_timeout=0.3, socket_timeout=0.3)
     with pytest.raises(StoreUnavailableError, match="is the port a TLS port"):
         backend.ping()
