@@ -83,8 +83,11 @@ class EvictionCheck:
         if policy == SAFE_POLICY:
             return None
         if policy.startswith("volatile-"):
-            holders = [what for what, on in (("its checkpoints, packs and indexes (ttl_seconds is set)", self.ttl),
-                                             ("ended runs' lease tokens (leases are on)", self.leases)) if on]  # fmt: skip
+            holders = []
+            if self.ttl:
+                holders.append("its checkpoints, packs and indexes (ttl_seconds is set)")
+            if self.leases:
+                holders.append("ended runs' lease tokens (leases are on)")
             if not holders:
                 return None
             return f"it evicts keys that have a TTL, and this backend gives one to {' and '.join(holders)}"
@@ -96,8 +99,8 @@ class EvictionCheck:
                 return
             self.policy = policy
             if policy is None:
-                logger.warning("could not read Redis's maxmemory-policy (CONFIG GET and INFO refused); make sure it is "
-                               "%r, or Redis may evict parts of checkpoints under memory pressure", SAFE_POLICY)  # fmt: skip
+                logger.warning("could not read Redis's maxmemory-policy (CONFIG GET and INFO refused); make sure it "
+                               "is %r, or Redis may evict parts of checkpoints under memory pressure", SAFE_POLICY)
                 self.passed = True
                 return
             reason = self.unsafe_because(policy)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import uuid
@@ -147,8 +148,6 @@ def test_the_worker_refuses_an_evicting_redis_with_exit_code_2(own_redis, tmp_pa
     env = {"DYNAMIQ_REDIS_CKPT_URL": own_redis.url, PREFIX_ENV: prefix, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "dynamiq_redis_ckpt.cli", "worker", "--url", own_redis.url, "--prefix", prefix,
             "--flows", "tests.flows:worker_flows"]  # fmt: skip
-    import os
-
     done = subprocess.run(args, cwd=ROOT, env=os.environ | env, capture_output=True, text=True, timeout=90)
     output = done.stdout + done.stderr
     assert done.returncode == 2, output[-2000:]

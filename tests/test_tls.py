@@ -53,8 +53,9 @@ class TLSRedis:
         return f"rediss://{host}:{self.port}/0"
 
     def client(self, certs: Certs, check_hostname: bool = True) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, ssl=True, ssl_ca_certs=certs.ca, ssl_check_hostname=check_hostname,
-                           ssl_certfile=certs.path("client.crt"), ssl_keyfile=certs.path("client.key"))  # fmt: skip
+        return redis.Redis(host="127.0.0.1", port=self.port, ssl=True, ssl_ca_certs=certs.ca,
+                           ssl_check_hostname=check_hostname, ssl_certfile=certs.path("client.crt"),
+                           ssl_keyfile=certs.path("client.key"))  # fmt: skip
 
     def kill(self) -> None:
         self.proc.kill()
