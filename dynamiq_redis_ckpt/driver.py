@@ -63,6 +63,10 @@ def tls_failure(error: BaseException) -> bool:
 
 def _tls_advice(error: BaseException) -> str:
     text = str(error).lower()
+    if "alert certificate expired" in text:
+        return "the server says the client certificate has expired (tls_cert_file)"
+    if "expired" in text or "not yet valid" in text:
+        return "the server's certificate has expired or is not yet valid"
     if "mismatch" in text:
         return "the server's certificate is not valid for the host in the url (use a name it was issued for)"
     if "verify failed" in text:

@@ -224,3 +224,22 @@ def test_a_tls_url_on_a_plain_port_says_what_to_check(redis_server, certs):
     backend = backend_for(url, certs, retries=0, socket_connect_timeout=0.3, socket_timeout=0.3)
     with pytest.raises(StoreUnavailableError, match="is the port a TLS port"):
         backend.ping()
+
+
+@pytest.mark.parametrize("message, advice", [
+    ("certificate verify failed: certificate has expired", "has expired"),
+    ("[SSL: SSLV3_ALERT_CERTIFICATE_EXPIRED] sslv3 alert certificate expired", "client certificate has expired"),
+    ("[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca", "refused the client certificate"),
+    ("[SSL: WRONG_VERSION_NUMBER] wrong version number", "does not speak TLS"),
+    ("Connection reset by peer", None),
+    ("EOF occurred in violation of protocol", None),  # also what a restarting server does: retried
+])  # fmt: skip
+def test_certificate_failures_are_permanent_and_other_connection_errors_are_not(message, advice):
+    from dynamiq_redis_ckpt.driver import _translate, error_kind
+
+    translated = _translate(redis.ConnectionError(message), None)
+    if advice is None:
+        assert type(translated) is StoreUnavailableError and error_kind(redis.ConnectionError(message)) == "connection"
+    else:
+        assert isinstance(translated, TLSError) and advice in str(translated)
+        assert error_kind(redis.ConnectionError(message)) == "tls"
