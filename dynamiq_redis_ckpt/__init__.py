@@ -11,6 +11,7 @@ from dynamiq_redis_ckpt.errors import (
     ConfigurationError,
     LeaseLostError,
     StoreUnavailableError,
+    TLSError,
     UnsupportedFormatError,
     WrongKeyTypeError,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "LeaseLostError",
     "RedisCheckpointBackend",
     "StoreUnavailableError",
+    "TLSError",
     "UnsupportedFormatError",
     "WrongKeyTypeError",
     "as_running_flow",

@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_vali
 from dynamiq_redis_ckpt import config
 from dynamiq_redis_ckpt.driver import AsyncDriver, RetryPolicy, SyncDriver
 from dynamiq_redis_ckpt.errors import ConfigurationError
+from dynamiq_redis_ckpt.eviction import EvictionCheck
 from dynamiq_redis_ckpt.guard import LeaseGuard, saved_by_running_flow
 from dynamiq_redis_ckpt.keys import Keys
 from dynamiq_redis_ckpt.observe import observed
@@ -54,6 +55,16 @@ class RedisCheckpointBackend(CheckpointBackend):
     metrics: Any = Field(default=None, exclude=True, description="Prometheus metrics: True (prometheus-client's "
                          "default registry), a CollectorRegistry, or None (off, no cost)")  # fmt: skip
     metrics_flow_label: bool = Field(default=False, description="Label save/load metrics with the flow id")
+    allow_eviction: bool = Field(default=False, description="Accept a Redis whose maxmemory-policy may evict our keys "
+                                 "(one warning instead of ConfigurationError; see docs/production.md)")
+    tls_ca_file: str | None = Field(default=None, description="rediss://: CA file (PEM) the server's certificate must "
+                                    "chain to; default $DYNAMIQ_REDIS_CKPT_TLS_CA, else the system's CAs")
+    tls_cert_file: str | None = Field(default=None, description="rediss://: client certificate (PEM) for servers that "
+                                      "require one; default $DYNAMIQ_REDIS_CKPT_TLS_CERT")
+    tls_key_file: str | None = Field(default=None, description="rediss://: the client certificate's private key "
+                                     "(PEM); default $DYNAMIQ_REDIS_CKPT_TLS_KEY")
+    tls_check_hostname: bool = Field(default=True, description="rediss://: the server's certificate must be valid "
+                                     "for the url's host")
 
     _owns_client: bool = PrivateAttr(default=True)
     _namespace: str = PrivateAttr()
@@ -92,6 +103,8 @@ class RedisCheckpointBackend(CheckpointBackend):
         policy = RetryPolicy(self.retries, self.retry_backoff_seconds)
         options = config.client_options(self.socket_timeout, self.socket_connect_timeout, self.max_connections)
         if self.client is not None:
+            if self.tls_ca_file or self.tls_cert_file or self.tls_key_file:
+                raise ConfigurationError("tls_* options apply to a url; configure TLS on the client passed in instead")
             config.check_client(self.client)
             self._owns_client = False
             sync_client = self.client
@@ -102,6 +115,9 @@ class RedisCheckpointBackend(CheckpointBackend):
         else:
             url = config.resolve_url(self.url)
             self._namespace = f"{url}|{self.prefix}"
+            tls = config.tls_options(url, self.tls_ca_file, self.tls_cert_file, self.tls_key_file,
+                                     self.tls_check_hostname)  # fmt: skip
+            options.update(tls)
             sync_client = redis.Redis.from_url(url, **options)
             timeout, connect_timeout = self.socket_timeout, self.socket_connect_timeout
             async_options = {**options, "socket_timeout": None}  # the driver bounds each request (see AsyncDriver)
@@ -110,6 +126,18 @@ class RedisCheckpointBackend(CheckpointBackend):
         self._core = StoreCore(Keys(self.prefix), ttl_ms=ttl_ms, max_checkpoint_bytes=self.max_checkpoint_bytes)
         self._sync = SyncDriver(sync_client, policy)
         self._async = AsyncDriver(make_async, policy, timeout, connect_timeout)
+        kwargs = sync_client.connection_pool.connection_kwargs
+        if "server" not in kwargs:  # fakeredis (an in-process server) evicts nothing
+            check = EvictionCheck(allow=self.allow_eviction, ttl=bool(self.ttl_seconds), leases=self.leases)
+            self._sync.preflight = self._async.preflight = check
+        if "ssl_cert_reqs" in kwargs:
+            # a plain port times out a TLS client, and a server that requires client certificates may just close
+            # the connection: say what to check
+            hint = "TLS: is the port a TLS port? (a plain one leaves the handshake to time out)"
+            if not kwargs.get("ssl_certfile"):
+                hint += "; no client certificate is set: if the server requires one (tls-auth-clients yes), set " \
+                        "tls_cert_file and tls_key_file"
+            self._sync.hint = self._async.hint = hint
         lease_store = LeaseStore(self._core.keys, self._sync)
         interval = self.heartbeat_interval_seconds or self.lease_ttl_seconds / 3  # set before the "after" validator
         lease_policy = LeasePolicy(self.lease_ttl_seconds, interval, lease_store)

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-attempts", type=int, default=5, help="failed recoveries before a dead letter")
     worker.add_argument("--poll", type=float, default=0.5, help="seconds between looks for work")
     worker.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
+    worker.add_argument("--allow-eviction", action="store_true",
+                        help="start even if Redis's maxmemory-policy may evict checkpoint keys (not recommended)")  # fmt: skip
     worker.add_argument("--stall-seconds", type=float, default=60.0,
                         help="/healthz fails when the poll loop has not completed a pass for this long")  # fmt: skip
     worker.add_argument("--metrics-flow-label", action="store_true",
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="Redis url (default $DYNAMIQ_REDIS_CKPT_URL, else redis://localhost:6379/0)")
     parser.add_argument("--prefix", default=None, help="key namespace (default dynamiq:ckpt)")
+    parser.add_argument("--tls-ca", help="rediss://: CA file the server's certificate must chain to "
+                        "(default $DYNAMIQ_REDIS_CKPT_TLS_CA, else the system's CAs)")  # fmt: skip
+    parser.add_argument("--tls-cert", help="rediss://: client certificate file (default $DYNAMIQ_REDIS_CKPT_TLS_CERT)")
+    parser.add_argument("--tls-key", help="rediss://: client key file (default $DYNAMIQ_REDIS_CKPT_TLS_KEY)")
 
 
 def _backend(args: argparse.Namespace, **options):
@@ -71,6 +77,9 @@ def _backend(args: argparse.Namespace, **options):
 
     if args.prefix:
         options["prefix"] = args.prefix
+    for option in ("tls_ca", "tls_cert", "tls_key"):
+        if getattr(args, option, None):
+            options[f"{option}_file"] = getattr(args, option)
     return RedisCheckpointBackend(url=args.url, **options)
 
 
@@ -85,6 +94,16 @@ def _worker(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_format)  # before Dynamiq is imported: its import logs and warns
 
+    from dynamiq_redis_ckpt.errors import ConfigurationError, TLSError
+
+    try:
+        return _run_worker(args)
+    except (ConfigurationError, TLSError) as e:  # waiting or restarting does not fix these
+        logging.getLogger(__name__).error("worker cannot start: %s", e)
+        return 2
+
+
+def _run_worker(args: argparse.Namespace) -> int:
     from dynamiq_redis_ckpt.config import mask_url, resolve_url
     from dynamiq_redis_ckpt.worker import Recovery, Worker, load_flow_factory
 
@@ -94,7 +113,7 @@ def _worker(args: argparse.Namespace) -> int:
         from prometheus_client import CollectorRegistry
 
         registry = CollectorRegistry()
-    backend = _backend(args, lease_ttl_seconds=args.lease_ttl, metrics=registry,
+    backend = _backend(args, lease_ttl_seconds=args.lease_ttl, metrics=registry, allow_eviction=args.allow_eviction,
                        metrics_flow_label=args.metrics_flow_label)  # fmt: skip
     log.info("worker on %s, prefix %s", mask_url(backend.url or resolve_url(None)), backend.prefix)
     factory = load_flow_factory(flows=args.flows, yaml_path=args.yaml)
@@ -130,7 +149,8 @@ def _serve_worker(args: argparse.Namespace, registry, worker) -> None:
 
     # Readiness and the fleet read ask Redis with their own short deadline, no retries: a frozen Redis answers 503
     # within a second, and a scrape is never held up for long.
-    probe = _backend(args, socket_timeout=0.5, socket_connect_timeout=0.5, retries=0, leases=False)
+    probe = _backend(args, socket_timeout=0.5, socket_connect_timeout=0.5, retries=0, leases=False,
+                     allow_eviction=args.allow_eviction)  # not ready on a Redis that may evict
 
     def build() -> dict[str, str]:
         info = probe.redis.info("server")
@@ -148,10 +168,14 @@ def _wait_for_redis(backend, worker, log) -> bool:
     """Wait (not ready, still alive) until Redis answers, as a pod in a restarting cluster must; False if stopped."""
     from dynamiq_redis_ckpt.errors import CheckpointStoreError
 
+    from dynamiq_redis_ckpt.errors import ConfigurationError, TLSError
+
     delay = 0.5
     while worker.alive:
         try:
             return backend.ping()
+        except (ConfigurationError, TLSError):
+            raise
         except CheckpointStoreError as e:
             log.warning("Redis does not answer yet (%s); trying again in %.1f s", e, delay)
         worker.idle(delay)

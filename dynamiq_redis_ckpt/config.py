@@ -12,6 +12,9 @@ import redis.asyncio
 from dynamiq_redis_ckpt.errors import ConfigurationError
 
 URL_ENV = "DYNAMIQ_REDIS_CKPT_URL"
+TLS_CA_ENV = "DYNAMIQ_REDIS_CKPT_TLS_CA"
+TLS_CERT_ENV = "DYNAMIQ_REDIS_CKPT_TLS_CERT"
+TLS_KEY_ENV = "DYNAMIQ_REDIS_CKPT_TLS_KEY"
 DEFAULT_URL = "redis://localhost:6379/0"
 DEFAULT_PREFIX = "dynamiq:ckpt"
 
@@ -54,6 +57,32 @@ def client_options(socket_timeout: float, socket_connect_timeout: float, max_con
     }
 
 
+def tls_options(url: str, ca_file: str | None, cert_file: str | None, key_file: str | None,
+                check_hostname: bool) -> dict[str, Any]:
+    """Keyword arguments for a ``rediss://`` client (none for other urls): verify the server's certificate against
+    ``ca_file`` (else the system's CAs) and its name against the url's host, and present a client certificate when
+    one is given. Files not given fall back to ``$DYNAMIQ_REDIS_CKPT_TLS_CA``, ``_TLS_CERT`` and ``_TLS_KEY``."""
+    if urlsplit(url).scheme != "rediss":
+        if ca_file or cert_file or key_file:
+            raise ConfigurationError(f"tls_* options need a rediss:// url, got {mask_url(url)!r}")
+        return {}
+    ca_file = ca_file or os.environ.get(TLS_CA_ENV) or None
+    cert_file = cert_file or os.environ.get(TLS_CERT_ENV) or None
+    key_file = key_file or os.environ.get(TLS_KEY_ENV) or None
+    if key_file and not cert_file:
+        raise ConfigurationError("tls_key_file is set without tls_cert_file: give the client certificate too")
+    for option, path in (("tls_ca_file", ca_file), ("tls_cert_file", cert_file), ("tls_key_file", key_file)):
+        if path and not os.path.isfile(path):
+            raise ConfigurationError(f"{option} {path!r} is not a readable file")
+    return {
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": check_hostname,
+        "ssl_ca_certs": ca_file,
+        "ssl_certfile": cert_file,
+        "ssl_keyfile": key_file,  # None with a certificate: the key is in the certificate's file
+    }
+
+
 def check_client(client: Any) -> None:
     """Refuse a client that decodes replies: checkpoints are binary."""
     pool = getattr(client, "connection_pool", None)
@@ -77,6 +106,11 @@ def async_twin(client: Any) -> Any:
     connection_class = classes.get(client.connection_pool.connection_class, redis.asyncio.Connection)
     for sync_only in ("retry", "redis_connect_func", "credential_provider"):
         kwargs.pop(sync_only, None)
+    for tls_sync_only in ("ssl_ca_path", "ssl_password", "ssl_validate_ocsp", "ssl_validate_ocsp_stapled",
+                          "ssl_ocsp_context", "ssl_ocsp_expected_cert"):  # fmt: skip
+        if kwargs.pop(tls_sync_only, None):
+            raise ConfigurationError(f"the client's {tls_sync_only} has no redis.asyncio equivalent: the async "
+                                     f"methods could not connect the same way")  # fmt: skip
     pool = redis.asyncio.ConnectionPool(
         connection_class=connection_class, max_connections=client.connection_pool.max_connections, **kwargs
     )

@@ -26,7 +26,7 @@ from redis.exceptions import NoPermissionError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dynamiq_redis_ckpt import scripts
-from dynamiq_redis_ckpt.errors import CheckpointStoreError, StoreUnavailableError, WrongKeyTypeError
+from dynamiq_redis_ckpt.errors import CheckpointStoreError, StoreUnavailableError, TLSError, WrongKeyTypeError
 from dynamiq_redis_ckpt.requests import Batch, Command, Script, Sleep
 
 try:
@@ -47,6 +47,37 @@ _REFUSED_CLASSES = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY"}
 _REFUSED_CODES = ("BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
 
 
+# What OpenSSL says when a certificate check fails (the server's, in the client; the client's, in the server's alert).
+# redis-py wraps them in a ConnectionError; no retry can fix them.
+_TLS_FAILURES = ("certificate verify failed", "certificate_verify_failed", "alert unknown ca", "alert bad certificate",
+                 "alert certificate required", "alert certificate expired", "wrong_version_number")  # fmt: skip
+
+
+def tls_failure(error: BaseException) -> bool:
+    """Whether a connection error is a TLS certificate failure (permanent: not retried)."""
+    if not isinstance(error, (RedisConnectionError, OSError)):
+        return False
+    text = str(error).lower()
+    return any(marker in text for marker in _TLS_FAILURES)
+
+
+def _tls_advice(error: BaseException) -> str:
+    text = str(error).lower()
+    if "alert certificate expired" in text:
+        return "the server says the client certificate has expired (tls_cert_file)"
+    if "expired" in text or "not yet valid" in text:
+        return "the server's certificate has expired or is not yet valid"
+    if "mismatch" in text:
+        return "the server's certificate is not valid for the host in the url (use a name it was issued for)"
+    if "verify failed" in text:
+        return "the server's certificate is not signed by the trusted CA (tls_ca_file)"
+    if "certificate required" in text:
+        return "the server requires a client certificate (set tls_cert_file and tls_key_file)"
+    if "wrong_version_number" in text:
+        return "the server does not speak TLS on this port (a redis:// port given a rediss:// url?)"
+    return "the server refused the client certificate (tls_cert_file; is it signed by a CA the server trusts?)"
+
+
 def _refusal(error: Exception) -> str | None:
     """The Redis error code of a refusal worth retrying, None for any other error."""
     for kind, code in _REFUSED_CLASSES.items():
@@ -60,6 +91,8 @@ def error_kind(error: Exception) -> str:
     """The kind a metric counts a failed request under (``dynamiq_ckpt_redis_errors_total{kind}``)."""
     if isinstance(error, (RedisTimeoutError, TimeoutError)):
         return "timeout"
+    if tls_failure(error):
+        return "tls"
     if isinstance(error, AuthenticationError):
         return "auth"
     if isinstance(error, BusyLoadingError):
@@ -92,12 +125,14 @@ class RetryPolicy:
         return base / 2 + random.random() * base / 2
 
 
-def _translate(error: Exception, request: Any) -> Exception:
+def _translate(error: Exception, request: Any, hint: str | None = None) -> Exception:
+    if tls_failure(error):
+        return TLSError(f"TLS certificate problem talking to Redis, not retried: {_tls_advice(error)}: {error}")
     keys = getattr(request, "keys", ()) or tuple(a for a in getattr(request, "args", ())[1:2] if isinstance(a, str))
     if isinstance(error, ResponseError) and "WRONGTYPE" in str(error):
         return WrongKeyTypeError(str(error), tuple(keys))
     if isinstance(error, _TRANSIENT):
-        return StoreUnavailableError(f"Redis unavailable after retries: {error}")
+        return StoreUnavailableError(f"Redis unavailable after retries: {error}" + (f" ({hint})" if hint else ""))
     if (code := _refusal(error)) is not None:
         text = str(error) if str(error).startswith(code) else f"{code} {error}"
         return StoreUnavailableError(f"Redis refused the request after retries: {text}")
@@ -132,9 +167,16 @@ class SyncDriver:
         self.client = client
         self.policy = policy
         self.observer = None  # a metrics.StoreMetrics when metrics are on: counts every failed attempt
+        self.hint = None  # added to the message of a StoreUnavailableError (what to check in this configuration)
+        self.preflight = None  # an eviction.EvictionCheck to pass before the first operation (None: nothing to do)
 
     def run(self, op) -> Any:
         """Drive a store operation (a generator) to its result; a failed request's error is thrown into it."""
+        if self.preflight is not None:
+            self._preflight(op)
+        return self._drive(op)
+
+    def _drive(self, op) -> Any:
         try:
             request = next(op)
             while True:
@@ -147,6 +189,17 @@ class SyncDriver:
         except StopIteration as done:
             return done.value
 
+    def _preflight(self, op) -> None:
+        check = self.preflight
+        if not check.passed:
+            try:
+                self._drive(check.op())
+            except BaseException:
+                op.close()
+                raise
+        if check.passed:
+            self.preflight = None
+
     def _execute(self, request: Any) -> Any:
         if isinstance(request, Sleep):
             time.sleep(request.seconds)
@@ -157,13 +210,13 @@ class SyncDriver:
             except (*_TRANSIENT, ResponseError) as e:
                 if self.observer is not None:
                     self.observer.redis_error(error_kind(e))
-                if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refusal(e)):
-                    raise _translate(e, request) from e
+                if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refusal(e)) or tls_failure(e):
+                    raise _translate(e, request, self.hint) from e
                 time.sleep(self.policy.delay(attempt))
             except redis.RedisError as e:
                 if self.observer is not None:
                     self.observer.redis_error(error_kind(e))
-                raise _translate(e, request) from e
+                raise _translate(e, request, self.hint) from e
 
     def _once(self, request: Any) -> Any:
         try:
@@ -243,6 +296,8 @@ class AsyncDriver:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.observer = None  # as SyncDriver.observer
+        self.hint = None  # as SyncDriver.hint
+        self.preflight = None  # as SyncDriver.preflight
         self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref, Any] | None = None  # the last loop's client, without a dictionary lookup
 
@@ -263,6 +318,19 @@ class AsyncDriver:
 
     async def run(self, op) -> Any:
         """Drive a store operation (a generator) to its result; a failed request's error is thrown into it."""
+        if self.preflight is not None:
+            check = self.preflight
+            if not check.passed:
+                try:
+                    await self._drive(check.op())
+                except BaseException:
+                    op.close()
+                    raise
+            if check.passed:
+                self.preflight = None
+        return await self._drive(op)
+
+    async def _drive(self, op) -> Any:
         try:
             request = next(op)
             while True:
@@ -285,13 +353,13 @@ class AsyncDriver:
             except (*_TRANSIENT, ResponseError) as e:
                 if self.observer is not None:
                     self.observer.redis_error(error_kind(e))
-                if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refusal(e)):
-                    raise _translate(e, request) from e
+                if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refusal(e)) or tls_failure(e):
+                    raise _translate(e, request, self.hint) from e
                 await asyncio.sleep(self.policy.delay(attempt))
             except redis.RedisError as e:
                 if self.observer is not None:
                     self.observer.redis_error(error_kind(e))
-                raise _translate(e, request) from e
+                raise _translate(e, request, self.hint) from e
 
     async def _once(self, request: Any) -> Any:
         client = await self._client()

@@ -85,6 +85,12 @@ class StoreUnavailableError(CheckpointStoreError, ConnectionError):
     """Redis could not be reached, or timed out, after the configured retries."""
 
 
+class TLSError(StoreUnavailableError):
+    """The TLS handshake with Redis failed on a certificate: the server's is not signed by the trusted CA, or is not
+    valid for the host in the url. Raised at once, not retried: waiting does not fix a certificate. A
+    StoreUnavailableError too, so code that handles an unreachable Redis handles this."""
+
+
 class AlreadyAnsweredError(CheckpointStoreError):
     """A person's answer for a node that has one already: the first answer stands, a later one is refused."""
 

@@ -44,7 +44,8 @@ SCAN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 OPERATIONS = ("save", "load", "list", "delete", "cleanup")
 SAVE_OUTCOMES = ("ok", "error", "fenced", "lease_lost", "too_large", "not_found", "canceled")
 ERROR_KINDS = ("timeout", "connection", "auth", "readonly", "oom", "busy", "loading", "tryagain", "clusterdown",
-               "masterdown", "noreplicas", "moved", "ask", "noscript", "wrongtype", "noperm", "other")  # fmt: skip
+               "masterdown", "noreplicas", "moved", "ask", "noscript", "wrongtype", "noperm", "tls",
+               "other")  # fmt: skip
 LOSS_REASONS = ("expired", "taken_over", "vanished", "self_fenced", "unconfirmed", "claimed", "handed_back",
                 "superseded")  # fmt: skip
 FLEET_STATES = ("leased", "orphaned", "scheduled", "due", "dead")
