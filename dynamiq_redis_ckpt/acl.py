@@ -16,11 +16,12 @@ from dynamiq_redis_ckpt.keys import KINDS, glob_escape
 DATA_COMMANDS = (
     "del", "exists", "get", "getrange", "set", "setrange", "pexpire", "persist", "pttl", "type", "unlink",  # keys, strs
     "hdel", "hexists", "hget", "hgetall", "hincrby", "hmget", "hset",  # hashes
-    "sadd", "smembers", "spop", "srandmember",  # sets
+    "sadd", "smembers", "spop", "sscan",  # sets
     "zadd", "zcard", "zcount", "zrange", "zrangebyscore", "zrem", "zrevrange", "zrevrangebyscore", "zscore",  # zsets
 )  # fmt: skip
-# Not tied to a key: the scripts' transport, the server clock, health, clear()'s walk, the worker's build info.
-SERVER_COMMANDS = ("evalsha", "script|load", "time", "ping", "scan", "info|server")
+# Not tied to a key: the scripts' transport, the server clock, health, clear()'s walk, the worker's build info, the
+# eviction check (maxmemory-policy, read from INFO memory: CONFIG GET could read requirepass).
+SERVER_COMMANDS = ("evalsha", "script|load", "time", "ping", "scan", "info|server", "info|memory")
 COMMANDS = DATA_COMMANDS + SERVER_COMMANDS
 
 

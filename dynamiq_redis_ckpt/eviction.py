@@ -10,8 +10,8 @@ indexes when ``ttl_seconds`` is set, and to the fencing token an ended run leave
 on (the default), so ``volatile-*`` is safe only with ``ttl_seconds=None`` and ``leases=False``.
 
 The check runs once per backend, lazily, on its first operation (sync or async): the backend is built without a
-connection, and no save pays a round trip for it. The policy is read with ``CONFIG GET``; where CONFIG is refused
-(an ACL user, a managed Redis) from ``INFO memory``; where neither answers, a warning is logged once and the
+connection, and no save pays a round trip for it. The policy is read from ``INFO memory`` (which the
+least-privilege ACL user may run), else with ``CONFIG GET``; where neither answers, a warning is logged once and the
 backend goes on. An unsafe policy raises ConfigurationError on every operation until it is fixed (each failing
 operation reads the policy again, so fixing it with ``CONFIG SET`` takes effect without a restart), unless
 ``allow_eviction=True``, which logs one loud warning instead.
@@ -32,23 +32,26 @@ SAFE_POLICY = "noeviction"
 
 
 def read_policy():
-    """Operation: the server's maxmemory-policy, or None when neither CONFIG GET nor INFO is allowed."""
+    """Operation: the server's maxmemory-policy, or None when neither INFO memory nor CONFIG GET is allowed.
+
+    INFO first: the least-privilege ACL user (see :mod:`dynamiq_redis_ckpt.acl`) may run ``INFO memory`` but not
+    CONFIG, which could read ``requirepass``; CONFIG GET for servers that hide the field from INFO."""
     try:
-        reply = yield cmd("CONFIG", "GET", "maxmemory-policy")
-        values = list(reply.values()) if isinstance(reply, dict) else list(reply or [])[1::2]
-        if values:
-            return text(values[0])
+        policy = _info_field((yield cmd("INFO", "memory")), "maxmemory_policy")
+        if policy:
+            return policy
     except StoreUnavailableError:
         raise
-    except CheckpointStoreError:  # CONFIG refused (ACL, a renamed or disabled command): INFO is often allowed
+    except CheckpointStoreError:  # INFO refused (an ACL, a renamed command): CONFIG may be allowed
         pass
     try:
-        info = yield cmd("INFO", "memory")
+        reply = yield cmd("CONFIG", "GET", "maxmemory-policy")
     except StoreUnavailableError:
         raise
     except CheckpointStoreError:
         return None
-    return _info_field(info, "maxmemory_policy")
+    values = list(reply.values()) if isinstance(reply, dict) else list(reply or [])[1::2]
+    return text(values[0]) if values else None
 
 
 def _info_field(info: Any, field: str) -> str | None:
