@@ -194,6 +194,12 @@ class SyncDriver:
         if not check.passed:
             try:
                 self._drive(check.op())
+            except StoreUnavailableError as e:
+                if isinstance(e, TLSError):  # final: no use running the operation into it again
+                    op.close()
+                    raise
+                # Redis unreachable: the check waits for the next operation; this one meets the outage itself (a
+                # running flow's save retries while its lease lasts)
             except BaseException:
                 op.close()
                 raise
@@ -323,6 +329,10 @@ class AsyncDriver:
             if not check.passed:
                 try:
                     await self._drive(check.op())
+                except StoreUnavailableError as e:  # as SyncDriver._preflight
+                    if isinstance(e, TLSError):
+                        op.close()
+                        raise
                 except BaseException:
                     op.close()
                     raise
