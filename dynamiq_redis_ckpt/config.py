@@ -194,7 +194,7 @@ def async_twin(client: Any) -> Any:
     kwargs["socket_timeout"] = None
     manager = getattr(client.connection_pool, "sentinel_manager", None)
     if manager is not None:  # redis.sentinel's master_for(): the same sentinels, asked from asyncio
-        import redis.asyncio.sentinel
+        from redis.asyncio.sentinel import Sentinel as AsyncSentinel  # not "import redis...": it would shadow redis
 
         if not client.connection_pool.is_master:
             raise ConfigurationError("a Sentinel client for a replica (slave_for) cannot store checkpoints")
@@ -203,7 +203,7 @@ def async_twin(client: Any) -> Any:
         for sentinel_only in ("connection_pool", "connection_class", "retry", "redis_connect_func",
                               "credential_provider", "host", "port"):  # fmt: skip
             kwargs.pop(sentinel_only, None)
-        async_manager = redis.asyncio.sentinel.Sentinel(sentinels, sentinel_kwargs=dict(manager.sentinel_kwargs))
+        async_manager = AsyncSentinel(sentinels, sentinel_kwargs=dict(manager.sentinel_kwargs))
         return async_manager.master_for(client.connection_pool.service_name,
                                         max_connections=client.connection_pool.max_connections, **kwargs)
     if "server" in kwargs:  # fakeredis: share the in-process server
