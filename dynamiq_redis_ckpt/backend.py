@@ -71,9 +71,8 @@ class RedisCheckpointBackend(CheckpointBackend):
     sentinel_service: str | None = Field(default=None, description="Sentinel: the monitored primary's name")
     sentinel_password: str | None = Field(default=None, exclude=True, description="Sentinel: the sentinels' own "
                                           "password, when they require one")
-    replica_acks: int | None = Field(default=None, description="WAIT until this many replicas have every write before "
-                                     "it counts as done; default 1 behind Sentinel (a failover loses no saved "
-                                     "checkpoint), else 0")
+    replica_acks: int = Field(default=0, description="WAIT until this many replicas have every request's writes "
+                              "before it counts as done (0: do not wait; see docs/sentinel.md)")
     replica_ack_timeout_seconds: float = Field(default=0.5, description="How long one WAIT for replica_acks lasts "
                                                "before the request is retried")
 
@@ -132,8 +131,6 @@ class RedisCheckpointBackend(CheckpointBackend):
             self._namespace = f"{conf.url}|{self.prefix}"
             sync_client, make_async = config.sentinel_clients(conf, options)
             timeout, connect_timeout = self.socket_timeout, self.socket_connect_timeout
-            if self.replica_acks is None:
-                self.replica_acks = 1
         else:
             url = config.resolve_url(self.url)
             self._namespace = f"{url}|{self.prefix}"
@@ -155,7 +152,6 @@ class RedisCheckpointBackend(CheckpointBackend):
                                          f"shorter than socket_timeout ({timeout}): WAIT is part of the request")
             for driver in (self._sync, self._async):
                 driver.replica_acks, driver.replica_ack_timeout_ms = self.replica_acks, wait_ms
-        self.replica_acks = self.replica_acks or 0
         kwargs = sync_client.connection_pool.connection_kwargs
         if "server" not in kwargs:  # fakeredis (an in-process server) evicts nothing
             check = EvictionCheck(allow=self.allow_eviction, ttl=bool(self.ttl_seconds), leases=self.leases)
