@@ -60,7 +60,7 @@ def test_sentinel_url_and_options_parse():
     with pytest.raises(ConfigurationError):
         RedisCheckpointBackend(url="redis://localhost:6379/0", sentinel_service="m")
     with pytest.raises(ConfigurationError):
-        RedisCheckpointBackend(url="redis+sentinel://a:1/m", replica_ack_timeout_seconds=3)  # WAIT > socket timeout
+        RedisCheckpointBackend(url="redis+sentinel://a:1/m", replica_acks=1, replica_ack_timeout_seconds=3)  # > socket timeout
 
 
 def _roundtrip(backend: RedisCheckpointBackend) -> None:
