@@ -39,7 +39,8 @@ class RedisCheckpointBackend(CheckpointBackend):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     name: str = Field(default="RedisCheckpoint")
-    url: str | None = Field(default=None, description="redis:// url; default $DYNAMIQ_REDIS_CKPT_URL or localhost")
+    url: str | None = Field(default=None, description="redis://, rediss://, unix:// or redis+sentinel:// url (see "
+                            "docs/sentinel.md); default $DYNAMIQ_REDIS_CKPT_URL or localhost")
     prefix: str = Field(default=config.DEFAULT_PREFIX, description="Namespace of every key (per app or tenant)")
     ttl_seconds: float | None = Field(default=None, description="Expire checkpoints this long after their last save")
     socket_timeout: float = Field(default=2.0, description="Seconds to wait for a Redis reply (async: per request)")
@@ -65,6 +66,15 @@ class RedisCheckpointBackend(CheckpointBackend):
                                      "(PEM); default $DYNAMIQ_REDIS_CKPT_TLS_KEY")
     tls_check_hostname: bool = Field(default=True, description="rediss://: the server's certificate must be valid "
                                      "for the url's host")
+    sentinels: list[tuple[str, int]] | None = Field(default=None, description="Sentinel: (host, port) of each "
+                                                    "sentinel (instead of, or overriding, a redis+sentinel:// url's)")
+    sentinel_service: str | None = Field(default=None, description="Sentinel: the monitored primary's name")
+    sentinel_password: str | None = Field(default=None, exclude=True, description="Sentinel: the sentinels' own "
+                                          "password, when they require one")
+    replica_acks: int = Field(default=0, description="WAIT until this many replicas have every request's writes "
+                              "before it counts as done (0: do not wait; see docs/sentinel.md)")
+    replica_ack_timeout_seconds: float = Field(default=0.5, description="How long one WAIT for replica_acks lasts "
+                                               "before the request is retried")
 
     _owns_client: bool = PrivateAttr(default=True)
     _namespace: str = PrivateAttr()
@@ -92,10 +102,10 @@ class RedisCheckpointBackend(CheckpointBackend):
             )
         return self
 
-    @field_validator("retries", "max_connections", "max_checkpoint_bytes")
+    @field_validator("retries", "max_connections", "max_checkpoint_bytes", "replica_acks")
     @classmethod
-    def _non_negative(cls, value: int) -> int:
-        if value < 0:
+    def _non_negative(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
             raise ConfigurationError(f"must not be negative, got {value}")
         return value
 
@@ -112,6 +122,15 @@ class RedisCheckpointBackend(CheckpointBackend):
             timeout = sync_client.connection_pool.connection_kwargs.get("socket_timeout")
             connect_timeout = sync_client.connection_pool.connection_kwargs.get("socket_connect_timeout")
             make_async = lambda: config.async_twin(sync_client)  # noqa: E731
+        elif self.sentinels or self.sentinel_service or config.is_sentinel(self.url or config.resolve_url(None)):
+            if self.tls_ca_file or self.tls_cert_file or self.tls_key_file:
+                raise ConfigurationError("TLS to Sentinel-managed servers is not supported yet")
+            url = self.url or config.resolve_url(None)
+            url = url if self.url or config.is_sentinel(url) else None  # options alone: not the localhost default
+            conf = config.sentinel_config(url, self.sentinels, self.sentinel_service, self.sentinel_password)
+            self._namespace = f"{conf.url}|{self.prefix}"
+            sync_client, make_async = config.sentinel_clients(conf, options)
+            timeout, connect_timeout = self.socket_timeout, self.socket_connect_timeout
         else:
             url = config.resolve_url(self.url)
             self._namespace = f"{url}|{self.prefix}"
@@ -126,6 +145,13 @@ class RedisCheckpointBackend(CheckpointBackend):
         self._core = StoreCore(Keys(self.prefix), ttl_ms=ttl_ms, max_checkpoint_bytes=self.max_checkpoint_bytes)
         self._sync = SyncDriver(sync_client, policy)
         self._async = AsyncDriver(make_async, policy, timeout, connect_timeout)
+        if self.replica_acks:
+            wait_ms = max(1, int(self.replica_ack_timeout_seconds * 1000))
+            if timeout is not None and self.replica_ack_timeout_seconds >= timeout:
+                raise ConfigurationError(f"replica_ack_timeout_seconds ({self.replica_ack_timeout_seconds}) must be "
+                                         f"shorter than socket_timeout ({timeout}): WAIT is part of the request")
+            for driver in (self._sync, self._async):
+                driver.replica_acks, driver.replica_ack_timeout_ms = self.replica_acks, wait_ms
         kwargs = sync_client.connection_pool.connection_kwargs
         if "server" not in kwargs:  # fakeredis (an in-process server) evicts nothing
             check = EvictionCheck(allow=self.allow_eviction, ttl=bool(self.ttl_seconds), leases=self.leases)
@@ -174,6 +200,8 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     def __repr_args__(self):
         for name, value in super().__repr_args__():
+            if name == "sentinel_password" and value:
+                value = "***"
             yield name, config.mask_url(value) if name == "url" else value
 
     @property
@@ -216,6 +244,8 @@ class RedisCheckpointBackend(CheckpointBackend):
         """Release this backend's connection pool (not a client that was passed in). Safe to call twice."""
         if self._owns_client:
             self._sync.client.close()
+            for sentinel in config.sentinel_manager_clients(self._sync.client):
+                sentinel.close()
 
     async def aclose(self) -> None:
         """Release the connections of the running event loop's client."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any, Callable, NamedTuple
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -22,12 +22,111 @@ DEFAULT_PREFIX = "dynamiq:ckpt"
 def resolve_url(url: str | None) -> str:
     """The url given, else ``$DYNAMIQ_REDIS_CKPT_URL``, else ``redis://localhost:6379/0``."""
     url = url or os.environ.get(URL_ENV) or DEFAULT_URL
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigurationError(f"url must start with redis://, rediss:// or unix://, got {mask_url(url)!r}")
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix", SENTINEL_SCHEME):
+        raise ConfigurationError(f"url must start with redis://, rediss://, unix:// or {SENTINEL_SCHEME}://, "
+                                 f"got {mask_url(url)!r}")  # fmt: skip
     return url
 
 
-_SECRET_PARAMS = {"password", "ssl_password"}  # redis-py reads a password from the query string too
+SENTINEL_SCHEME = "redis+sentinel"
+_SECRET_PARAMS = {"password", "ssl_password", "sentinel_password"}  # redis-py reads a password from the query too
+
+
+def _split_netloc(netloc: str) -> tuple[str | None, str | None, str]:
+    """(username, password, hosts) of a url's netloc; hosts may be a comma-separated list (Sentinel)."""
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        return None, None, netloc
+    username, colon, password = userinfo.partition(":")
+    return (unquote(username) or None), (unquote(password) if colon else None), hosts
+
+
+def is_sentinel(url: str | None) -> bool:
+    return bool(url) and urlsplit(url).scheme == SENTINEL_SCHEME
+
+
+class SentinelConfig(NamedTuple):
+    """Where the sentinels are and what they monitor: from a ``redis+sentinel://`` url and/or options."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None
+    password: str | None  # the primary's (and replicas') password
+    sentinel_password: str | None  # the sentinels' own password, when they require one
+
+    @property
+    def url(self) -> str:
+        """The canonical url (without passwords): names the namespace and shows in logs."""
+        hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        return f"{SENTINEL_SCHEME}://{hosts}/{self.service}/{self.db}"
+
+
+def sentinel_config(url: str | None, sentinels: list | None, service: str | None,
+                    sentinel_password: str | None) -> SentinelConfig:
+    """``redis+sentinel://[[user]:password@]host1:port1,host2:port2/service_name[/db][?sentinel_password=...]``;
+    the ``sentinels``, ``sentinel_service`` and ``sentinel_password`` options fill in (or override) its parts."""
+    hosts: list[tuple[str, int]] = []
+    username = password = None
+    db, url_service = 0, None
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme != SENTINEL_SCHEME:
+            raise ConfigurationError(f"sentinel options need a {SENTINEL_SCHEME}:// url or none, got {mask_url(url)!r}")
+        username, password, netloc_hosts = _split_netloc(parts.netloc)
+        for item in filter(None, netloc_hosts.split(",")):
+            host, _, port = item.rpartition(":") if ":" in item else (item, "", "26379")
+            try:
+                hosts.append((host.strip("[]"), int(port)))
+            except ValueError:
+                raise ConfigurationError(f"bad sentinel address {item!r} in {mask_url(url)!r}") from None
+        path = [unquote(p) for p in parts.path.split("/") if p]
+        if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ConfigurationError(f"{SENTINEL_SCHEME} url path must be /service_name[/db], got {parts.path!r}")
+        url_service = path[0] if path else None
+        db = int(path[1]) if len(path) == 2 else 0
+        query = dict(parse_qsl(parts.query))
+        sentinel_password = sentinel_password or query.get("sentinel_password")
+        password = password or query.get("password")
+    if sentinels:
+        try:
+            hosts = [(str(host), int(port)) for host, port in sentinels]
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"sentinels must be (host, port) pairs, got {sentinels!r}") from None
+    service = service or url_service
+    if not hosts:
+        raise ConfigurationError("Sentinel: no sentinel addresses (give them in the url or as sentinels=[(host, port)])")
+    if not service:
+        raise ConfigurationError("Sentinel: no service name (the url's path, /mymaster/0, or sentinel_service)")
+    return SentinelConfig(hosts, service, db, username, password, sentinel_password)
+
+
+def sentinel_clients(conf: SentinelConfig, options: dict[str, Any]) -> tuple[redis.Redis, Callable[[], Any]]:
+    """The primary's sync client and a maker of its asyncio twin (one per event loop), both from the sentinels' answer
+    and both rediscovering the primary on reconnect. The sentinels themselves are asked with the same socket timeouts
+    (the async client too: a stalled sentinel must not hold a request until its deadline)."""
+    import redis.asyncio.sentinel
+    import redis.sentinel
+
+    auth = {"username": conf.username, "password": conf.password, "db": conf.db}
+    sentinel_kwargs = {"socket_timeout": options["socket_timeout"],
+                       "socket_connect_timeout": options["socket_connect_timeout"],
+                       "password": conf.sentinel_password}  # fmt: skip
+    sync = redis.sentinel.Sentinel(conf.sentinels, sentinel_kwargs=sentinel_kwargs)
+    client = sync.master_for(conf.service, **options, **auth)
+    async_options = {**options, "socket_timeout": None}  # the driver bounds each request (see AsyncDriver)
+
+    def make_async() -> Any:
+        manager = redis.asyncio.sentinel.Sentinel(conf.sentinels, sentinel_kwargs=sentinel_kwargs)
+        return manager.master_for(conf.service, **async_options, **auth)
+
+    return client, make_async
+
+
+def sentinel_manager_clients(client: Any) -> list:
+    """The clients a Sentinel-managed client keeps to its sentinels (none for another client)."""
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    return list(getattr(manager, "sentinels", []))
 
 
 def mask_url(url: str | None) -> str | None:
@@ -38,11 +137,9 @@ def mask_url(url: str | None) -> str | None:
     query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, True)],
                       safe="*")  # fmt: skip
     netloc = parts.netloc
-    if parts.password is not None:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        netloc = f"{parts.username or ''}:***@{host}"
+    username, password, hosts = _split_netloc(netloc)  # not parts.hostname: a Sentinel url lists several hosts
+    if password is not None:
+        netloc = f"{netloc.rpartition('@')[0].partition(':')[0]}:***@{hosts}"
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -95,6 +192,20 @@ def async_twin(client: Any) -> Any:
     timeout: the async driver bounds each request with that timeout instead."""
     kwargs = dict(client.connection_pool.connection_kwargs)
     kwargs["socket_timeout"] = None
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    if manager is not None:  # redis.sentinel's master_for(): the same sentinels, asked from asyncio
+        from redis.asyncio.sentinel import Sentinel as AsyncSentinel  # not "import redis...": it would shadow redis
+
+        if not client.connection_pool.is_master:
+            raise ConfigurationError("a Sentinel client for a replica (slave_for) cannot store checkpoints")
+        sentinels = [(s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"])
+                     for s in manager.sentinels]  # fmt: skip
+        for sentinel_only in ("connection_pool", "connection_class", "retry", "redis_connect_func",
+                              "credential_provider", "host", "port"):  # fmt: skip
+            kwargs.pop(sentinel_only, None)
+        async_manager = AsyncSentinel(sentinels, sentinel_kwargs=dict(manager.sentinel_kwargs))
+        return async_manager.master_for(client.connection_pool.service_name,
+                                        max_connections=client.connection_pool.max_connections, **kwargs)
     if "server" in kwargs:  # fakeredis: share the in-process server
         import fakeredis
 

@@ -153,6 +153,26 @@ def _scripts_of(request: Script | Batch) -> set[str]:
     return {part.name for part in parts if isinstance(part, Script)}
 
 
+class ReplicaAckError(ResponseError):
+    """A request the primary applied but fewer replicas than required acknowledged in time (``WAIT``): under
+    asynchronous replication it could be lost in a failover, so it is not reported done. It starts like the server's
+    own NOREPLICAS refusal, so it is retried (a retry reconnects: behind Sentinel, to the primary the sentinels name)."""
+
+
+def _with_wait(wired: list[tuple], acks: int, timeout_ms: int) -> list[tuple]:
+    return [*wired, ("WAIT", acks, timeout_ms)] if acks else wired
+
+
+def _check_acks(replies: list, acks: int) -> list:
+    """The replies without WAIT's; raises ReplicaAckError when it counted fewer replicas than ``acks``."""
+    if not acks:
+        return replies
+    counted = replies.pop()
+    if isinstance(counted, Exception) or counted < acks:
+        raise ReplicaAckError(f"NOREPLICAS {counted} of {acks} replicas acknowledged the write in time")
+    return replies
+
+
 def _first_error(replies: list) -> list:
     for reply in replies:
         if isinstance(reply, Exception):
@@ -169,6 +189,8 @@ class SyncDriver:
         self.observer = None  # a metrics.StoreMetrics when metrics are on: counts every failed attempt
         self.hint = None  # added to the message of a StoreUnavailableError (what to check in this configuration)
         self.preflight = None  # an eviction.EvictionCheck to pass before the first operation (None: nothing to do)
+        self.replica_acks = 0  # WAIT for this many replicas after every request (0: do not wait)
+        self.replica_ack_timeout_ms = 0
 
     def run(self, op) -> Any:
         """Drive a store operation (a generator) to its result; a failed request's error is thrown into it."""
@@ -245,8 +267,10 @@ class SyncDriver:
         # redis-py's Pipeline object (and, less so, execute_command's wrappers) cost more CPU than the round trip
         # itself on this path; this is their core: send every command in one write, then read one reply each,
         # parsed by the client's own response callbacks. Used for single commands too.
+        # With replica_acks, a WAIT ends the exchange; a shortfall drops the connection (see ReplicaAckError).
         pool = self.client.connection_pool
         conn = pool.get_connection(wired[0][0])
+        wired = _with_wait(wired, self.replica_acks, self.replica_ack_timeout_ms)
         try:
             conn.send_packed_command(conn.pack_commands(wired))
             replies = []
@@ -255,7 +279,7 @@ class SyncDriver:
                     replies.append(self.client.parse_response(conn, args[0]))
                 except ResponseError as e:
                     replies.append(e)
-            return replies
+            return _check_acks(replies, self.replica_acks)
         except BaseException:
             conn.disconnect()
             raise
@@ -273,6 +297,8 @@ async def _close_at_loop_shutdown(client: Any):
         pool = getattr(client, "connection_pool", None)
         if pool is not None:  # a client built on an explicit pool does not close it itself
             await pool.disconnect()
+        for sentinel in getattr(getattr(pool, "sentinel_manager", None), "sentinels", ()):  # behind Sentinel
+            await sentinel.aclose()
 
 
 def _packed_async(wired: list[tuple]) -> list[bytes] | None:
@@ -304,6 +330,8 @@ class AsyncDriver:
         self.observer = None  # as SyncDriver.observer
         self.hint = None  # as SyncDriver.hint
         self.preflight = None  # as SyncDriver.preflight
+        self.replica_acks = 0  # as SyncDriver.replica_acks
+        self.replica_ack_timeout_ms = 0
         self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref, Any] | None = None  # the last loop's client, without a dictionary lookup
 
@@ -401,6 +429,7 @@ class AsyncDriver:
         """
         pool, timeout = client.connection_pool, self.timeout
         take = getattr(pool, "get_available_connection", None)
+        wired = _with_wait(wired, self.replica_acks, self.replica_ack_timeout_ms)
         packed = _packed_async(wired)
         conn = take() if take is not None else await pool.get_connection(wired[0][0])
         try:
@@ -418,7 +447,7 @@ class AsyncDriver:
                         replies.append(await client.parse_response(conn, args[0]))
                     except ResponseError as e:
                         replies.append(e)
-                return replies
+                return _check_acks(replies, self.replica_acks)
         except asyncio.TimeoutError:
             await conn.disconnect(nowait=True)
             raise RedisTimeoutError(f"Redis request not completed within {timeout} s") from None
@@ -434,3 +463,5 @@ class AsyncDriver:
         self._last = None
         if found is not None:
             await found[0].aclose()
+            for sentinel in getattr(getattr(found[0].connection_pool, "sentinel_manager", None), "sentinels", ()):
+                await sentinel.aclose()
