@@ -142,6 +142,7 @@ class StoreCore:
         self._last_flow: str | None = None  # the flow a load tries first (see load)
         self.damaged_skipped = 0  # damaged checkpoints lists have left out (each one logged)
         self.observer = None  # a metrics.StoreMetrics when metrics are on
+        self.sealer = None  # a crypto.Sealer when encryption at rest is on: new packs are sealed, sealed ones opened
 
     # ---- save -------------------------------------------------------------------------------------------------
 
@@ -245,7 +246,7 @@ class StoreCore:
                 needed |= known.closure({base.id})
             else:
                 new, needed, known = dict(chunks), set(), _Known()
-            pack, blob = codec.build_pack(new, base)
+            pack, blob = codec.build_pack(new, base, sealer=self.sealer, flow=flow)
             bases[pack.id] = pack.base
             known = _Known(known.chunks, bases | known.packs)
         order = [p for p in known.packs if p in needed]  # newest first, as the stored versions listed them
@@ -478,7 +479,8 @@ class StoreCore:
             if cached is not None:
                 held[where] = cached
         for where, blob, base in reversed(chain):
-            pack = codec.read_pack(where[1], blob, rec.id, self.keys.pack(*where), held.get((flow, base)))
+            pack = codec.read_pack(where[1], blob, rec.id, self.keys.pack(*where), held.get((flow, base)),
+                                   sealer=self.sealer, flow=flow)  # fmt: skip
             held[where] = pack
             self.cache.add_pack(flow, pack)
 
