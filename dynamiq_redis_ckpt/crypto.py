@@ -18,13 +18,16 @@ import re
 import threading
 from typing import Any, Callable, Mapping
 
-from dynamiq_redis_ckpt.errors import ConfigurationError
+from dynamiq_redis_ckpt.errors import CheckpointCorruptedError, ConfigurationError, EncryptionKeyError
 
 ENV = "DYNAMIQ_REDIS_CKPT_ENCRYPTION_KEYS"
 KEY_SIZE = 32  # AES-256
 NONCE_SIZE = 12  # 96 bits, random per blob
 TAG_SIZE = 16
 _KEY_ID = re.compile(r"[A-Za-z0-9._\-/+=@]{1,64}")  # printable, no ':' or ',' (the env form's separators)
+
+SEALED_TEXT = "s1:"  # a sealed person's answer; answer JSON never starts with 's'
+_ANSWER_AAD = b"dynamiq-redis-ckpt/answer/1\0"
 
 Provider = Callable[[], "tuple[Mapping[str, bytes], str]"]
 
@@ -137,3 +140,46 @@ def sealer_for(option: Any) -> Sealer | None:
             "encryption_keys must be a callable returning ({key id: 32-byte key}, current key id), False or None"
         )
     return Sealer(option)
+
+
+def seal_text(sealer: Sealer, plain: str, context: tuple[str, ...]) -> str:
+    """A person's answer (JSON) sealed for the inbox: ``s1:`` and base64 of key id length, key id, nonce, ciphertext
+    and tag, bound to ``context`` (flow, run, node) so an answer moved to another run or node fails."""
+    key_id, cipher = sealer.for_writing()
+    kid = key_id.encode("ascii")
+    head = bytes([len(kid)]) + kid
+    nonce = os.urandom(NONCE_SIZE)
+    sealed = cipher.encrypt(nonce, plain.encode(), _answer_aad(head, context))
+    return SEALED_TEXT + base64.b64encode(head + nonce + sealed).decode("ascii")
+
+
+def _answer_aad(head: bytes, context: tuple[str, ...]) -> bytes:
+    return _ANSWER_AAD + "\0".join(context).encode() + b"\0" + head
+
+
+def open_text(sealer: Sealer | None, stored: str, context: tuple[str, ...], checkpoint_id: str, key: str) -> str:
+    """Undo :func:`seal_text`; a stored answer that is not sealed (written with encryption off) is returned as is.
+    Typed errors name ``checkpoint_id`` (the paused run's head): EncryptionKeyError for a key id not provided,
+    CheckpointCorruptedError for an answer that fails authentication."""
+    if not stored.startswith(SEALED_TEXT):
+        return stored
+    try:
+        blob = base64.b64decode(stored[len(SEALED_TEXT) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise CheckpointCorruptedError(checkpoint_id, "a sealed answer is not base64", key) from None
+    if not blob or len(blob) < 1 + blob[0] + NONCE_SIZE + TAG_SIZE:
+        raise CheckpointCorruptedError(checkpoint_id, "a sealed answer is truncated", key)
+    end = 1 + blob[0]
+    key_id = blob[1:end].decode("ascii", "backslashreplace")
+    cipher = sealer.for_reading(key_id) if sealer is not None else None
+    if cipher is None:
+        raise EncryptionKeyError(checkpoint_id, key_id, key, configured=sealer is not None)
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        plain = cipher.decrypt(blob[end : end + NONCE_SIZE], blob[end + NONCE_SIZE :], _answer_aad(blob[:end], context))
+    except InvalidTag:
+        raise CheckpointCorruptedError(
+            checkpoint_id, f"a person's answer fails authentication under key id {key_id!r}", key
+        ) from None
+    return plain.decode()

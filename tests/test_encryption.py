@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import uuid
 
@@ -339,3 +340,32 @@ def test_a_bad_environment_spec_is_a_configuration_error(monkeypatch, spec):
 def test_a_bad_provider_fails_the_backend_at_construction(provider):
     with pytest.raises(ConfigurationError):
         RedisCheckpointBackend(client=fakeredis.FakeRedis(), prefix="bad", encryption_keys=provider)
+
+
+def test_a_persons_answer_waits_encrypted_and_resumes_the_run(redis_server):
+    from dynamiq.runnables import RunnableConfig
+
+    from dynamiq_redis_ckpt.worker import Recovery
+    from tests.flows import ask_flow
+
+    provider = KeyProvider({"k1": K1}, "k1")
+    backend = RedisCheckpointBackend(url=redis_server.url, prefix=f"h{uuid.uuid4().hex[:6]}", encryption_keys=provider)
+    try:
+        first = ask_flow(backend, "ask-enc").run_sync({"input": "Ship it?"}, config=RunnableConfig(run_id="wf-e"))
+        assert first.status.value == "failure"
+        recovery = Recovery(backend)
+        assert recovery.deliver_input("wf-e", {"choice": "a confidential blue"}) == "ask"
+        inbox = backend.store.keys.inbox("ask-enc", "wf-e")
+        stored = backend.redis.hget(inbox, "ask")
+        assert stored.startswith(crypto.SEALED_TEXT.encode()) and b"confidential" not in stored
+        claim = recovery.claim("ask-enc", "wf-e", "due")
+        with pytest.raises(EncryptionKeyError):  # a worker without the key cannot read the answer
+            Recovery(on_same_store(backend))._opened(claim, {"ask": stored.decode()})
+        moved = {"ask": stored.decode()}
+        with pytest.raises(CheckpointCorruptedError):  # bound to its flow, run and node
+            recovery._opened(dataclasses.replace(claim, run="wf-other"), moved)
+        result = recovery.resume(claim, lambda f: ask_flow(on_same_store(backend, encryption_keys=provider), f))
+        assert result.status.value == "success"
+        assert result.output["ask"]["output"] == {"answer": {"choice": "a confidential blue"}}
+    finally:
+        backend.clear()
