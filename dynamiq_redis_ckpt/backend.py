@@ -209,6 +209,11 @@ class RedisCheckpointBackend(CheckpointBackend):
         """Async :meth:`execute`, on this event loop's client."""
         return await self._async.run(op)
 
+    def encryption_key_ids(self) -> dict[str, int]:
+        """How many stored packs each encryption key id sealed ('' = stored unencrypted); retire a key from the
+        provider only once it is at zero (see docs/encryption.md)."""
+        return self.execute(self._core.encryption_key_ids())
+
     def ping(self) -> bool:
         """Check that Redis answers (with the configured retries); raises StoreUnavailableError when it does not.
 

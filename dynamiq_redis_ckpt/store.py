@@ -695,6 +695,24 @@ class StoreCore:
             stays += kept + len(doomed) - removed
         return deleted
 
+    def encryption_key_ids(self) -> Op:
+        """How many stored packs of this namespace each encryption key id sealed ('' counts packs stored
+        unencrypted): a key may leave the provider once its count is zero. SCANs the pack keys (never KEYS) and reads
+        only each pack's head (GETRANGE)."""
+        pattern = self.keys.namespace_patterns()[KINDS.index("pack")]
+        head = _PACK_COUNT + 1 + codec.DIGEST_SIZE + 1 + 255  # count, layer byte, base id, key id length and id
+        counts: dict[str, int] = {}
+        cursor = b"0"
+        while True:
+            cursor, found = yield cmd("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            if found:
+                for blob in (yield Batch(tuple(cmd("GETRANGE", key, 0, head - 1) for key in found))):
+                    if blob:  # '' for a pack deleted meanwhile
+                        key_id = codec.sealed_key_id(blob[_PACK_COUNT:]) or ""
+                        counts[key_id] = counts.get(key_id, 0) + 1
+            if text(cursor) == "0":
+                return counts
+
     def ping(self) -> Op:
         """True when Redis answers."""
         reply = yield cmd("PING")

@@ -369,3 +369,23 @@ def test_a_persons_answer_waits_encrypted_and_resumes_the_run(redis_server):
         assert result.output["ask"]["output"] == {"answer": {"choice": "a confidential blue"}}
     finally:
         backend.clear()
+
+
+def test_a_run_going_on_across_turning_encryption_on_and_counting_key_use(sealed):
+    plain = on_same_store(sealed)
+    parent, child = secret_cp("m1", minute=1, status=S.ACTIVE), secret_cp("m2", minute=2, parent="m1")
+    plain.save(parent)  # written before encryption was turned on
+    assert sealed.encryption_key_ids() == {"": 1}
+    sealed.load("m1")  # an unencrypted pack reads with or without keys; now held, it is the new pack's base
+    sealed.save(child)
+    assert sealed.encryption_key_ids() == {"": 1, "k1": 1}
+    assert on_same_store(sealed, encryption_keys=sealed.encryption_keys).load("m2") == child
+    with pytest.raises(EncryptionKeyError):
+        on_same_store(sealed).load("m2")
+    assert on_same_store(sealed).load("m1") == parent
+    sealed.encryption_keys.keys["k2"] = K2
+    sealed.encryption_keys.current = "k2"
+    sealed.save(secret_cp("m3", minute=3))
+    assert sealed.encryption_key_ids() == {"": 1, "k1": 1, "k2": 1}
+    sealed.delete("m2")
+    assert sealed.encryption_key_ids() == {"": 1, "k2": 1}, "k1 sealed nothing left: it may be retired"
