@@ -318,6 +318,10 @@ def test_keys_from_the_environment(monkeypatch):
     assert not any(b[0] & codec.LAYER_SEALED for b in pack_blobs(off).values())
     dumped = str(backend.to_dict()) + repr(backend)
     assert base64.b64encode(K2).decode() not in dumped and "encryption_keys" not in backend.to_dict()
+    import functools
+
+    holding = RedisCheckpointBackend(client=client, prefix="env3", encryption_keys=functools.partial(tuple, [{"k1": K1}, "k1"]))
+    assert "encryption_keys" not in repr(holding) and str(K1) not in repr(holding)  # a partial's repr shows its args
 
 
 @pytest.mark.parametrize(
