@@ -63,9 +63,9 @@ class RedisCheckpointBackend(CheckpointBackend):
                                       "require one; default $DYNAMIQ_REDIS_CKPT_TLS_CERT")
     tls_key_file: str | None = Field(default=None, description="rediss://: the client certificate's private key "
                                      "(PEM); default $DYNAMIQ_REDIS_CKPT_TLS_KEY")
-    encryption_keys: Any = Field(default=None, exclude=True, repr=False, description="Encryption at rest (docs/encryption.md): a "
-                                 "callable returning ({key id: 32-byte key}, current key id); None: "
-                                 "$DYNAMIQ_REDIS_CKPT_ENCRYPTION_KEYS if set, else off; False: off")  # fmt: skip
+    encryption_keys: Any = Field(default=None, exclude=True, repr=False, description="Encryption at rest "
+                                 "(docs/encryption.md): a callable returning ({key id: 32-byte key}, current key id); "
+                                 "None: $DYNAMIQ_REDIS_CKPT_ENCRYPTION_KEYS if set, else off; False: off")  # fmt: skip
     tls_check_hostname: bool = Field(default=True, description="rediss://: the server's certificate must be valid "
                                      "for the url's host")
 

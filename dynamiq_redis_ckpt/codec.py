@@ -374,7 +374,7 @@ def wrap(data: bytes, base: Pack | None = None, *, sealer: Any = None, flow: str
     With a ``sealer`` (encryption at rest, :class:`dynamiq_redis_ckpt.crypto.Sealer`) the compressed bytes are then
     encrypted with AES-256-GCM under the sealer's current key, and the blob is::
 
-        layer byte (| 2) | base id (0, or 12 bytes) | key id length (1) | key id (ascii) | nonce (12) | ciphertext | tag (16)
+        layer byte (| 2) | base id (0 or 12 bytes) | key id length (1) | key id | nonce (12) | ciphertext | tag (16)
 
     The base id stays where an unsealed blob has it (the scripts read it to walk a chain). The additional
     authenticated data binds the ciphertext to its flow, its pack id and that whole header, so a flipped byte, a

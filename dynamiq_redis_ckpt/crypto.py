@@ -36,12 +36,12 @@ def parse_keys(spec: str, source: str = ENV) -> tuple[dict[str, bytes], str]:
     """``id1:base64key,id2:base64key`` -> ({id: key}, first id). The first key is the current one."""
     keys: dict[str, bytes] = {}
     current = None
-    for item in (part.strip() for part in spec.split(",")):
+    for number, item in enumerate((part.strip() for part in spec.split(",")), 1):
         if not item:
             continue
         key_id, sep, encoded = item.partition(":")
-        if not sep:
-            raise ConfigurationError(f"{source}: expected key_id:base64key items separated by commas, got {item[:12]!r}...")
+        if not sep:  # never quote the item: it may be a key given without its id
+            raise ConfigurationError(f"{source}: item {number} is not key_id:base64key (items are comma separated)")
         try:
             key = base64.b64decode(encoded.strip(), validate=True)
         except (binascii.Error, ValueError):

@@ -85,7 +85,8 @@ class EncryptionKeyError(CheckpointStoreError):
             else f"this backend has no encryption keys (pass encryption_keys or set "
             f"DYNAMIQ_REDIS_CKPT_ENCRYPTION_KEYS; the pack names key id {key_id!r})"
         )
-        super().__init__(f"Checkpoint {checkpoint_id} is encrypted and cannot be read: {why}" + (f" (key {key})" if key else ""))
+        where = f" (key {key})" if key else ""
+        super().__init__(f"Checkpoint {checkpoint_id} is encrypted and cannot be read: {why}{where}")
         self.checkpoint_id = checkpoint_id
         self.key_id = key_id
         self.key = key
