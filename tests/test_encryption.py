@@ -332,6 +332,7 @@ def test_keys_from_the_environment(monkeypatch):
     [base64.b64encode(K1).decode(), "k1:notbase64!", f"k1:{base64.b64encode(b'short').decode()}", ",",
      f"a b:{base64.b64encode(K1).decode()}",
      f"k1:{base64.b64encode(K1).decode()},k1:{base64.b64encode(K2).decode()}"],
+    ids=["key-without-id", "not-base64", "short-key", "no-key", "bad-id", "id-twice"],
 )
 def test_a_bad_environment_spec_is_a_configuration_error(monkeypatch, spec):
     monkeypatch.setenv(crypto.ENV, spec)
@@ -344,6 +345,7 @@ def test_a_bad_environment_spec_is_a_configuration_error(monkeypatch, spec):
     "provider",
     [lambda: ({"k1": b"x" * 16}, "k1"), lambda: ({"k1": K1}, "k2"), lambda: {"k1": K1}, lambda: ({}, ""),
      lambda: ({"k:1": K1}, "k:1"), "k1", lambda: 1 / 0],
+    ids=["short-key", "current-missing", "no-current", "empty", "bad-id", "not-callable", "raises"],
 )
 def test_a_bad_provider_fails_the_backend_at_construction(provider):
     with pytest.raises(ConfigurationError):
