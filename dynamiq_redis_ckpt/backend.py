@@ -13,7 +13,7 @@ from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.types import CheckpointStatus
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from dynamiq_redis_ckpt import config
+from dynamiq_redis_ckpt import config, crypto
 from dynamiq_redis_ckpt.driver import AsyncDriver, RetryPolicy, SyncDriver
 from dynamiq_redis_ckpt.errors import ConfigurationError
 from dynamiq_redis_ckpt.eviction import EvictionCheck
@@ -64,6 +64,9 @@ class RedisCheckpointBackend(CheckpointBackend):
                                       "require one; default $DYNAMIQ_REDIS_CKPT_TLS_CERT")
     tls_key_file: str | None = Field(default=None, description="rediss://: the client certificate's private key "
                                      "(PEM); default $DYNAMIQ_REDIS_CKPT_TLS_KEY")
+    encryption_keys: Any = Field(default=None, exclude=True, repr=False, description="Encryption at rest "
+                                 "(docs/encryption.md): a callable returning ({key id: 32-byte key}, current key id); "
+                                 "None: $DYNAMIQ_REDIS_CKPT_ENCRYPTION_KEYS if set, else off; False: off")  # fmt: skip
     tls_check_hostname: bool = Field(default=True, description="rediss://: the server's certificate must be valid "
                                      "for the url's host")
     sentinels: list[tuple[str, int]] | None = Field(default=None, description="Sentinel: (host, port) of each "
@@ -143,6 +146,7 @@ class RedisCheckpointBackend(CheckpointBackend):
             make_async = lambda: redis.asyncio.Redis.from_url(url, **async_options)  # noqa: E731
         ttl_ms = int(self.ttl_seconds * 1000) if self.ttl_seconds else 0
         self._core = StoreCore(Keys(self.prefix), ttl_ms=ttl_ms, max_checkpoint_bytes=self.max_checkpoint_bytes)
+        self._core.sealer = crypto.sealer_for(self.encryption_keys)
         self._sync = SyncDriver(sync_client, policy)
         self._async = AsyncDriver(make_async, policy, timeout, connect_timeout)
         if self.replica_acks:
@@ -190,7 +194,7 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     @property
     def to_dict_exclude_params(self) -> dict[str, bool]:
-        return {"client": True}
+        return {"client": True, "encryption_keys": True}
 
     def to_dict(self, include_secure_params: bool = False, for_tracing: bool = False, **kwargs) -> dict[str, Any]:
         """Serializable settings; the url's password is always masked."""
@@ -232,6 +236,11 @@ class RedisCheckpointBackend(CheckpointBackend):
     async def execute_async(self, op):
         """Async :meth:`execute`, on this event loop's client."""
         return await self._async.run(op)
+
+    def encryption_key_ids(self) -> dict[str, int]:
+        """How many stored packs each encryption key id sealed ('' = stored unencrypted); retire a key from the
+        provider only once it is at zero (see docs/encryption.md)."""
+        return self.execute(self._core.encryption_key_ids())
 
     def ping(self) -> bool:
         """Check that Redis answers (with the configured retries); raises StoreUnavailableError when it does not.

@@ -16,7 +16,8 @@ Layers, innermost first:
    pack: a new version of a node state, or of the root, costs about what it adds).
 
 A blob starts with one byte naming the layers applied to it: 1 = zstd, 4 = compressed against a base pack, 8 = the
-base's id is 12 bytes and the pack holds a reference on it (packs only); 2 is reserved for encryption at rest.
+base's id is 12 bytes and the pack holds a reference on it (packs only), 2 = sealed: encrypted at rest with
+AES-256-GCM after compression (packs only, opt-in; see :func:`wrap` and docs/encryption.md).
 
 Format 4 (this one) keeps the root document in the pack and links each pack to its base, so a checkpoint names only
 its newest packs and its hash stays small. It reads format 3 (root in the hash, every pack named, 16-byte pack ids)
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import threading
 import types
 from dataclasses import dataclass, field
@@ -39,7 +41,12 @@ import zstandard
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint, NodeCheckpointState
 from dynamiq.utils import REVERSIBLE_MARKERS, decode_reversible, encode_reversible
 
-from dynamiq_redis_ckpt.errors import CheckpointCorruptedError, CheckpointEncodeError, UnsupportedFormatError
+from dynamiq_redis_ckpt.errors import (
+    CheckpointCorruptedError,
+    CheckpointEncodeError,
+    EncryptionKeyError,
+    UnsupportedFormatError,
+)
 
 FORMAT_VERSION = 4
 READABLE_FORMATS = (2, 3, 4)  # 3 added based packs, 4 linked them and moved the root into them
@@ -50,10 +57,13 @@ REF_EXT = 1
 MARK_EXT = 2
 INLINE_EXT = 3
 LAYER_ZSTD = 1
-LAYER_SEALED = 2  # reserved: encryption at rest
+LAYER_SEALED = 2  # encrypted at rest: key id, nonce, ciphertext and tag follow the base id (see wrap)
 LAYER_BASE = 4  # packs only: zstd with an earlier pack's body as dictionary, whose id follows the layer byte
 LAYER_LINKED = 8  # with LAYER_BASE: that id is PACK_ID_SIZE bytes and the pack holds a reference on its base
-KNOWN_LAYERS = LAYER_ZSTD | LAYER_BASE | LAYER_LINKED
+KNOWN_LAYERS = LAYER_ZSTD | LAYER_SEALED | LAYER_BASE | LAYER_LINKED
+NONCE_SIZE = 12  # AES-GCM's 96-bit nonce, random per blob
+TAG_SIZE = 16
+_AAD = b"dynamiq-redis-ckpt/pack/1\0"
 ZSTD_LEVEL = 3
 _NOT_STORABLE = (
     types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType, types.GeneratorType,
@@ -356,19 +366,77 @@ class Pack:
     base: str = ""  # the pack whose body was this one's compression dictionary ('' = none)
 
 
-def wrap(data: bytes, base: Pack | None = None) -> bytes:
+def wrap(data: bytes, base: Pack | None = None, *, sealer: Any = None, flow: str = "", pack: str = "") -> bytes:
     """Apply the storage layers and prefix the layer byte: zstd, against ``base``'s body as a raw-content dictionary
     when given (then the base's id follows the layer byte). Format 3 also stored small root documents uncompressed
-    (layer byte 0), which :func:`unwrap` still reads."""
+    (layer byte 0), which :func:`unwrap` still reads.
+
+    With a ``sealer`` (encryption at rest, :class:`dynamiq_redis_ckpt.crypto.Sealer`) the compressed bytes are then
+    encrypted with AES-256-GCM under the sealer's current key, and the blob is::
+
+        layer byte (| 2) | base id (0 or 12 bytes) | key id length (1) | key id | nonce (12) | ciphertext | tag (16)
+
+    The base id stays where an unsealed blob has it (the scripts read it to walk a chain). The additional
+    authenticated data binds the ciphertext to its flow, its pack id and that whole header, so a flipped byte, a
+    blob moved to another pack key or flow, or a header edited to name another base or key fails authentication."""
     if base is not None:
         layers = LAYER_ZSTD | LAYER_BASE | (LAYER_LINKED if linked(base.id) else 0)
-        return bytes([layers]) + bytes.fromhex(base.id) + _based_compressor(base.body).compress(data)
-    return bytes([LAYER_ZSTD]) + _compressor().compress(data)
+        head, body = bytes([layers]) + bytes.fromhex(base.id), _based_compressor(base.body).compress(data)
+    else:
+        head, body = bytes([LAYER_ZSTD]), _compressor().compress(data)
+    if sealer is None:
+        return head + body
+    key_id, cipher = sealer.for_writing()
+    kid = key_id.encode("ascii")
+    head = bytes([head[0] | LAYER_SEALED]) + head[1:] + bytes([len(kid)]) + kid
+    nonce = os.urandom(NONCE_SIZE)
+    return head + nonce + cipher.encrypt(nonce, body, _aad(flow, pack, head))
 
 
-def unwrap(blob: bytes, checkpoint_id: str, key: str | None = None, base: Pack | None = None) -> bytes:
-    """Undo :func:`wrap` (``base`` is the pack :func:`pack_base` names); raises a typed error for unknown layers,
-    damaged data or a missing base."""
+def _aad(flow: str, pack: str, head: bytes) -> bytes:
+    return b"%s%s\0%s\0%s" % (_AAD, flow.encode(), pack.encode(), head)
+
+
+def sealed_key_id(blob: bytes) -> str | None:
+    """The id of the key a sealed blob was encrypted with; None for a blob that is not sealed (or is truncated)."""
+    if not blob or not blob[0] & LAYER_SEALED:
+        return None
+    start = 1 + (len(pack_base(blob)) // 2 if blob[0] & LAYER_BASE else 0)
+    if len(blob) <= start or len(blob) < start + 1 + blob[start]:
+        return None
+    return blob[start + 1 : start + 1 + blob[start]].decode("ascii", "backslashreplace")
+
+
+def _open(blob: bytes, start: int, checkpoint_id: str, key: str | None, sealer: Any, flow: str, pack: str) -> bytes:
+    """Decrypt a sealed blob whose key id length byte is at ``start``; typed errors for a missing key or a blob that
+    fails authentication."""
+    if len(blob) <= start or len(blob) < start + 1 + blob[start] + NONCE_SIZE + TAG_SIZE:
+        raise CheckpointCorruptedError(checkpoint_id, "encrypted pack is truncated", key)
+    end = start + 1 + blob[start]
+    key_id = blob[start + 1 : end].decode("ascii", "backslashreplace")
+    cipher = sealer.for_reading(key_id) if sealer is not None else None
+    if cipher is None:
+        raise EncryptionKeyError(checkpoint_id, key_id, key, configured=sealer is not None)
+    from cryptography.exceptions import InvalidTag
+
+    nonce = blob[end : end + NONCE_SIZE]
+    try:
+        return cipher.decrypt(nonce, blob[end + NONCE_SIZE :], _aad(flow, pack, blob[:end]))
+    except InvalidTag:
+        raise CheckpointCorruptedError(
+            checkpoint_id,
+            f"encrypted pack fails authentication under key id {key_id!r}: it was altered, moved from another pack "
+            f"or flow, or the key given for that id is not the one it was encrypted with",
+            key,
+        ) from None
+
+
+def unwrap(
+    blob: bytes, checkpoint_id: str, key: str | None = None, base: Pack | None = None,
+    *, sealer: Any = None, flow: str = "", pack: str = "",
+) -> bytes:
+    """Undo :func:`wrap` (``base`` is the pack :func:`pack_base` names; ``sealer``, ``flow`` and ``pack`` open a
+    sealed blob); raises a typed error for unknown layers, damaged data, a missing base or a missing key."""
     if not blob:
         raise CheckpointCorruptedError(checkpoint_id, "empty blob", key)
     layers = blob[0]
@@ -379,7 +447,10 @@ def unwrap(blob: bytes, checkpoint_id: str, key: str | None = None, base: Pack |
         if base is None or base.id != pack_base(blob):
             raise CheckpointCorruptedError(checkpoint_id, "the pack this blob was compressed against is missing", key)
         start, decompressor = 1 + len(base.id) // 2, _based_decompressor(base.body)
-    body = blob[start:]
+    if layers & LAYER_SEALED:
+        body = _open(blob, start, checkpoint_id, key, sealer, flow, pack)
+    else:
+        body = blob[start:]
     if layers & LAYER_ZSTD:
         try:
             body = decompressor.decompress(body)
@@ -401,21 +472,26 @@ def linked(pack: str) -> bool:
     return len(pack) == 2 * PACK_ID_SIZE
 
 
-def build_pack(chunks: Mapping[bytes, bytes], base: Pack | None = None) -> tuple[Pack, bytes]:
+def build_pack(
+    chunks: Mapping[bytes, bytes], base: Pack | None = None, *, sealer: Any = None, flow: str = ""
+) -> tuple[Pack, bytes]:
     """Pack chunks into one stored blob, compressed against ``base``'s body when given; returns (pack, blob).
 
     A later version of a node state repeats most of the earlier one (a growing message history, an upstream
     output quoted in the next node's input), so zstd with the earlier pack's body as a raw-content dictionary stores
     a few hundred bytes where the pack alone would take kilobytes. The blob is always zstd-framed, with the frame
     checksum :func:`read_pack` verifies; a based blob names its base after the layer byte (12 bytes for a linked
-    pack, 16 in format 3).
+    pack, 16 in format 3). With a ``sealer`` the blob is encrypted too, bound to ``flow`` and the pack's id.
     """
     flat: list[bytes] = []
     for ref in sorted(chunks):
         flat += (ref, chunks[ref])
     body = msgpack.packb(flat)
     base_id = base.id if base is not None else ""
-    return Pack(pack_id(chunks, base_id), dict(chunks), body, base_id), wrap(body, base)
+    pack = Pack(pack_id(chunks, base_id), dict(chunks), body, base_id)
+    if sealer is None:
+        return pack, wrap(body, base)
+    return pack, wrap(body, base, sealer=sealer, flow=flow, pack=pack.id)
 
 
 def pack_base(blob: bytes) -> str:
@@ -427,13 +503,15 @@ def pack_base(blob: bytes) -> str:
 
 
 def read_pack(
-    expected_id: str, blob: bytes, checkpoint_id: str, key: str | None = None, base: Pack | None = None
+    expected_id: str, blob: bytes, checkpoint_id: str, key: str | None = None, base: Pack | None = None,
+    *, sealer: Any = None, flow: str = "",
 ) -> Pack:
     """Decode a pack blob (``base`` is the pack :func:`pack_base` names); zstd's frame checksum guards the content
-    and the id, recomputed from the content, must be the one the checkpoint names."""
+    and the id, recomputed from the content, must be the one the checkpoint names. A sealed blob is opened with
+    ``sealer`` (GCM's tag guards it, bound to ``flow`` and ``expected_id``)."""
     if not blob or not blob[0] & LAYER_ZSTD:
         raise CheckpointCorruptedError(checkpoint_id, "pack is not zstd-framed", key)
-    body = unwrap(blob, checkpoint_id, key, base)
+    body = unwrap(blob, checkpoint_id, key, base, sealer=sealer, flow=flow, pack=expected_id)
     try:
         flat = msgpack.unpackb(body, raw=False)
         chunks = dict(zip(flat[::2], flat[1::2]))

@@ -73,6 +73,25 @@ class UnsupportedFormatError(CheckpointStoreError):
         self.version = version
 
 
+class EncryptionKeyError(CheckpointStoreError):
+    """A checkpoint's content was encrypted (see docs/encryption.md) with a key this backend is not given: the key id
+    its pack names is not among the provider's keys, or the backend has no encryption keys at all. Nothing is
+    decoded; give the backend that key (keep retired keys in the provider until no checkpoint needs them)."""
+
+    def __init__(self, checkpoint_id: str, key_id: str, key: str | None = None, configured: bool = True):
+        why = (
+            f"the encryption key provider has no key with id {key_id!r}"
+            if configured
+            else f"this backend has no encryption keys (pass encryption_keys or set "
+            f"DYNAMIQ_REDIS_CKPT_ENCRYPTION_KEYS; the pack names key id {key_id!r})"
+        )
+        where = f" (key {key})" if key else ""
+        super().__init__(f"Checkpoint {checkpoint_id} is encrypted and cannot be read: {why}{where}")
+        self.checkpoint_id = checkpoint_id
+        self.key_id = key_id
+        self.key = key
+
+
 class WrongKeyTypeError(CheckpointStoreError):
     """A key in this backend's namespace holds a value of the wrong Redis type (written by something else)."""
 

@@ -142,6 +142,7 @@ class StoreCore:
         self._last_flow: str | None = None  # the flow a load tries first (see load)
         self.damaged_skipped = 0  # damaged checkpoints lists have left out (each one logged)
         self.observer = None  # a metrics.StoreMetrics when metrics are on
+        self.sealer = None  # a crypto.Sealer when encryption at rest is on: new packs are sealed, sealed ones opened
 
     # ---- save -------------------------------------------------------------------------------------------------
 
@@ -245,7 +246,7 @@ class StoreCore:
                 needed |= known.closure({base.id})
             else:
                 new, needed, known = dict(chunks), set(), _Known()
-            pack, blob = codec.build_pack(new, base)
+            pack, blob = codec.build_pack(new, base, sealer=self.sealer, flow=flow)
             bases[pack.id] = pack.base
             known = _Known(known.chunks, bases | known.packs)
         order = [p for p in known.packs if p in needed]  # newest first, as the stored versions listed them
@@ -478,7 +479,8 @@ class StoreCore:
             if cached is not None:
                 held[where] = cached
         for where, blob, base in reversed(chain):
-            pack = codec.read_pack(where[1], blob, rec.id, self.keys.pack(*where), held.get((flow, base)))
+            pack = codec.read_pack(where[1], blob, rec.id, self.keys.pack(*where), held.get((flow, base)),
+                                   sealer=self.sealer, flow=flow)  # fmt: skip
             held[where] = pack
             self.cache.add_pack(flow, pack)
 
@@ -692,6 +694,24 @@ class StoreCore:
             considered += kept + removed
             stays += kept + len(doomed) - removed
         return deleted
+
+    def encryption_key_ids(self) -> Op:
+        """How many stored packs of this namespace each encryption key id sealed ('' counts packs stored
+        unencrypted): a key may leave the provider once its count is zero. SCANs the pack keys (never KEYS) and reads
+        only each pack's head (GETRANGE)."""
+        pattern = self.keys.namespace_patterns()[KINDS.index("pack")]
+        head = _PACK_COUNT + 1 + codec.DIGEST_SIZE + 1 + 255  # count, layer byte, base id, key id length and id
+        counts: dict[str, int] = {}
+        cursor = b"0"
+        while True:
+            cursor, found = yield cmd("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            if found:
+                for blob in (yield Batch(tuple(cmd("GETRANGE", key, 0, head - 1) for key in found))):
+                    if blob:  # '' for a pack deleted meanwhile
+                        key_id = codec.sealed_key_id(blob[_PACK_COUNT:]) or ""
+                        counts[key_id] = counts.get(key_id, 0) + 1
+            if text(cursor) == "0":
+                return counts
 
     def ping(self) -> Op:
         """True when Redis answers."""

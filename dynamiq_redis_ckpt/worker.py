@@ -24,7 +24,7 @@ from dynamiq.checkpoints.config import CheckpointConfig
 from dynamiq.runnables import RunnableConfig, RunnableResult
 from dynamiq.types.cancellation import CancellationConfig, CancellationToken
 
-from dynamiq_redis_ckpt import leases
+from dynamiq_redis_ckpt import crypto, leases
 from dynamiq_redis_ckpt.backend import RedisCheckpointBackend
 from dynamiq_redis_ckpt.errors import (
     AlreadyAnsweredError,
@@ -252,7 +252,8 @@ class Recovery:
         served: list[str] = []
         try:
             flow = flow_factory(claim.flow)
-            served = attach_answers(flow, self.backend.execute(leases.inbox_op(self.keys, claim.flow, claim.run)))
+            inbox = self.backend.execute(leases.inbox_op(self.keys, claim.flow, claim.run))
+            served = attach_answers(flow, self._opened(claim, inbox))
             paused = None
             if self._wants_pause_time(claim, served):
                 try:
@@ -277,7 +278,7 @@ class Recovery:
         try:
             flow = flow_factory(claim.flow)
             inbox = await self.backend.execute_async(leases.inbox_op(self.keys, claim.flow, claim.run))
-            served = attach_answers(flow, inbox)
+            served = attach_answers(flow, self._opened(claim, inbox))
             paused = None
             if self._wants_pause_time(claim, served):
                 try:
@@ -303,6 +304,17 @@ class Recovery:
 
     # ---- people's answers and dead letters --------------------------------------------------------------------
 
+    def _opened(self, claim: Claim, inbox: dict[str, str]) -> dict[str, str]:
+        """A run's stored answers, decrypted where they were sealed (encryption at rest)."""
+        if not any(v.startswith(crypto.SEALED_TEXT) for v in inbox.values()):
+            return inbox
+        key = self.keys.inbox(claim.flow, claim.run)
+        sealer = self.backend.store.sealer
+        return {
+            node: crypto.open_text(sealer, answer, (claim.flow, claim.run, node), claim.head, key)
+            for node, answer in inbox.items()
+        }
+
     def deliver_input(self, run: str, data: Any, *, node_id: str | None = None, flow: str | None = None) -> str:
         """Store a person's answer for a run paused waiting for input, and make it due: a worker resumes it.
 
@@ -322,6 +334,8 @@ class Recovery:
             if target not in waiting:
                 continue  # not waiting in this flow; the run may span several
             answer = json.dumps(data)
+            if self.backend.store.sealer is not None:  # encryption at rest: the answer is content too
+                answer = crypto.seal_text(self.backend.store.sealer, answer, (candidate, run, target))
             reply = self.backend.execute(leases.deliver_op(self.keys, candidate, run, target, answer, keep_ms))
             if reply == "RUNNING":
                 raise ConfigurationError(f"run {run} is running (it holds a live lease), not waiting for input")
