@@ -28,9 +28,18 @@ def pytest_report_header(config):
     return f"server: {os.environ.get(SERVER_ENV) or 'redis'} ({server_binary()})"
 
 
+_TESTED_ON: set[str] = set()  # the session server's name and version, once a test started it
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _TESTED_ON:  # printed with -q too: tests/test_other_servers.py checks which server its run was on
+        terminalreporter.write_line(f"server under test: {', '.join(sorted(_TESTED_ON))}")
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     server = RedisProcess().start()
+    _TESTED_ON.add(server.version)
     yield server
     server.kill()
 

@@ -106,6 +106,13 @@ class RedisProcess:
                     raise
                 time.sleep(0.02)
 
+    @property
+    def version(self) -> str:
+        """What answers on the port: ``"redis 7.0.15"``, ``"valkey 8.1.8"`` (Valkey also reports a redis_version)."""
+        info = redis.Redis(port=self.port).info("server")
+        name = "valkey" if "valkey_version" in info else "redis"
+        return f"{name} {info[f'{name}_version']}"
+
     def pause(self) -> None:
         """SIGSTOP the server: connections stay open, nothing answers."""
         self.proc.send_signal(signal.SIGSTOP)
