@@ -263,7 +263,7 @@ class StoreCore:
         due = due_ms(checkpoint)
         return 0 if due is None else max(self.ttl_ms, due - int(time.time() * 1000) + 86_400_000)
 
-    def _lookup_writes(self, checkpoint: FlowCheckpoint, status: str, *, locate: bool) -> tuple[Command, ...]:
+    def _lookup_writes(self, checkpoint: FlowCheckpoint, status: str, *, locate: bool) -> tuple[Command | Script, ...]:
         """The locator (read, then set, when ``locate``; else its expiry refreshed) and the run-flows sets of a
         checkpoint; and a paused parent's lookup keys handed back to the ttl once the run goes on from it."""
         cp_id, flow, ttl = checkpoint.id, checkpoint.flow_id, self._lookup_ttl_ms(checkpoint, status)
@@ -276,7 +276,7 @@ class StoreCore:
             key = self.keys.run_flows(run)
             writes.append(cmd("SADD", key, flow))
             if ttl:  # a new set takes the ttl; an existing one is only lengthened
-                writes += [cmd("PEXPIRE", key, ttl, "NX"), cmd("PEXPIRE", key, ttl, "GT")]
+                writes.append(Script("expire", (key,), (ttl, "longer")))  # PEXPIRE NX + GT, also on Redis 6.2
             else:
                 writes.append(cmd("PERSIST", key))
         parent = checkpoint.parent_checkpoint_id
@@ -284,7 +284,7 @@ class StoreCore:
         if parent and ttl and status not in PAUSED and (known is None or known.status in PAUSED):
             # LT: only a key held longer than the ttl (or forever) for the pause is shortened
             held = [self.keys.locator(parent)] + [self.keys.run_flows(r) for r in (known.run, known.wf) if known and r]
-            writes += [cmd("PEXPIRE", key, ttl, "LT") for key in dict.fromkeys(held)]
+            writes += [Script("expire", (key,), (ttl, "shorter")) for key in dict.fromkeys(held)]  # PEXPIRE LT
         return tuple(writes)
 
     def _delete_elsewhere(self, flow: str, cp_id: str) -> Op:

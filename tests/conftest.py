@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 
 import fakeredis
@@ -9,12 +11,35 @@ import pytest
 import redis
 
 from dynamiq_redis_ckpt import RedisCheckpointBackend
-from tests.redis_proc import RedisProcess
+from tests.redis_proc import SERVER_ENV, RedisProcess, server_binary
+
+
+def pytest_configure(config):
+    """CKPT_TEST_SERVER=valkey|redis62: the whole session runs on that server, and so do the tests that start
+    ``redis-server`` by name (the TLS tests, the demo): a ``redis-server`` link to it goes first on PATH."""
+    name = os.environ.get(SERVER_ENV)
+    if name and name != "redis":
+        shim = tempfile.mkdtemp(prefix="ckpt-server-")
+        os.symlink(server_binary(name), os.path.join(shim, "redis-server"))
+        os.environ["PATH"] = shim + os.pathsep + os.environ["PATH"]
+
+
+def pytest_report_header(config):
+    return f"server: {os.environ.get(SERVER_ENV) or 'redis'} ({server_binary()})"
+
+
+_TESTED_ON: set[str] = set()  # the session server's name and version, once a test started it
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _TESTED_ON:  # printed with -q too: tests/test_other_servers.py checks which server its run was on
+        terminalreporter.write_line(f"server under test: {', '.join(sorted(_TESTED_ON))}")
 
 
 @pytest.fixture(scope="session")
 def redis_server():
     server = RedisProcess().start()
+    _TESTED_ON.add(server.version)
     yield server
     server.kill()
 

@@ -20,7 +20,7 @@ from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq_redis_ckpt import RedisCheckpointBackend, StoreUnavailableError, TLSError
 from dynamiq_redis_ckpt.errors import ConfigurationError
 from tests.flows import PREFIX_ENV, chain_flow
-from tests.redis_proc import free_port
+from tests.redis_proc import SERVER_ENV, free_port
 from tests.test_worker import ROOT, wait_for
 from tests.test_worker_health import status
 from tests.tls_certs import Certs, make_certs
@@ -36,7 +36,7 @@ class TLSRedis:
             ["redis-server", "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--dir", str(certs.dir), "--tls-cert-file", certs.path(f"{cert}.crt"),
              "--tls-key-file", certs.path(f"{cert}.key"), "--tls-ca-cert-file", certs.ca, "--tls-auth-clients", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=open(certs.dir / f"redis-{self.port}.log", "ab"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         client = self.client(certs, check_hostname=False)
         deadline = time.monotonic() + 10
@@ -45,6 +45,11 @@ class TLSRedis:
                 client.ping()
                 break
             except redis.ConnectionError:
+                if self.proc.poll() is not None:
+                    said = (certs.dir / f"redis-{self.port}.log").read_text(errors="replace")[-2000:]
+                    if "tls" in said.lower() and os.environ.get(SERVER_ENV, "redis") != "redis":  # docs/servers.md
+                        pytest.skip(f"{os.environ[SERVER_ENV]} is built without TLS (both PyPI wheels are): {said}")
+                    raise RuntimeError(f"redis-server with TLS exited: {said}")
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
