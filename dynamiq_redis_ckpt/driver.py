@@ -173,6 +173,16 @@ def _check_acks(replies: list, acks: int) -> list:
     return replies
 
 
+def _check_failed(op, error: BaseException) -> None:
+    """The check before a backend's first operation failed. Redis unreachable: the check waits for the next
+    operation and this one meets the outage itself (a running flow's save retries while its lease lasts). Anything
+    else (an unsafe policy, a certificate) ends the operation with the check's error."""
+    if isinstance(error, StoreUnavailableError) and not isinstance(error, TLSError):
+        return
+    op.close()
+    raise error
+
+
 def _first_error(replies: list) -> list:
     for reply in replies:
         if isinstance(reply, Exception):
@@ -216,15 +226,8 @@ class SyncDriver:
         if not check.passed:
             try:
                 self._drive(check.op())
-            except StoreUnavailableError as e:
-                if isinstance(e, TLSError):  # final: no use running the operation into it again
-                    op.close()
-                    raise
-                # Redis unreachable: the check waits for the next operation; this one meets the outage itself (a
-                # running flow's save retries while its lease lasts)
-            except BaseException:
-                op.close()
-                raise
+            except BaseException as e:
+                _check_failed(op, e)
         if check.passed:
             self.preflight = None
 
@@ -357,13 +360,8 @@ class AsyncDriver:
             if not check.passed:
                 try:
                     await self._drive(check.op())
-                except StoreUnavailableError as e:  # as SyncDriver._preflight
-                    if isinstance(e, TLSError):
-                        op.close()
-                        raise
-                except BaseException:
-                    op.close()
-                    raise
+                except BaseException as e:
+                    _check_failed(op, e)
             if check.passed:
                 self.preflight = None
         return await self._drive(op)
