@@ -127,8 +127,8 @@ def test_cli_takes_a_sentinel_url(sentinel, tmp_path):
         text = log.read_text()
         assert "worker on redis+sentinel://:***@127.0.0.1:" in text and "not-shown" not in text, text
     finally:
-        worker.terminate()
-        worker.wait(10)
+        worker.terminate()  # it may still be importing Dynamiq and warming up (seconds on a loaded machine)
+        worker.wait(60)
 
 
 def _run_through_failover(sentinel, monkeypatch, caplog, trigger, **options) -> None:
