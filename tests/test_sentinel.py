@@ -191,7 +191,7 @@ def _run_through_failover(sentinel, monkeypatch, caplog, trigger, **options) -> 
 
     probes: list[str] = []
     stop = threading.Event()
-    runner, prober = threading.Thread(target=run), threading.Thread(target=probe)
+    runner, prober = threading.Thread(target=run), threading.Thread(target=probe, daemon=True)
     runner.start()
     deadline = time.monotonic() + 30
     while len(saved := backend.get_list_by_flow("failover")) < 1 or not saved[0].completed_node_ids[5:]:
