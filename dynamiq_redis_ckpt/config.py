@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections import Counter
 from typing import Any, Callable, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -101,23 +103,71 @@ def sentinel_config(url: str | None, sentinels: list | None, service: str | None
     return SentinelConfig(hosts, service, db, username, password, sentinel_password)
 
 
-def sentinel_clients(conf: SentinelConfig, options: dict[str, Any]) -> tuple[redis.Redis, Callable[[], Any]]:
-    """The primary's sync client and a maker of its asyncio twin (one per event loop), both from the sentinels' answer
-    and both rediscovering the primary on reconnect. The sentinels themselves are asked with the same socket timeouts
-    (the async client too: a stalled sentinel must not hold a request until its deadline)."""
+def _majority(answers: list, service: str, errors: list) -> tuple[str, int]:
+    """The primary most sentinels name (ties: the first named); MasterNotFoundError when none names one."""
+    from redis.sentinel import MasterNotFoundError
+
+    named = [(host.decode() if isinstance(host, bytes) else host, int(port)) for host, port in filter(None, answers)]
+    if not named:
+        detail = f" : {', '.join(errors)}" if errors else ""
+        raise MasterNotFoundError(f"No master found for {service!r}{detail}")
+    return Counter(named).most_common(1)[0][0]
+
+
+@functools.cache
+def _sentinel_classes() -> tuple[type, type]:
+    """``Sentinel`` (sync and asyncio) that find the primary with ``SENTINEL GET-MASTER-ADDR-BY-NAME`` on every
+    sentinel and take the answer most of them give.
+
+    redis-py asks ``SENTINEL MASTERS`` of the sentinels in turn and takes the first usable answer. During a failover
+    that answer lags: the sentinel running the failover names the promoted replica in GET-MASTER-ADDR-BY-NAME as soon
+    as it is promoted, but keeps the old primary in SENTINEL MASTERS until the failover ends (~1 s later here), and
+    redis-py asks that sentinel first once it has answered. Asking all of them costs one round trip per sentinel, on
+    (re)connect only."""
     import redis.asyncio.sentinel
     import redis.sentinel
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    class MajoritySentinel(redis.sentinel.Sentinel):
+        def discover_master(self, service_name):
+            answers, errors = [], []
+            for sentinel in self.sentinels:
+                try:
+                    answers.append(sentinel.sentinel_get_master_addr_by_name(service_name))
+                except (RedisConnectionError, RedisTimeoutError) as e:
+                    errors.append(f"{sentinel} - {e!r}")
+            return _majority(answers, service_name, errors)
+
+    class AsyncMajoritySentinel(redis.asyncio.sentinel.Sentinel):
+        async def discover_master(self, service_name):
+            answers, errors = [], []
+            for sentinel in self.sentinels:
+                try:
+                    answers.append(await sentinel.sentinel_get_master_addr_by_name(service_name))
+                except (RedisConnectionError, RedisTimeoutError) as e:
+                    errors.append(f"{sentinel} - {e!r}")
+            return _majority(answers, service_name, errors)
+
+    return MajoritySentinel, AsyncMajoritySentinel
+
+
+def sentinel_clients(conf: SentinelConfig, options: dict[str, Any]) -> tuple[redis.Redis, Callable[[], Any]]:
+    """The primary's sync client and a maker of its asyncio twin (one per event loop), both from the sentinels' answer
+    (see :func:`_sentinel_classes`) and both rediscovering the primary on reconnect. The sentinels themselves are asked
+    with the same socket timeouts (the async client too: a stalled sentinel must not hold a request until its
+    deadline)."""
+    sync_class, async_class = _sentinel_classes()
     auth = {"username": conf.username, "password": conf.password, "db": conf.db}
     sentinel_kwargs = {"socket_timeout": options["socket_timeout"],
                        "socket_connect_timeout": options["socket_connect_timeout"],
                        "password": conf.sentinel_password}  # fmt: skip
-    sync = redis.sentinel.Sentinel(conf.sentinels, sentinel_kwargs=sentinel_kwargs)
+    sync = sync_class(conf.sentinels, sentinel_kwargs=sentinel_kwargs)
     client = sync.master_for(conf.service, **options, **auth)
     async_options = {**options, "socket_timeout": None}  # the driver bounds each request (see AsyncDriver)
 
     def make_async() -> Any:
-        manager = redis.asyncio.sentinel.Sentinel(conf.sentinels, sentinel_kwargs=sentinel_kwargs)
+        manager = async_class(conf.sentinels, sentinel_kwargs=sentinel_kwargs)
         return manager.master_for(conf.service, **async_options, **auth)
 
     return client, make_async
@@ -194,7 +244,7 @@ def async_twin(client: Any) -> Any:
     kwargs["socket_timeout"] = None
     manager = getattr(client.connection_pool, "sentinel_manager", None)
     if manager is not None:  # redis.sentinel's master_for(): the same sentinels, asked from asyncio
-        from redis.asyncio.sentinel import Sentinel as AsyncSentinel  # not "import redis...": it would shadow redis
+        AsyncSentinel = _sentinel_classes()[1]
 
         if not client.connection_pool.is_master:
             raise ConfigurationError("a Sentinel client for a replica (slave_for) cannot store checkpoints")

@@ -1,4 +1,4 @@
-"""A real Sentinel deployment on loopback: a primary, one replica and three sentinels, owned by one test."""
+"""A real Sentinel deployment on loopback: a primary, one or more replicas and three sentinels, owned by one test."""
 
 from __future__ import annotations
 
@@ -17,12 +17,17 @@ SERVICE = "mymaster"
 
 
 class SentinelSetup:
-    """``redis-server --port A``, ``redis-server --port B --replicaof 127.0.0.1 A`` and three ``redis-server
-    <conf> --sentinel`` monitoring A with quorum 2 (down after 1 s, failover timeout 5 s)."""
+    """``redis-server --port A``, ``replicas`` x ``redis-server --port B --replicaof 127.0.0.1 A`` and three
+    ``redis-server <conf> --sentinel`` monitoring A with quorum 2 (down after 1 s, failover timeout 5 s).
 
-    def __init__(self, down_after_ms: int = 1000):
+    Two replicas keep ``replica_acks=1`` available through a graceful failover: the new primary gets the other
+    replica at once, where with one it has none until Sentinel demotes the old primary (~10 s later)."""
+
+    def __init__(self, down_after_ms: int = 1000, replicas: int = 1, diskless_sync_delay: int | None = None):
+        self.diskless_sync_delay = diskless_sync_delay  # repl-diskless-sync-delay on every server (None: Redis's 5 s)
         self.primary = RedisProcess()
-        self.replica = RedisProcess()
+        self.replicas = [RedisProcess() for _ in range(replicas)]
+        self.replica = self.replicas[0]
         self.down_after_ms = down_after_ms
         self.dir = tempfile.mkdtemp(prefix="sentinel-test-")
         self.sentinel_ports = [free_port() for _ in range(3)]
@@ -35,10 +40,15 @@ class SentinelSetup:
 
     def start(self) -> "SentinelSetup":
         self.primary.start()
-        self.replica.start()
-        replica = redis.Redis(port=self.replica.port)
-        replica.replicaof("127.0.0.1", self.primary.port)
-        self._wait(lambda: replica.info("replication").get("master_link_status") == "up", "replica in sync")
+        for proc in self.replicas:
+            proc.start()
+        for proc in (self.primary, *self.replicas):
+            if self.diskless_sync_delay is not None:
+                redis.Redis(port=proc.port).config_set("repl-diskless-sync-delay", self.diskless_sync_delay)
+        for proc in self.replicas:
+            replica = redis.Redis(port=proc.port)
+            replica.replicaof("127.0.0.1", self.primary.port)
+            self._wait(lambda: replica.info("replication").get("master_link_status") == "up", "replica in sync")
         for port in self.sentinel_ports:
             conf = os.path.join(self.dir, f"sentinel-{port}.conf")
             with open(conf, "w") as f:
@@ -59,7 +69,7 @@ class SentinelSetup:
             master = client.sentinel_master(SERVICE)
         except redis.ConnectionError:
             return False
-        return master["num-slaves"] >= 1 and master["num-other-sentinels"] >= 2
+        return master["num-slaves"] >= len(self.replicas) and master["num-other-sentinels"] >= 2
 
     @staticmethod
     def _wait(check, what: str, timeout: float = 20) -> None:
@@ -95,5 +105,6 @@ class SentinelSetup:
             proc.wait()
         self.sentinels = []
         self.primary.kill()
-        self.replica.kill()
+        for proc in self.replicas:
+            proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -63,6 +63,19 @@ def test_sentinel_url_and_options_parse():
         RedisCheckpointBackend(url="redis+sentinel://a:1/m", replica_acks=1, replica_ack_timeout_seconds=3)  # > socket timeout
 
 
+def test_primary_is_the_one_most_sentinels_name():
+    from redis.sentinel import MasterNotFoundError
+
+    from dynamiq_redis_ckpt.config import _majority
+
+    new, old = (b"10.0.0.2", 6380), ("10.0.0.1", 6379)
+    assert _majority([old, new, new], "m", []) == ("10.0.0.2", 6380)
+    assert _majority([new, old], "m", []) == ("10.0.0.2", 6380)  # a tie: the first named
+    assert _majority([None, old], "m", []) == old  # a sentinel that does not know the service
+    with pytest.raises(MasterNotFoundError, match="down"):
+        _majority([None], "m", ["s1 - down"])
+
+
 def _roundtrip(backend: RedisCheckpointBackend) -> None:
     from tests.test_contract import make
 
@@ -131,9 +144,11 @@ def test_cli_takes_a_sentinel_url(sentinel, tmp_path):
         worker.wait(60)
 
 
-def _run_through_failover(sentinel, monkeypatch, caplog, trigger, **options) -> None:
+def _run_through_failover(sentinel, monkeypatch, caplog, trigger, **options) -> float:
     """A 40-node chain (0.1 s per node) on the sentinel url; ``trigger(sentinel)`` about a second in. The run completes,
-    no save fails, and every checkpoint listed before the trigger (saved, acknowledged by a replica) is loadable."""
+    no save fails, and every checkpoint listed before the trigger (saved, acknowledged by a replica) is loadable.
+    Meanwhile another thread saves distinct checkpoints: every one acknowledged must be on the new primary.
+    Returns the stall: the longest time between two saves."""
     from dynamiq.checkpoints.backends.in_memory import InMemory
 
     chain_flow(InMemory(), 1, flow_id="warm-up").run_sync({"q": "go"})  # Dynamiq's first run imports for seconds
@@ -141,27 +156,66 @@ def _run_through_failover(sentinel, monkeypatch, caplog, trigger, **options) -> 
     caplog.set_level(logging.WARNING)
     backend = RedisCheckpointBackend(url=sentinel.url, prefix=f"t{uuid.uuid4().hex[:8]}",
                                      **{**FAILOVER_RETRIES, **options})  # fmt: skip
+    saved_at: list[float] = []
+    save = RedisCheckpointBackend.save
+
+    def timed_save(self, checkpoint):
+        done = save(self, checkpoint)
+        if checkpoint.flow_id == "failover":
+            saved_at.append(time.monotonic())
+        return done
+
+    monkeypatch.setattr(RedisCheckpointBackend, "save", timed_save)
     old = sentinel.master_port()
     flow = chain_flow(backend, 40, flow_id="failover", words=40)
     outcome = {}
-    runner = threading.Thread(target=lambda: outcome.setdefault("result", flow.run_sync({"q": "go"})))
+
+    def run() -> None:
+        try:
+            outcome["result"] = flow.run_sync({"q": "go"})
+        except BaseException as e:  # reported by the assertion below rather than lost in the thread
+            outcome["error"] = e
+
+    def probe() -> None:  # distinct checkpoints, one every 20 ms: each acknowledged one must be on the new primary
+        from tests.test_contract import make
+
+        while not stop.is_set():
+            cp_id = f"probe{len(probes)}"
+            try:
+                backend.save(make(cp_id, "probe", "probe-run"))
+            except BaseException as e:
+                outcome["probe error"] = e
+                return
+            probes.append(cp_id)
+            time.sleep(0.02)
+
+    probes: list[str] = []
+    stop = threading.Event()
+    runner, prober = threading.Thread(target=run), threading.Thread(target=probe, daemon=True)
     runner.start()
     deadline = time.monotonic() + 30
     while len(saved := backend.get_list_by_flow("failover")) < 1 or not saved[0].completed_node_ids[5:]:
         assert time.monotonic() < deadline, "the run did not get going"
         time.sleep(0.05)
     before = {cp.id: len(cp.completed_node_ids) for cp in backend.get_list_by_flow("failover")}
+    prober.start()
+    time.sleep(0.2)
     trigger(sentinel)
     sentinel.wait_switched(old)
     mid_run = backend.get_list_by_flow("failover")[0]
     runner.join(60)
-    assert not runner.is_alive()
+    stop.set()
+    prober.join(30)
+    assert not runner.is_alive() and not prober.is_alive()
     assert sentinel.master_port() != old
+    assert "error" not in outcome and "probe error" not in outcome, outcome
     result = outcome["result"]
     assert result.status == RunnableStatus.SUCCESS
     assert mid_run.status == S.ACTIVE, "the failover was over only after the run: make the run longer"
     latest = backend.get_latest_by_flow("failover")
     assert latest.status == S.COMPLETED and len(latest.completed_node_ids) == 40
+    lost = [cp_id for cp_id in probes if backend.load(cp_id) is None]  # the new primary is the one that counts
+    assert len(probes) > 20 and not lost, f"{len(lost)} of {len(probes)} acknowledged saves lost: {lost[:5]}..."
     for cp_id, done in before.items():
         kept = backend.load(cp_id)
         assert kept is not None and len(kept.completed_node_ids) >= done, cp_id
@@ -170,3 +224,23 @@ def _run_through_failover(sentinel, monkeypatch, caplog, trigger, **options) -> 
     assert not problems, problems
     backend.clear()
     backend.close()
+    return max(later - earlier for earlier, later in zip(saved_at, saved_at[1:]))
+
+
+@pytest.fixture
+def one_replica_fast_sync():
+    setup = SentinelSetup(diskless_sync_delay=0).start()
+    yield setup
+    setup.stop()
+
+
+@pytest.mark.slow
+def test_graceful_failover_mid_run(one_replica_fast_sync, monkeypatch, caplog):
+    """SENTINEL FAILOVER mid-run with replica_acks=1: the old primary keeps accepting writes until Sentinel demotes it
+    (~10 s later) and then drops them; every save it took fails its WAIT (its one replica was promoted), and the new
+    primary has no replica to acknowledge until the old one has resynced from it. So saves stall ~11 s, which the
+    retries and the lease ttl must span, and nothing acknowledged is lost (docs/sentinel.md)."""
+    stall = _run_through_failover(one_replica_fast_sync, monkeypatch, caplog, SentinelSetup.failover, replica_acks=1,
+                                  retries=24, lease_ttl_seconds=30)
+    print(f"saves stalled {stall:.1f} s at the failover")
+    assert stall < 25, stall  # Sentinel demotes the old primary ~10 s after the promotion; then a resync
