@@ -244,3 +244,14 @@ def test_graceful_failover_mid_run(one_replica_fast_sync, monkeypatch, caplog):
                                   retries=24, lease_ttl_seconds=30)
     print(f"saves stalled {stall:.1f} s at the failover")
     assert stall < 25, stall  # Sentinel demotes the old primary ~10 s after the promotion; then a resync
+
+
+@pytest.mark.slow
+def test_primary_sigkill_mid_run(sentinel, monkeypatch, caplog):
+    def kill(setup: SentinelSetup) -> None:
+        # what was listed before is on the replica (WAIT), then the primary dies; replica_acks=0: with one replica,
+        # the new primary has none left to acknowledge (replica_acks=1 needs two replicas to survive a node loss)
+        redis.Redis(port=setup.primary.port).execute_command("WAIT", 1, 2000)
+        setup.primary.kill()
+
+    _run_through_failover(sentinel, monkeypatch, caplog, kill, replica_acks=0)
