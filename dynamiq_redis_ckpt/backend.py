@@ -116,7 +116,7 @@ class RedisCheckpointBackend(CheckpointBackend):
         policy = RetryPolicy(self.retries, self.retry_backoff_seconds)
         options = config.client_options(self.socket_timeout, self.socket_connect_timeout, self.max_connections)
         if self.client is not None:
-            if self.tls_ca_file or self.tls_cert_file or self.tls_key_file:
+            if self._tls_files:
                 raise ConfigurationError("tls_* options apply to a url; configure TLS on the client passed in instead")
             config.check_client(self.client)
             self._owns_client = False
@@ -126,7 +126,7 @@ class RedisCheckpointBackend(CheckpointBackend):
             connect_timeout = sync_client.connection_pool.connection_kwargs.get("socket_connect_timeout")
             make_async = lambda: config.async_twin(sync_client)  # noqa: E731
         elif self.sentinels or self.sentinel_service or config.is_sentinel(self.url or config.resolve_url(None)):
-            if self.tls_ca_file or self.tls_cert_file or self.tls_key_file:
+            if self._tls_files:
                 raise ConfigurationError("TLS to Sentinel-managed servers is not supported yet")
             url = self.url or config.resolve_url(None)
             url = url if self.url or config.is_sentinel(url) else None  # options alone: not the localhost default
@@ -175,6 +175,10 @@ class RedisCheckpointBackend(CheckpointBackend):
         if self.metrics is not None and self.metrics is not False:
             self._observe_with(self.metrics)
 
+    @property
+    def _tls_files(self) -> bool:
+        return bool(self.tls_ca_file or self.tls_cert_file or self.tls_key_file)
+
     def _observe_with(self, metrics: Any) -> None:
         from dynamiq_redis_ckpt.metrics import StoreMetrics  # imported only when metrics are on
 
@@ -185,6 +189,9 @@ class RedisCheckpointBackend(CheckpointBackend):
         self._observer = self._sync.observer = self._async.observer = self._core.observer = observer
         policy = self._guard.policy
         self._guard.policy = LeasePolicy(policy.ttl, policy.interval, policy.store, observer)
+
+    def _cleanup(self, flow_id: str, keep_count: int, max_ttl_minutes: int | None):
+        return self._core.cleanup_by_flow(flow_id, keep_count, max_ttl_minutes, self.max_cleanup_results)
 
     def _op(self, operation: str, op, flow: str | None = None):
         """``op``, reporting its duration (and a save's outcome and sizes) when metrics are on."""
@@ -302,7 +309,8 @@ class RedisCheckpointBackend(CheckpointBackend):
     def get_latest_by_flow(self, flow_id: str, *, status: CheckpointStatus | None = None) -> FlowCheckpoint | None:
         """The newest checkpoint of a flow; CheckpointCorruptedError when that one is damaged (resuming from an older
         one would run nodes again: pick one from ``get_list_by_flow`` deliberately)."""
-        found = self._sync.run(self._op("list", self._core.list_by_flow(flow_id, status, 1, None, newest=True), flow_id))
+        op = self._core.list_by_flow(flow_id, status, 1, None, newest=True)
+        found = self._sync.run(self._op("list", op, flow_id))
         return found[0] if found else None
 
     def get_list_by_run(self, run_id: str, *, limit: int | None = None) -> list[FlowCheckpoint]:
@@ -319,7 +327,8 @@ class RedisCheckpointBackend(CheckpointBackend):
         limit: int | None = None,
     ) -> list[FlowCheckpoint]:
         """Checkpoints of a flow matching ``run_id`` or ``wf_run_id`` (in either field), newest first."""
-        return self._sync.run(self._op("list", self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, limit), flow_id))
+        op = self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, limit)
+        return self._sync.run(self._op("list", op, flow_id))
 
     def get_latest_by_flow_and_run(
         self,
@@ -330,15 +339,14 @@ class RedisCheckpointBackend(CheckpointBackend):
         status: CheckpointStatus | None = None,
     ) -> FlowCheckpoint | None:
         """The newest checkpoint of a flow's run; CheckpointCorruptedError when that one is damaged."""
-        found = self._sync.run(self._op("list", self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, 1, newest=True),
-                                        flow_id))
+        op = self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, 1, newest=True)
+        found = self._sync.run(self._op("list", op, flow_id))
         return found[0] if found else None
 
     def cleanup_by_flow(self, flow_id: str, *, keep_count: int = 10, max_ttl_minutes: int | None = None) -> int:
         """Dynamiq's retention rule; never deletes the head of a chain that is active, paused or pending input."""
         return self._sync.run(
-            self._op("cleanup", self._core.cleanup_by_flow(flow_id, keep_count, max_ttl_minutes, self.max_cleanup_results),
-                     flow_id)
+            self._op("cleanup", self._cleanup(flow_id, keep_count, max_ttl_minutes), flow_id)
         )
 
     def clear(self) -> None:
@@ -378,7 +386,8 @@ class RedisCheckpointBackend(CheckpointBackend):
         self, flow_id: str, *, status: CheckpointStatus | None = None
     ) -> FlowCheckpoint | None:
         """Async :meth:`get_latest_by_flow`."""
-        found = await self._async.run(self._op("list", self._core.list_by_flow(flow_id, status, 1, None, newest=True), flow_id))
+        op = self._core.list_by_flow(flow_id, status, 1, None, newest=True)
+        found = await self._async.run(self._op("list", op, flow_id))
         return found[0] if found else None
 
     async def get_list_by_run_async(self, run_id: str, *, limit: int | None = None) -> list[FlowCheckpoint]:
@@ -395,7 +404,8 @@ class RedisCheckpointBackend(CheckpointBackend):
         limit: int | None = None,
     ) -> list[FlowCheckpoint]:
         """Async :meth:`get_list_by_flow_and_run`."""
-        return await self._async.run(self._op("list", self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, limit), flow_id))
+        op = self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, limit)
+        return await self._async.run(self._op("list", op, flow_id))
 
     async def get_latest_by_flow_and_run_async(
         self,
@@ -406,8 +416,8 @@ class RedisCheckpointBackend(CheckpointBackend):
         status: CheckpointStatus | None = None,
     ) -> FlowCheckpoint | None:
         """Async :meth:`get_latest_by_flow_and_run`."""
-        op = self._op("list", self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, 1, newest=True), flow_id)
-        found = await self._async.run(op)
+        op = self._core.list_by_flow_and_run(flow_id, run_id, wf_run_id, status, 1, newest=True)
+        found = await self._async.run(self._op("list", op, flow_id))
         return found[0] if found else None
 
     async def get_chain_async(self, checkpoint_id: str) -> list[FlowCheckpoint]:
@@ -429,8 +439,7 @@ class RedisCheckpointBackend(CheckpointBackend):
     ) -> int:
         """Async :meth:`cleanup_by_flow`."""
         return await self._async.run(
-            self._op("cleanup", self._core.cleanup_by_flow(flow_id, keep_count, max_ttl_minutes, self.max_cleanup_results),
-                     flow_id)
+            self._op("cleanup", self._cleanup(flow_id, keep_count, max_ttl_minutes), flow_id)
         )
 
     async def clear_async(self) -> None:
