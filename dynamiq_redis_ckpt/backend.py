@@ -39,8 +39,9 @@ class RedisCheckpointBackend(CheckpointBackend):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     name: str = Field(default="RedisCheckpoint")
-    url: str | None = Field(default=None, description="redis://, rediss://, unix:// or redis+sentinel:// url (see "
-                            "docs/sentinel.md); default $DYNAMIQ_REDIS_CKPT_URL or localhost")
+    url: str | None = Field(default=None, description="redis://, rediss://, unix://, redis+sentinel:// or "
+                            "redis+cluster:// url (see docs/sentinel.md, docs/cluster.md); default "
+                            "$DYNAMIQ_REDIS_CKPT_URL or localhost")
     prefix: str = Field(default=config.DEFAULT_PREFIX, description="Namespace of every key (per app or tenant)")
     ttl_seconds: float | None = Field(default=None, description="Expire checkpoints this long after their last save")
     socket_timeout: float = Field(default=2.0, description="Seconds to wait for a Redis reply (async: per request)")
@@ -49,7 +50,8 @@ class RedisCheckpointBackend(CheckpointBackend):
     max_checkpoint_bytes: int = Field(default=64 << 20, description="Largest encoded checkpoint accepted")
     retries: int = Field(default=3, description="Retries of a request that could not reach Redis")
     retry_backoff_seconds: float = Field(default=0.05, description="First retry delay; doubles per retry (cap 1 s)")
-    client: Any = Field(default=None, exclude=True, description="An existing redis.Redis to use instead of url")
+    client: Any = Field(default=None, exclude=True, description="An existing redis.Redis (or "
+                    "redis.cluster.RedisCluster) to use instead of url")
     leases: bool = Field(default=True, description="Hold a fenced run lease from a run's first save to its end")
     lease_ttl_seconds: float = Field(default=15.0, description="A lease runs out this long after its last renewal")
     heartbeat_interval_seconds: float | None = Field(default=None, description="Renewal period; default ttl / 3")
@@ -122,8 +124,8 @@ class RedisCheckpointBackend(CheckpointBackend):
             self._owns_client = False
             sync_client = self.client
             self._namespace = f"client-{id(self.client)}|{self.prefix}"
-            timeout = sync_client.connection_pool.connection_kwargs.get("socket_timeout")
-            connect_timeout = sync_client.connection_pool.connection_kwargs.get("socket_connect_timeout")
+            timeout = config.connection_kwargs(sync_client).get("socket_timeout")
+            connect_timeout = config.connection_kwargs(sync_client).get("socket_connect_timeout")
             make_async = lambda: config.async_twin(sync_client)  # noqa: E731
         elif self.sentinels or self.sentinel_service or config.is_sentinel(self.url or config.resolve_url(None)):
             if self._tls_files:
@@ -134,8 +136,14 @@ class RedisCheckpointBackend(CheckpointBackend):
             self._namespace = f"{conf.url}|{self.prefix}"
             sync_client, make_async = config.sentinel_clients(conf, options)
             timeout, connect_timeout = self.socket_timeout, self.socket_connect_timeout
+        elif config.is_cluster_url(url := config.resolve_url(self.url)):
+            self._namespace = f"{config.mask_url(url)}|{self.prefix}"
+            tls_url = "rediss://" if url.startswith("rediss+") else "redis://"
+            options.update(config.tls_options(tls_url, self.tls_ca_file, self.tls_cert_file, self.tls_key_file,
+                                              self.tls_check_hostname))  # fmt: skip
+            sync_client, make_async = config.cluster_clients(url, options)
+            timeout, connect_timeout = self.socket_timeout, self.socket_connect_timeout
         else:
-            url = config.resolve_url(self.url)
             self._namespace = f"{url}|{self.prefix}"
             tls = config.tls_options(url, self.tls_ca_file, self.tls_cert_file, self.tls_key_file,
                                      self.tls_check_hostname)  # fmt: skip
@@ -156,7 +164,7 @@ class RedisCheckpointBackend(CheckpointBackend):
                                          f"shorter than socket_timeout ({timeout}): WAIT is part of the request")
             for driver in (self._sync, self._async):
                 driver.replica_acks, driver.replica_ack_timeout_ms = self.replica_acks, wait_ms
-        kwargs = sync_client.connection_pool.connection_kwargs
+        kwargs = config.connection_kwargs(sync_client)
         if "server" not in kwargs:  # fakeredis (an in-process server) evicts nothing
             check = EvictionCheck(allow=self.allow_eviction, ttl=bool(self.ttl_seconds), leases=self.leases)
             self._sync.preflight = self._async.preflight = check

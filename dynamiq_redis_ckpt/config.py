@@ -24,13 +24,14 @@ DEFAULT_PREFIX = "dynamiq:ckpt"
 def resolve_url(url: str | None) -> str:
     """The url given, else ``$DYNAMIQ_REDIS_CKPT_URL``, else ``redis://localhost:6379/0``."""
     url = url or os.environ.get(URL_ENV) or DEFAULT_URL
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix", SENTINEL_SCHEME):
-        raise ConfigurationError(f"url must start with redis://, rediss://, unix:// or {SENTINEL_SCHEME}://, "
-                                 f"got {mask_url(url)!r}")  # fmt: skip
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix", SENTINEL_SCHEME, *CLUSTER_SCHEMES):
+        raise ConfigurationError(f"url must start with redis://, rediss://, unix://, {SENTINEL_SCHEME}:// or "
+                                 f"{CLUSTER_SCHEMES[0]}://, got {mask_url(url)!r}")  # fmt: skip
     return url
 
 
 SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 _SECRET_PARAMS = {"password", "ssl_password", "sentinel_password"}  # redis-py reads a password from the query too
 
 
@@ -45,6 +46,54 @@ def _split_netloc(netloc: str) -> tuple[str | None, str | None, str]:
 
 def is_sentinel(url: str | None) -> bool:
     return bool(url) and urlsplit(url).scheme == SENTINEL_SCHEME
+
+
+def is_cluster_url(url: str | None) -> bool:
+    return bool(url) and urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def cluster_clients(url: str, options: dict[str, Any]) -> tuple[Any, Callable[[], Any]]:
+    """A ``redis.cluster.RedisCluster`` and a maker of its asyncio twin (one per event loop) from
+    ``redis+cluster://[[user]:password@]host1:port1[,host2:port2,...]`` (``rediss+cluster://`` for TLS, with the
+    options of :func:`tls_options`). The hosts are startup nodes: any one that answers tells the clients the rest."""
+    from redis.asyncio.cluster import ClusterNode as AsyncNode
+    from redis.asyncio.cluster import RedisCluster as AsyncCluster
+    from redis.cluster import ClusterNode, RedisCluster
+
+    parts = urlsplit(url)
+    username, password, hosts = _split_netloc(parts.netloc)
+    if parts.path.strip("/") not in ("", "0"):
+        raise ConfigurationError(f"a Redis Cluster has only database 0, got {parts.path!r} in {mask_url(url)!r}")
+    nodes = []
+    for item in filter(None, hosts.split(",")):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "6379")
+        try:
+            nodes.append((host.strip("[]"), int(port)))
+        except ValueError:
+            raise ConfigurationError(f"bad cluster node address {item!r} in {mask_url(url)!r}") from None
+    if not nodes:
+        raise ConfigurationError(f"no cluster node in {mask_url(url)!r} (redis+cluster://host:port[,host:port])")
+    password = password or dict(parse_qsl(parts.query)).get("password")
+    options = {**options, "username": username, "password": password}
+    if parts.scheme == "rediss+cluster":
+        options["ssl"] = True
+    client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options)
+    async_options = {**options, "socket_timeout": None}  # the driver bounds each request (see AsyncDriver)
+    async_options.pop("health_check_interval", None)
+
+    def make_async() -> Any:
+        return AsyncCluster(startup_nodes=[AsyncNode(h, p) for h, p in nodes], **async_options)
+
+    return client, make_async
+
+
+def connection_kwargs(client: Any) -> dict[str, Any]:
+    """The keyword arguments a client opens its connections with (a cluster client: those of each node)."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        return pool.connection_kwargs
+    manager = getattr(client, "nodes_manager", None)
+    return dict(getattr(manager, "connection_kwargs", {}) or {})
 
 
 class SentinelConfig(NamedTuple):
@@ -232,14 +281,15 @@ def tls_options(url: str, ca_file: str | None, cert_file: str | None, key_file: 
 
 def check_client(client: Any) -> None:
     """Refuse a client that decodes replies: checkpoints are binary."""
-    pool = getattr(client, "connection_pool", None)
-    if pool is not None and pool.connection_kwargs.get("decode_responses"):
+    if connection_kwargs(client).get("decode_responses"):
         raise ConfigurationError("the redis client must be created with decode_responses=False")
 
 
 def async_twin(client: Any) -> Any:
     """An asyncio client talking to the same server as a given sync client (fakeredis included), without its socket
     timeout: the async driver bounds each request with that timeout instead."""
+    if not hasattr(client, "connection_pool") and hasattr(client, "nodes_manager"):
+        return _async_cluster_twin(client)
     kwargs = dict(client.connection_pool.connection_kwargs)
     kwargs["socket_timeout"] = None
     manager = getattr(client.connection_pool, "sentinel_manager", None)
@@ -276,3 +326,16 @@ def async_twin(client: Any) -> Any:
         connection_class=connection_class, max_connections=client.connection_pool.max_connections, **kwargs
     )
     return redis.asyncio.Redis(connection_pool=pool)
+
+
+def _async_cluster_twin(client: Any) -> Any:
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    kwargs = dict(client.nodes_manager.connection_kwargs)
+    kwargs["socket_timeout"] = None
+    ssl = kwargs.pop("connection_class", None) is redis.SSLConnection
+    for sync_only in ("retry", "redis_connect_func", "credential_provider", "host", "port", "health_check_interval",
+                      "connection_pool", "ssl_ca_path", "ssl_password", "ssl_validate_ocsp"):  # fmt: skip
+        kwargs.pop(sync_only, None)
+    nodes = [ClusterNode(node.host, node.port) for node in client.get_nodes()]
+    return RedisCluster(startup_nodes=nodes, ssl=ssl, **kwargs)

@@ -20,14 +20,15 @@ from typing import Any, Callable
 
 import redis
 import redis.asyncio
-from redis.exceptions import AuthenticationError, BusyLoadingError, DataError, NoScriptError, OutOfMemoryError
+from redis.exceptions import AskError, AuthenticationError, BusyLoadingError, DataError, MovedError, NoScriptError
+from redis.exceptions import OutOfMemoryError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, ReadOnlyError, ResponseError
+from redis.exceptions import ClusterDownError, NoPermissionError, ReadOnlyError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from dynamiq_redis_ckpt import scripts
+from dynamiq_redis_ckpt import cluster, scripts
 from dynamiq_redis_ckpt.errors import CheckpointStoreError, StoreUnavailableError, TLSError, WrongKeyTypeError
-from dynamiq_redis_ckpt.requests import Batch, Command, Script, Sleep
+from dynamiq_redis_ckpt.requests import Batch, Command, Each, Script, Sleep
 
 try:
     from hiredis import pack_command as _hiredis_pack
@@ -39,11 +40,13 @@ if sys.version_info >= (3, 11, 3):  # as redis-py: asyncio.timeout before 3.11.3
 else:
     from async_timeout import timeout as _deadline
 
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
+# A cluster client's RedisClusterException says no node answered or no node serves a slot (mid-failover): passing.
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError, RedisClusterException)
 # Error replies that say "not now" rather than "never": nothing was written, and the same request may succeed later.
 # redis-py turns some into their own classes and drops the code from the message; the others keep it. (LOADING
 # comes as BusyLoadingError, a ConnectionError, so it is transient above.)
-_REFUSED_CLASSES = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY"}
+_REFUSED_CLASSES = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY", TryAgainError: "TRYAGAIN",
+                    ClusterDownError: "CLUSTERDOWN"}  # fmt: skip
 _REFUSED_CODES = ("BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
 
 
@@ -83,6 +86,8 @@ def _refusal(error: Exception) -> str | None:
     for kind, code in _REFUSED_CLASSES.items():
         if isinstance(error, kind):
             return code
+    if isinstance(error, AskError):  # MOVED or ASK still after cluster.MAX_REDIRECTS rounds: the map is settling
+        return "MOVED" if isinstance(error, MovedError) else "ASK"
     code = str(error).split(" ", 1)[0]
     return code if isinstance(error, ResponseError) and code in _REFUSED_CODES else None
 
@@ -183,6 +188,22 @@ def _check_failed(op, error: BaseException) -> None:
     raise error
 
 
+def _refresh_sync(client: Any) -> None:
+    """Read a cluster's slot map again after a failed attempt (a primary gone, a failover, a reshard)."""
+    try:
+        client.nodes_manager.initialize()
+    except (redis.RedisError, *_TRANSIENT):  # no node answers yet: the next attempt fails and tries again
+        pass
+
+
+async def _refresh_async(client: Any) -> None:
+    """:func:`_refresh_sync` for an asyncio cluster client."""
+    try:
+        await client.nodes_manager.initialize()
+    except (redis.RedisError, *_TRANSIENT):
+        pass
+
+
 def _first_error(replies: list) -> list:
     for reply in replies:
         if isinstance(reply, Exception):
@@ -195,6 +216,7 @@ class SyncDriver:
 
     def __init__(self, client: redis.Redis, policy: RetryPolicy):
         self.client = client
+        self.cluster = cluster.is_cluster(client)  # route each command to the primary serving its slot
         self.policy = policy
         self.observer = None  # a metrics.StoreMetrics when metrics are on: counts every failed attempt
         self.hint = None  # added to the message of a StoreUnavailableError (what to check in this configuration)
@@ -244,6 +266,8 @@ class SyncDriver:
                 if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refusal(e)) or tls_failure(e):
                     raise _translate(e, request, self.hint) from e
                 time.sleep(self.policy.delay(attempt))
+                if self.cluster:
+                    _refresh_sync(self.client)
             except redis.RedisError as e:
                 if self.observer is not None:
                     self.observer.redis_error(error_kind(e))
@@ -261,17 +285,35 @@ class SyncDriver:
 
     def _send(self, request: Any) -> Any:
         if isinstance(request, (Command, Script)):
-            return _first_error(self._pipeline([_wire(request)]))[0]
+            return _first_error(self._exchange([_wire(request)]))[0]
         if isinstance(request, Batch):
-            return _first_error(self._pipeline([_wire(part) for part in request.commands]))
+            return _first_error(self._exchange([_wire(part) for part in request.commands]))
+        if isinstance(request, Each):
+            if not self.cluster:
+                return _first_error(self._pipeline(self.client, [request.command.args]))
+            return _first_error(self._route(cluster.each(self.client, request.command.args)))
         raise TypeError(f"unknown request {request!r}")
 
-    def _pipeline(self, wired: list[tuple]) -> list:
+    def _exchange(self, wired: list[tuple]) -> list:
+        if not self.cluster:
+            return self._pipeline(self.client, wired)
+        return self._route(cluster.exchange(self.client, wired))
+
+    def _route(self, routing) -> list:
+        """Drive a :mod:`cluster` routing: one pipeline per primary it names, in turn."""
+        try:
+            sends = next(routing)
+            while True:
+                sends = routing.send([self._pipeline(node.redis_connection, wired) for node, wired in sends])
+        except StopIteration as done:
+            return done.value
+
+    def _pipeline(self, client: redis.Redis, wired: list[tuple]) -> list:
         # redis-py's Pipeline object (and, less so, execute_command's wrappers) cost more CPU than the round trip
         # itself on this path; this is their core: send every command in one write, then read one reply each,
         # parsed by the client's own response callbacks. Used for single commands too.
         # With replica_acks, a WAIT ends the exchange; a shortfall drops the connection (see ReplicaAckError).
-        pool = self.client.connection_pool
+        pool = client.connection_pool
         conn = pool.get_connection(wired[0][0])
         wired = _with_wait(wired, self.replica_acks, self.replica_ack_timeout_ms)
         try:
@@ -279,7 +321,7 @@ class SyncDriver:
             replies = []
             for args in wired:
                 try:
-                    replies.append(self.client.parse_response(conn, args[0]))
+                    replies.append(client.parse_response(conn, args[0]))
                 except ResponseError as e:
                     replies.append(e)
             return _check_acks(replies, self.replica_acks)
@@ -335,6 +377,7 @@ class AsyncDriver:
         self.preflight = None  # as SyncDriver.preflight
         self.replica_acks = 0  # as SyncDriver.replica_acks
         self.replica_ack_timeout_ms = 0
+        self.cluster: bool | None = None  # whether the clients are Redis Cluster clients (known at the first request)
         self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref, Any] | None = None  # the last loop's client, without a dictionary lookup
 
@@ -392,6 +435,8 @@ class AsyncDriver:
                 if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refusal(e)) or tls_failure(e):
                     raise _translate(e, request, self.hint) from e
                 await asyncio.sleep(self.policy.delay(attempt))
+                if self.cluster:
+                    await _refresh_async(await self._client())
             except redis.RedisError as e:
                 if self.observer is not None:
                     self.observer.redis_error(error_kind(e))
@@ -399,6 +444,10 @@ class AsyncDriver:
 
     async def _once(self, request: Any) -> Any:
         client = await self._client()
+        if self.cluster is None:
+            self.cluster = cluster.is_cluster(client)
+        if self.cluster and client._initialize:  # its first request, or after a failed one (see _execute)
+            await client.initialize()
         try:
             return await self._send(client, request)
         except NoScriptError:
@@ -410,10 +459,37 @@ class AsyncDriver:
 
     async def _send(self, client: Any, request: Any) -> Any:
         if isinstance(request, (Command, Script)):
-            return _first_error(await self._pipeline(client, [_wire(request)]))[0]
+            return _first_error(await self._exchange(client, [_wire(request)]))[0]
         if isinstance(request, Batch):
-            return _first_error(await self._pipeline(client, [_wire(part) for part in request.commands]))
+            return _first_error(await self._exchange(client, [_wire(part) for part in request.commands]))
+        if isinstance(request, Each):
+            if not self.cluster:
+                return _first_error(await self._pipeline(client, [request.command.args]))
+            return _first_error(await self._route(cluster.each(client, request.command.args)))
         raise TypeError(f"unknown request {request!r}")
+
+    async def _exchange(self, client: Any, wired: list[tuple]) -> list:
+        if not self.cluster:
+            return await self._pipeline(client, wired)
+        return await self._route(cluster.exchange(client, wired))
+
+    async def _route(self, routing) -> list:
+        """Drive a :mod:`cluster` routing: one pipeline per primary it names, all at once."""
+        try:
+            sends = next(routing)
+            while True:
+                received = await asyncio.gather(*(self._node_pipeline(node, wired) for node, wired in sends))
+                sends = routing.send(list(received))
+        except StopIteration as done:
+            return done.value
+
+    async def _node_pipeline(self, node: Any, wired: list[tuple]) -> list:
+        """:meth:`_pipeline` on a connection of one cluster node (``redis.asyncio.cluster.ClusterNode``)."""
+        conn = node.acquire_connection()
+        try:
+            return await self._over(conn, node.parse_response, wired)
+        finally:
+            node._free.append(conn)
 
     async def _pipeline(self, client: Any, wired: list[tuple]) -> list:
         """:meth:`SyncDriver._pipeline` on an asyncio client, under one deadline for the whole exchange:
@@ -425,11 +501,19 @@ class AsyncDriver:
         data and sockets the server had closed. Neither slips through: this driver disconnects any connection whose
         exchange did not finish, and one the server closed while it sat idle has its stream at EOF, so it is reopened.
         """
-        pool, timeout = client.connection_pool, self.timeout
+        pool = client.connection_pool
         take = getattr(pool, "get_available_connection", None)
+        conn = take() if take is not None else await pool.get_connection(wired[0][0])
+        try:
+            return await self._over(conn, client.parse_response, wired)
+        finally:
+            await pool.release(conn)
+
+    async def _over(self, conn: Any, parse: Callable, wired: list[tuple]) -> list:
+        """Send ``wired`` on ``conn`` and read the replies (see :meth:`_pipeline`); the caller releases ``conn``."""
+        timeout = self.timeout
         wired = _with_wait(wired, self.replica_acks, self.replica_ack_timeout_ms)
         packed = _packed_async(wired)
-        conn = take() if take is not None else await pool.get_connection(wired[0][0])
         try:
             stream = getattr(conn, "_reader", None)
             if stream is not None and stream.at_eof():
@@ -442,7 +526,7 @@ class AsyncDriver:
                 replies = []
                 for args in wired:
                     try:
-                        replies.append(await client.parse_response(conn, args[0]))
+                        replies.append(await parse(conn, args[0]))
                     except ResponseError as e:
                         replies.append(e)
                 return _check_acks(replies, self.replica_acks)
@@ -452,8 +536,6 @@ class AsyncDriver:
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
-        finally:
-            await pool.release(conn)
 
     async def aclose(self) -> None:
         """Close the client of the running loop, if one was made."""
@@ -461,5 +543,6 @@ class AsyncDriver:
         self._last = None
         if found is not None:
             await found[0].aclose()
-            for sentinel in getattr(getattr(found[0].connection_pool, "sentinel_manager", None), "sentinels", ()):
+            pool = getattr(found[0], "connection_pool", None)
+            for sentinel in getattr(getattr(pool, "sentinel_manager", None), "sentinels", ()):
                 await sentinel.aclose()

@@ -24,7 +24,7 @@ import threading
 from typing import Any
 
 from dynamiq_redis_ckpt.errors import CheckpointStoreError, ConfigurationError, StoreUnavailableError
-from dynamiq_redis_ckpt.requests import cmd, text
+from dynamiq_redis_ckpt.requests import Each, cmd, text
 
 logger = logging.getLogger(__name__)
 
@@ -32,26 +32,36 @@ SAFE_POLICY = "noeviction"
 
 
 def read_policy():
-    """Operation: the server's maxmemory-policy, or None when neither INFO memory nor CONFIG GET is allowed.
+    """Operation: the server's maxmemory-policy, or None when neither INFO memory nor CONFIG GET is allowed. On a
+    Redis Cluster every primary is asked and the least safe policy among theirs is the answer.
 
     INFO first: the least-privilege ACL user (see :mod:`dynamiq_redis_ckpt.acl`) may run ``INFO memory`` but not
     CONFIG, which could read ``requirepass``; CONFIG GET for servers that hide the field from INFO."""
     try:
-        policy = _info_field((yield cmd("INFO", "memory")), "maxmemory_policy")
-        if policy:
-            return policy
+        policies = [_info_field(reply, "maxmemory_policy") for reply in (yield Each(cmd("INFO", "memory")))]
+        if all(policies):
+            return _least_safe(policies)
     except StoreUnavailableError:
         raise
     except CheckpointStoreError:  # INFO refused (an ACL, a renamed command): CONFIG may be allowed
         pass
     try:
-        reply = yield cmd("CONFIG", "GET", "maxmemory-policy")
+        replies = yield Each(cmd("CONFIG", "GET", "maxmemory-policy"))
     except StoreUnavailableError:
         raise
     except CheckpointStoreError:
         return None
-    values = list(reply.values()) if isinstance(reply, dict) else list(reply or [])[1::2]
-    return text(values[0]) if values else None
+    policies = []
+    for reply in replies:
+        values = list(reply.values()) if isinstance(reply, dict) else list(reply or [])[1::2]
+        if not values:
+            return None
+        policies.append(text(values[0]))
+    return _least_safe(policies)
+
+
+def _least_safe(policies: list[str]) -> str:
+    return max(policies, key=lambda policy: 0 if policy == SAFE_POLICY else 1 if policy.startswith("volatile-") else 2)
 
 
 def _info_field(info: Any, field: str) -> str | None:

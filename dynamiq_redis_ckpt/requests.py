@@ -21,6 +21,13 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class Each:
+    """One command for every primary of a Redis Cluster (once on a single server); the reply is a list of theirs."""
+
+    command: Command
+
+
+@dataclass(frozen=True)
 class Sleep:
     """A pause inside an operation (a retry's back-off): ``time.sleep`` or ``asyncio.sleep`` by the driver."""
 

@@ -157,6 +157,16 @@ class ClusterSetup:
         """``redis://127.0.0.1:<port of the first master at start>``: what ``RedisCluster.from_url`` takes."""
         return f"redis://{HOST}:{self.nodes[0].port}"
 
+    @property
+    def ckpt_url(self) -> str:
+        """The backend's url for this cluster: ``redis+cluster://`` and every node it started (any one that answers names the rest)."""
+        return "redis+cluster://" + ",".join(f"{host}:{port}" for host, port in self.startup_nodes)
+
+    @property
+    def version(self) -> str:
+        """What the nodes are, as the session's server line says it: ``redis 7.0.15 cluster``."""
+        return f"{self.nodes[0].version} cluster"
+
     def client(self, **kwargs) -> "redis.cluster.RedisCluster":
         """A ``redis.cluster.RedisCluster`` on all startup nodes (decode_responses=True unless given)."""
         kwargs.setdefault("decode_responses", True)

@@ -5,20 +5,24 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from types import SimpleNamespace
 
 import fakeredis
 import pytest
 import redis
 
 from dynamiq_redis_ckpt import RedisCheckpointBackend
-from tests.redis_proc import SERVER_ENV, RedisProcess, server_binary
+from tests.cluster_proc import ClusterSetup
+from tests.redis_proc import CLUSTER, SERVER_ENV, RedisProcess, server_binary
 
 
 def pytest_configure(config):
     """CKPT_TEST_SERVER=valkey|redis62: the whole session runs on that server, and so do the tests that start
-    ``redis-server`` by name (the TLS tests, the demo): a ``redis-server`` link to it goes first on PATH."""
+    ``redis-server`` by name (the TLS tests, the demo): a ``redis-server`` link to it goes first on PATH.
+    CKPT_TEST_SERVER=cluster: the session's server (``redis_server``) is a Redis Cluster of redis-servers, 3 masters
+    and 3 replicas (tests/cluster_proc.py), reached with a ``redis+cluster://`` url."""
     name = os.environ.get(SERVER_ENV)
-    if name and name != "redis":
+    if name and name not in ("redis", CLUSTER):
         shim = tempfile.mkdtemp(prefix="ckpt-server-")
         os.symlink(server_binary(name), os.path.join(shim, "redis-server"))
         os.environ["PATH"] = shim + os.pathsep + os.environ["PATH"]
@@ -38,6 +42,14 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def redis_server():
+    """The session's server: a redis-server (``.url``), or under CKPT_TEST_SERVER=cluster a whole cluster whose
+    ``.url`` is its ``redis+cluster://`` url."""
+    if os.environ.get(SERVER_ENV) == CLUSTER:
+        cluster = ClusterSetup().start()
+        _TESTED_ON.add(cluster.version)
+        yield SimpleNamespace(url=cluster.ckpt_url, version=cluster.version, cluster=cluster)
+        cluster.stop()
+        return
     server = RedisProcess().start()
     _TESTED_ON.add(server.version)
     yield server

@@ -26,6 +26,7 @@ def free_port() -> int:
 
 
 SERVER_ENV = "CKPT_TEST_SERVER"
+CLUSTER = "cluster"  # CKPT_TEST_SERVER=cluster: the session's server is a Redis Cluster (see tests/conftest.py)
 
 
 def _in_package(package: str, relative: str) -> str | None:
@@ -60,6 +61,8 @@ SERVERS = {
 def server_binary(name: str | None = None) -> str:
     """The binary of server ``name`` (default: ``$CKPT_TEST_SERVER``, else ``redis``); RuntimeError if missing."""
     name = name or os.environ.get(SERVER_ENV) or "redis"
+    if name == CLUSTER:  # a cluster of redis-servers (tests/conftest.py): each node is the default server
+        name = "redis"
     if name not in SERVERS:
         raise RuntimeError(f"{SERVER_ENV}={name!r}: expected one of {', '.join(SERVERS)}")
     find, install = SERVERS[name]

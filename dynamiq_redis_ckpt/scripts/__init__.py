@@ -33,3 +33,12 @@ def source(name: str) -> str:
 def sha(name: str) -> str:
     """The SHA1 that EVALSHA names script ``name`` by."""
     return hashlib.sha1(source(name).encode("utf-8")).hexdigest()
+
+
+def name_of(sha_or_bytes: str | bytes) -> str:
+    """The name of the script whose SHA1 is given (a NOSCRIPT reply names only the SHA1 that was sent)."""
+    wanted = sha_or_bytes.decode() if isinstance(sha_or_bytes, bytes) else sha_or_bytes
+    for name in NAMES:
+        if sha(name) == wanted:
+            return name
+    raise KeyError(wanted)
