@@ -63,11 +63,12 @@ def _redirected(client: Any, error: AskError) -> Any:
     return node
 
 
-def exchange(client: Any, wired: list[tuple]) -> Generator[list[tuple[Any, list[tuple]]], list[list], list]:
+def exchange(client: Any, wired: list[tuple], observer: Any = None) -> Generator[list, list[list], list]:
     """Send ``wired`` over the cluster; the reply to each, in order (error replies as exception objects).
 
     Yields ``[(node, commands), ...]``, one pipeline per primary, and receives their replies (each list as long as its
-    commands); returns when no reply is a redirection or ``MAX_REDIRECTS`` rounds are spent."""
+    commands); returns when no reply is a redirection or ``MAX_REDIRECTS`` rounds are spent. Each redirection
+    followed is counted by ``observer.redis_error(kind)`` (moved, ask, noscript) when one is given."""
     replies: list = [None] * len(wired)
     scans = {i: _scan_target(client, args) for i, args in enumerate(wired) if _bytes(args[0]).upper() == b"SCAN"}
     wired = [scans[i][2] if i in scans else args for i, args in enumerate(wired)]
@@ -95,6 +96,9 @@ def exchange(client: Any, wired: list[tuple]) -> Generator[list[tuple[Any, list[
         for (node, indexes, where), node_replies in zip(plan, received):
             for i, at in zip(indexes, where):
                 reply = replies[i] = node_replies[at]
+                if observer is not None and isinstance(reply, (AskError, NoScriptError)):
+                    observer.redis_error("moved" if isinstance(reply, MovedError) else
+                                         "ask" if isinstance(reply, AskError) else "noscript")  # fmt: skip
                 if isinstance(reply, MovedError):
                     client.nodes_manager._moved_exception = reply
                     pending.append(i)

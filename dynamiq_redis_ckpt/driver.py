@@ -297,7 +297,7 @@ class SyncDriver:
     def _exchange(self, wired: list[tuple]) -> list:
         if not self.cluster:
             return self._pipeline(self.client, wired)
-        return self._route(cluster.exchange(self.client, wired))
+        return self._route(cluster.exchange(self.client, wired, self.observer))
 
     def _route(self, routing) -> list:
         """Drive a :mod:`cluster` routing: one pipeline per primary it names, in turn."""
@@ -471,7 +471,7 @@ class AsyncDriver:
     async def _exchange(self, client: Any, wired: list[tuple]) -> list:
         if not self.cluster:
             return await self._pipeline(client, wired)
-        return await self._route(cluster.exchange(client, wired))
+        return await self._route(cluster.exchange(client, wired, self.observer))
 
     async def _route(self, routing) -> list:
         """Drive a :mod:`cluster` routing: one pipeline per primary it names, all at once."""

@@ -8,6 +8,7 @@ on a redis-server of our own, leases on (the default). The plugin counts the tes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.cluster_proc import ClusterSetup
 from tests.redis_proc import RedisProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,10 +102,33 @@ def extract_tests(tarball: Path, version: str, dest: Path) -> Path:
     return dest / root
 
 
+@contextlib.contextmanager
+def server_for(kind: str):
+    """(url for the backend, a function counting the keys stored) of a fresh redis-server or Redis Cluster."""
+    if kind == "cluster":
+        cluster = ClusterSetup().start()
+        try:
+            yield cluster.ckpt_url, lambda: _cluster_keys(cluster)
+        finally:
+            cluster.stop()
+        return
+    server = RedisProcess().start()
+    try:
+        yield server.url, lambda: redis.Redis.from_url(server.url).dbsize()
+    finally:
+        server.kill()
+
+
+def _cluster_keys(cluster) -> int:
+    return sum(redis.Redis(host=host, port=port).dbsize() for host, port in cluster.masters())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_dynamiq_checkpoint_suite_passes_on_redis(tmp_path, capsys):
-    """Every upstream checkpoint test but those in DESELECT passes with our backend as InMemory, and enough used it."""
+@pytest.mark.parametrize("kind", ["redis", "cluster"])
+def test_dynamiq_checkpoint_suite_passes_on_redis(tmp_path, capsys, kind):
+    """Every upstream checkpoint test but those in DESELECT passes with our backend as InMemory, and enough used it:
+    on one redis-server and on a Redis Cluster of 3 masters and 3 replicas (redis+cluster://)."""
     version = importlib.metadata.version("dynamiq")
     if version not in PINNED:
         pytest.fail(
@@ -116,11 +141,10 @@ def test_dynamiq_checkpoint_suite_passes_on_redis(tmp_path, capsys):
 
     upstream = extract_tests(verified_sdist(version, expected_sha), version, tmp_path / "sdist")
     report, log = tmp_path / "report.json", tmp_path / "upstream.log"
-    server = RedisProcess().start()
-    try:
+    with server_for(kind) as (url, count_keys):
         paths = [str(REPO), str(REPO / "tests" / "upstream"), os.environ.get("PYTHONPATH", "")]  # ours, the plugin
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths)),
-               "UPSTREAM_REDIS_URL": server.url, "UPSTREAM_REPORT": str(report)}  # fmt: skip
+               "UPSTREAM_REDIS_URL": url, "UPSTREAM_REPORT": str(report)}  # fmt: skip
         command = [sys.executable, "-m", "pytest", "-p", "swap_plugin", "-p", "no:cacheprovider", "-q", "-rfE",
                    "--timeout=300", "--durations=10", "--disable-warnings", *UPSTREAM_TESTS,
                    *(f"--deselect={nodeid}" for nodeid in DESELECT)]  # fmt: skip
@@ -132,9 +156,7 @@ def test_dynamiq_checkpoint_suite_passes_on_redis(tmp_path, capsys):
             except subprocess.TimeoutExpired:
                 code = "killed after 1800 s"
         elapsed = time.monotonic() - started
-        keys = redis.Redis.from_url(server.url).dbsize()
-    finally:
-        server.kill()
+        keys = count_keys()
 
     lines = log.read_text(errors="replace").splitlines()
     summary = next((line for line in reversed(lines) if re.search(r"\b(passed|failed|errors?)\b.* in \d", line)), "?")
