@@ -23,6 +23,9 @@ DATA_COMMANDS = (
 # eviction check (maxmemory-policy, read from INFO memory: CONFIG GET could read requirepass).
 SERVER_COMMANDS = ("evalsha", "script|load", "time", "ping", "scan", "info|server", "info|memory")
 COMMANDS = DATA_COMMANDS + SERVER_COMMANDS
+# What redis-py's cluster clients send besides: the slot map (CLUSTER SLOTS, at start and after a MOVED) and the
+# command table (COMMAND, read once to find the keys of commands).
+CLUSTER_COMMANDS = ("cluster|slots", "command")
 
 
 def key_patterns(prefix: str) -> tuple[str, ...]:
@@ -31,13 +34,15 @@ def key_patterns(prefix: str) -> tuple[str, ...]:
     return tuple(f"~{escaped}:{kind}:{{*" for kind in KINDS)
 
 
-def acl_args(prefix: str, password: str) -> list[str]:
-    """The ``ACL SETUSER <user>`` arguments after the user name (send them as separate arguments)."""
+def acl_args(prefix: str, password: str, cluster: bool = False) -> list[str]:
+    """The ``ACL SETUSER <user>`` arguments after the user name (send them as separate arguments); ``cluster``
+    adds what a Redis Cluster client needs (set the user on every node)."""
+    commands = COMMANDS + (CLUSTER_COMMANDS if cluster else ())
     return ["on", f">{password}", "resetkeys", *key_patterns(prefix), "resetchannels", "-@all",
-            *(f"+{c}" for c in COMMANDS)]  # fmt: skip
+            *(f"+{c}" for c in commands)]  # fmt: skip
 
 
-def acl_rule(prefix: str, password: str, user: str = "ckpt") -> str:
+def acl_rule(prefix: str, password: str, user: str = "ckpt", cluster: bool = False) -> str:
     """The whole rule as one line for ``redis-cli`` or an ACL file (a prefix or password with spaces or quotes
     needs quoting there; :func:`acl_args` needs none)."""
-    return " ".join(["ACL", "SETUSER", user, *acl_args(prefix, password)])
+    return " ".join(["ACL", "SETUSER", user, *acl_args(prefix, password, cluster)])

@@ -141,7 +141,8 @@ class RedisCheckpointBackend(CheckpointBackend):
             tls_url = "rediss://" if url.startswith("rediss+") else "redis://"
             options.update(config.tls_options(tls_url, self.tls_ca_file, self.tls_cert_file, self.tls_key_file,
                                               self.tls_check_hostname))  # fmt: skip
-            sync_client, make_async = config.cluster_clients(url, options)
+            make_sync, make_async = config.cluster_clients(url, options)
+            sync_client = None  # built at first use (see SyncDriver.client)
             timeout, connect_timeout = self.socket_timeout, self.socket_connect_timeout
         else:
             self._namespace = f"{url}|{self.prefix}"
@@ -155,7 +156,7 @@ class RedisCheckpointBackend(CheckpointBackend):
         ttl_ms = int(self.ttl_seconds * 1000) if self.ttl_seconds else 0
         self._core = StoreCore(Keys(self.prefix), ttl_ms=ttl_ms, max_checkpoint_bytes=self.max_checkpoint_bytes)
         self._core.sealer = crypto.sealer_for(self.encryption_keys)
-        self._sync = SyncDriver(sync_client, policy)
+        self._sync = SyncDriver(sync_client, policy, make_sync if sync_client is None else None)
         self._async = AsyncDriver(make_async, policy, timeout, connect_timeout)
         if self.replica_acks:
             wait_ms = max(1, int(self.replica_ack_timeout_seconds * 1000))
@@ -164,7 +165,7 @@ class RedisCheckpointBackend(CheckpointBackend):
                                          f"shorter than socket_timeout ({timeout}): WAIT is part of the request")
             for driver in (self._sync, self._async):
                 driver.replica_acks, driver.replica_ack_timeout_ms = self.replica_acks, wait_ms
-        kwargs = config.connection_kwargs(sync_client)
+        kwargs = options if sync_client is None else config.connection_kwargs(sync_client)
         if "server" not in kwargs:  # fakeredis (an in-process server) evicts nothing
             check = EvictionCheck(allow=self.allow_eviction, ttl=bool(self.ttl_seconds), leases=self.leases)
             self._sync.preflight = self._async.preflight = check
@@ -266,9 +267,10 @@ class RedisCheckpointBackend(CheckpointBackend):
 
     def close(self) -> None:
         """Release this backend's connection pool (not a client that was passed in). Safe to call twice."""
-        if self._owns_client:
-            self._sync.client.close()
-            for sentinel in config.sentinel_manager_clients(self._sync.client):
+        client = self._sync.built_client
+        if self._owns_client and client is not None:
+            client.close()
+            for sentinel in config.sentinel_manager_clients(client):
                 sentinel.close()
 
     async def aclose(self) -> None:

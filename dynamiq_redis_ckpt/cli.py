@@ -146,14 +146,18 @@ def _serve_worker(args: argparse.Namespace, registry, worker) -> None:
 
     from dynamiq_redis_ckpt import __version__, leases
     from dynamiq_redis_ckpt.metrics import FleetCollector, serve
+    from dynamiq_redis_ckpt.requests import Each, cmd
 
     # Readiness and the fleet read ask Redis with their own short deadline, no retries: a frozen Redis answers 503
     # within a second, and a scrape is never held up for long.
     probe = _backend(args, socket_timeout=0.5, socket_connect_timeout=0.5, retries=0, leases=False,
                      allow_eviction=args.allow_eviction)  # not ready on a Redis that may evict
 
+    def server_info():
+        return (yield Each(cmd("INFO", "server")))[0]  # a cluster's first primary
+
     def build() -> dict[str, str]:
-        info = probe.redis.info("server")
+        info = probe.execute(server_info())
         return {"version": __version__, "redis_version": str(info.get("redis_version", "unknown")),
                 "redis_mode": str(info.get("redis_mode", "standalone"))}  # fmt: skip
 

@@ -52,8 +52,8 @@ def is_cluster_url(url: str | None) -> bool:
     return bool(url) and urlsplit(url).scheme in CLUSTER_SCHEMES
 
 
-def cluster_clients(url: str, options: dict[str, Any]) -> tuple[Any, Callable[[], Any]]:
-    """A ``redis.cluster.RedisCluster`` and a maker of its asyncio twin (one per event loop) from
+def cluster_clients(url: str, options: dict[str, Any]) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """Makers of a ``redis.cluster.RedisCluster`` and of its asyncio twin (one per event loop) from
     ``redis+cluster://[[user]:password@]host1:port1[,host2:port2,...]`` (``rediss+cluster://`` for TLS, with the
     options of :func:`tls_options`). The hosts are startup nodes: any one that answers tells the clients the rest."""
     from redis.asyncio.cluster import ClusterNode as AsyncNode
@@ -77,14 +77,16 @@ def cluster_clients(url: str, options: dict[str, Any]) -> tuple[Any, Callable[[]
     options = {**options, "username": username, "password": password}
     if parts.scheme == "rediss+cluster":
         options["ssl"] = True
-    client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options)
+    def make_sync() -> Any:
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options)
+
     async_options = {**options, "socket_timeout": None}  # the driver bounds each request (see AsyncDriver)
     async_options.pop("health_check_interval", None)
 
     def make_async() -> Any:
         return AsyncCluster(startup_nodes=[AsyncNode(h, p) for h, p in nodes], **async_options)
 
-    return client, make_async
+    return make_sync, make_async
 
 
 def connection_kwargs(client: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+import threading
 import time
 import weakref
 from typing import Any, Callable
@@ -214,15 +215,32 @@ def _first_error(replies: list) -> list:
 class SyncDriver:
     """Runs operations on a ``redis.Redis`` client (thread-safe: the client's pool serves every thread)."""
 
-    def __init__(self, client: redis.Redis, policy: RetryPolicy):
-        self.client = client
-        self.cluster = cluster.is_cluster(client)  # route each command to the primary serving its slot
+    def __init__(self, client: redis.Redis | None, policy: RetryPolicy, make_client: Callable[[], Any] | None = None):
+        self._client = client
+        self._make_client = make_client  # builds the client at first use when none is given (see client)
+        self._client_lock = threading.Lock()
+        self.cluster = cluster.is_cluster(client) if client is not None else True  # route each command by slot
         self.policy = policy
         self.observer = None  # a metrics.StoreMetrics when metrics are on: counts every failed attempt
         self.hint = None  # added to the message of a StoreUnavailableError (what to check in this configuration)
         self.preflight = None  # an eviction.EvictionCheck to pass before the first operation (None: nothing to do)
         self.replica_acks = 0  # WAIT for this many replicas after every request (0: do not wait)
         self.replica_ack_timeout_ms = 0
+
+    @property
+    def client(self) -> Any:
+        """The client; a cluster client is built at first use (redis-py's connects in its constructor, and a backend
+        is built without a connection). Raises RedisClusterException (retried) while no node answers."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = self._make_client()
+        return self._client
+
+    @property
+    def built_client(self) -> Any:
+        """The client if it was built (None for a cluster client before the first request)."""
+        return self._client
 
     def run(self, op) -> Any:
         """Drive a store operation (a generator) to its result; a failed request's error is thrown into it."""
@@ -266,8 +284,8 @@ class SyncDriver:
                 if attempt == self.policy.retries or not (isinstance(e, _TRANSIENT) or _refusal(e)) or tls_failure(e):
                     raise _translate(e, request, self.hint) from e
                 time.sleep(self.policy.delay(attempt))
-                if self.cluster:
-                    _refresh_sync(self.client)
+                if self.cluster and self._client is not None:
+                    _refresh_sync(self._client)
             except redis.RedisError as e:
                 if self.observer is not None:
                     self.observer.redis_error(error_kind(e))

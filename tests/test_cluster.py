@@ -11,6 +11,7 @@ tests/test_upstream_suite.py.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import statistics
@@ -29,6 +30,7 @@ from redis.crc import key_slot
 
 from dynamiq_redis_ckpt import RedisCheckpointBackend, StoreUnavailableError
 from dynamiq_redis_ckpt.worker import Recovery
+from dynamiq_redis_ckpt.acl import acl_args
 from dynamiq_redis_ckpt.keys import tag
 from tests.cluster_fixtures import redis_cluster  # noqa: F401  (the fixture)
 from tests.flows import SLEEP_ENV
@@ -311,6 +313,42 @@ def test_the_suite_on_a_cluster():
     assert done.returncode == 0, out[-6000:]
     tested_on = re.search(r"server under test: (.*)", out)
     assert tested_on and tested_on.group(1).endswith(" cluster"), out[-2000:]
-    passed = re.search(r"(\d+) passed", out)
+    passed = re.search(r"(\d+) passed.*", out)
     assert passed and int(passed.group(1)) > 100, out[-2000:]
-    print("\n" + out.strip().splitlines()[-1])
+    print(f"\non a cluster: {passed.group(0)}")
+
+
+def test_acl_user_on_a_cluster(redis_cluster):
+    """The least-privilege user (acl_rule(..., cluster=True), set on every node) runs the backend, its async side
+    and the worker's scans and claims on a cluster; other prefixes and admin commands stay out of its reach."""
+    prefix = f"a{uuid.uuid4().hex[:6]}"
+    for node in redis_cluster.nodes:
+        redis.Redis(port=node.port).execute_command("ACL", "SETUSER", "ckpt", *acl_args(prefix, "pw", cluster=True))
+    url = redis_cluster.ckpt_url.replace("redis+cluster://", "redis+cluster://ckpt:pw@")
+    backend = RedisCheckpointBackend(url=url, prefix=prefix)
+    flows = [flow for group in flows_on_every_master(redis_cluster, 1).values() for flow in group]
+    for flow in flows:
+        backend.save(make(f"{flow}-1", flow, "r", "wf", S.COMPLETED, text=flow))
+        orphan(backend, flow=flow, run=f"wf-{flow}")
+    assert {c.id for c in backend.get_list_by_run("wf")} == {f"{flow}-1" for flow in flows}
+    assert asyncio.run(backend.load_async(f"{flows[0]}-1")).flow_id == flows[0]
+    recovery = Recovery(backend)
+    assert sorted(recovery.find_orphans()) == sorted((flow, f"wf-{flow}") for flow in flows)
+    claim = recovery.claim(flows[0], f"wf-{flows[0]}")
+    assert claim is not None and recovery.hand_back(claim, failed=False)
+    user = redis_cluster.client(username="ckpt", password="pw")
+    for refused in (lambda: user.get("other:cp:{f}:x"), lambda: user.flushall(), lambda: user.keys("*"),
+                    lambda: user.config_get("requirepass")):  # fmt: skip
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            refused()
+    backend.clear()
+    assert sum(namespace_keys(redis_cluster, prefix).values()) == 0
+
+
+def test_a_backend_is_built_without_reaching_the_cluster_and_fails_typed_when_it_cannot():
+    backend = RedisCheckpointBackend(url="redis+cluster://127.0.0.1:1,127.0.0.1:2", prefix="p", retries=1)
+    with pytest.raises(StoreUnavailableError, match="Redis Cluster cannot be connected"):
+        backend.load("x")
+    with pytest.raises(StoreUnavailableError):
+        asyncio.run(backend.load_async("x"))
+    backend.close()
