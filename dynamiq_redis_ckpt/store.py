@@ -51,6 +51,10 @@ _DELETE_BATCH = 100
 _PACK_COUNT = 8  # a pack string starts with its reference count, 8 ASCII digits (see save.lua)
 _MAX_EXTRA_PACKS = 8  # superseded packs a checkpoint may keep as the dictionary chain of its new pack
 _HELD_PACKS_SENT = 64  # a load tells the server up to this many packs of the flow it need not send
+# A script touches only the keys it is given (Redis Cluster). When one meets a chain link to a key it was not given,
+# it answers UNDECLARED and is sent again with that key: one more round per chain level the process did not know.
+# Rounds must learn something each time; this bounds them (a chain longer than this is not made by this store).
+_DECLARE_ROUNDS = 256
 _REQUIRED_FIELDS = ("st", "run", "ts", "pk")  # in every stored format
 
 
@@ -174,15 +178,23 @@ class StoreCore:
         # in the same pipeline (a no-op for them when the script refused the save).
         after = announce(self.keys, flow) if ticket is not None and ticket.announces(checkpoint) else ()
         moved_from = None
-        for _ in range(_SAVE_ATTEMPTS):
+        declared: dict[str, None] = {}  # keys the script asked for (UNDECLARED), sent with every later attempt
+        attempts = rounds = 0
+        while attempts < _SAVE_ATTEMPTS:
             plan = self._plan_packs(flow, chunks, known)
             keys, args = self._save_call(checkpoint, must_exist, status, stored, root, plan, encoded.raw_size, ticket)
+            keys += tuple(k for k in declared if k not in keys)
             # One round trip: the server runs a pipeline in order, so the lookup writes still land first.
             replies = yield Batch((*writes, Script("save", keys, args), *after))
             if writes:  # the GET before the locator's SET: the flow the id belonged to before
                 moved_from = text(replies[0]) if replies[0] is not None and text(replies[0]) != flow else None
             writes, reply = (), replies[len(writes)]
             verdict = text(reply[0])
+            if verdict == "UNDECLARED":
+                rounds += 1
+                self._undeclared(flow, reply, keys, declared, rounds, f"save of checkpoint {cp_id}")
+                continue
+            attempts += 1
             if verdict == "OK":
                 if must_exist:
                     yield Batch(lookups)
@@ -212,6 +224,30 @@ class StoreCore:
             else:
                 raise CheckpointStoreError(f"unexpected reply from save script: {reply!r}")
         raise CheckpointStoreError(f"Checkpoint {cp_id}: save kept racing with concurrent writers; gave up")
+
+    def _undeclared(self, flow: str, reply: list, sent: tuple, declared: dict, rounds: int, what: str) -> None:
+        """Learn the links an UNDECLARED reply names and add the keys it asks for to ``declared``; raise when the
+        rounds do not converge (too many, or a reply asking only for keys already sent)."""
+        links, wanted = self._learned(flow, reply[1], reply[2])
+        new = [key for key in wanted if key not in sent]
+        if not new or rounds >= _DECLARE_ROUNDS:
+            raise CheckpointStoreError(
+                f"{what}: the script kept asking for keys it was not given ({rounds} rounds, last {wanted[:4]!r}); "
+                f"gave up"
+            )
+        declared.update(dict.fromkeys(new))
+
+    def _learned(self, flow: str, links: list, wanted: list) -> tuple[dict[str, str], list[str]]:
+        """A script's lists of links it learned (pack id, base id, flat) and keys it still needs, the links
+        remembered in the cache."""
+        learned = pairs([text(x) for x in links or ()])
+        if learned:
+            self.cache.learn_links(flow, learned)
+        return learned, [text(key) for key in wanted or ()]
+
+    def _chain_keys(self, flow: str, packs) -> list[str]:
+        """The keys of ``packs`` and of the bases down their chains, as far as this process knows the links."""
+        return [self.keys.pack(flow, p) for p in self.cache.chains(flow, packs)]
 
     def _known_content(self, flow: str, cp_id: str, parent: str) -> _Known:
         """What is already stored that this save may reference: the packs of its own id's stored version and of its
@@ -307,7 +343,23 @@ class StoreCore:
             k.lease(flow, run_key(cp)), k.lease_index(flow), k.due_index(flow),
         ]  # fmt: skip
         keys += [k.pack(flow, p) for p in plan.named]
-        keys += [k.pack(flow, p) for p in old.pack_ids if stored is not None]
+        old_packs = [k.pack(flow, p) for p in old.pack_ids if stored is not None]
+        keys += old_packs
+        # Every further key the script may touch, as far as this process knows (it answers UNDECLARED for the rest):
+        # the chains below those packs and the new pack's base, a paused parent's packs (a run going on from it hands
+        # them back to the ttl), and the lease of a run this save may supersede.
+        roots = [*plan.named, *(old.pack_ids if stored is not None else ()), *((plan.new.base,) if plan.new else ())]
+        parent_state = self.cache.state(parent or None)
+        if parent_state is not None and parent_state.flow != flow:
+            parent_state = None
+        if parent_state is not None and self.ttl_ms and status not in PAUSED:
+            roots += parent_state.pack_ids
+        extra = dict.fromkeys(self._chain_keys(flow, roots))
+        if parent_state is not None and ticket is not None and ticket.mode == "take":
+            parent_run = parent_state.wf or parent_state.run
+            if parent_run and parent_run != run_key(cp):
+                extra[k.lease(flow, parent_run)] = None
+        keys += [key for key in extra if key not in keys]
         args = [
             "1" if must_exist else "0", self.ttl_ms, "1" if stored is not None else "0",
             old.status, old.run, old.wf, old.parent, old.packs,
@@ -317,7 +369,7 @@ class StoreCore:
         ]  # fmt: skip
         args += ticket.script_args() if ticket is not None else NO_TICKET_ARGS
         due = due_ms(cp)
-        args += [run_key(cp), "" if due is None else due, len(cp.completed_node_ids)]
+        args += [run_key(cp), "" if due is None else due, len(cp.completed_node_ids), len(old_packs)]
         return tuple(keys), tuple(args)
 
     # ---- load -------------------------------------------------------------------------------------------------
@@ -341,19 +393,47 @@ class StoreCore:
         if flow != guess:
             reply = yield self._load_script(flow, checkpoint_id, pinned)
         self._last_flow = flow
+        reply, blobs = yield from self._load_rest(flow, checkpoint_id, reply, pinned)
         if not reply:
             return None
-        fields, fetched = reply
-        blobs = {(flow, text(pack_id)): blob for pack_id, blob in pairs(fetched).items()}
-        found = yield from self._decode([Record(flow, checkpoint_id, _fields(pairs(fields)))], blobs, pinned)
+        found = yield from self._decode([Record(flow, checkpoint_id, _fields(pairs(reply[0])))], blobs, pinned)
         return found[0] if found else None
 
-    def _load_script(self, flow: str, checkpoint_id: str, pinned: dict) -> Script:
-        """The load script, told which packs not to send; those are kept in ``pinned`` until the reply is used."""
+    def _load_rest(self, flow: str, checkpoint_id: str, reply: list, pinned: dict) -> Op:
+        """A load script's reply made whole: while it names keys it was not given (a cold process does not know the
+        packs a checkpoint names, nor their chains), the script is sent again with them (the packs it already sent
+        are not sent again). Returns the last reply and the pack strings of every round, by (flow, pack id)."""
+        blobs: dict[tuple[str, str], bytes | None] = {}
+        declared: dict[str, None] = {}
+        rounds = 0
+        while reply:
+            blobs |= {(flow, text(pack_id)): blob for pack_id, blob in pairs(reply[1]).items()}
+            links, wanted = self._learned(flow, reply[2] if len(reply) > 2 else (), reply[3] if len(reply) > 3 else ())
+            # the links of the packs sent, so the next request declares their chains (and a warm one needs none)
+            self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:]) for (_, p), b in blobs.items() if b})
+            if not wanted:
+                break
+            rounds += 1
+            sent = set(declared)
+            if rounds >= _DECLARE_ROUNDS or sent.issuperset(wanted):
+                raise CheckpointStoreError(f"load of checkpoint {checkpoint_id}: the script kept asking for keys it "
+                                           f"was not given ({rounds} rounds, last {wanted[:4]!r}); gave up")
+            declared.update(dict.fromkeys(wanted))
+            have = [p for (_, p), b in blobs.items() if b is not None]
+            reply = yield self._load_script(flow, checkpoint_id, pinned, declared, have)
+        return reply, blobs
+
+    def _load_script(self, flow: str, checkpoint_id: str, pinned: dict, declared=(), have=()) -> Script:
+        """The load script, told which packs not to send; those are kept in ``pinned`` until the reply is used
+        (``have``: pack strings the caller was sent already). It is given the keys of the packs this process knows
+        the checkpoint names and their chains, and ``declared``."""
         held = self.cache.held(flow, _HELD_PACKS_SENT)
         pinned.update({(flow, p.id): p for p in held})
-        args = (self.keys.pack_prefix(flow), *(p.id for p in held))
-        return Script("load", (self.keys.checkpoint(flow, checkpoint_id),), args)
+        args = (self.keys.pack_prefix(flow), *(p.id for p in held), *have)
+        state = self.cache.state(checkpoint_id)
+        named = state.pack_ids if state is not None and state.flow == flow else ()
+        keys = dict.fromkeys([self.keys.checkpoint(flow, checkpoint_id), *self._chain_keys(flow, named), *declared])
+        return Script("load", tuple(keys), args)
 
     def _decode(self, records: list[Record], fetched: dict | None = None, pinned: dict | None = None,
                 damaged: list | None = None) -> Op:
@@ -380,13 +460,13 @@ class StoreCore:
                 calls.append(self._load_script(records[i].flow, records[i].id, held))
             replies = yield Batch(tuple(calls))
             for i, reply in zip(gone, replies):
+                flow = records[i].flow
+                reply, blobs = yield from self._load_rest(flow, records[i].id, reply, held)
                 if not reply:  # deleted meanwhile
                     records[i] = None
                     continue
-                fields, packs = reply
-                flow = records[i].flow
-                fetched |= {(flow, text(pack_id)): blob for pack_id, blob in pairs(packs).items()}
-                records[i] = Record(flow, records[i].id, _fields(pairs(fields)))
+                fetched |= blobs
+                records[i] = Record(flow, records[i].id, _fields(pairs(reply[0])))
                 if not self._usable(records[i], damaged):
                     records[i] = None
                     continue
@@ -449,17 +529,38 @@ class StoreCore:
         by_flow: dict[str, list[str]] = {}
         for flow, pack_id in sorted(wanted):
             by_flow.setdefault(flow, []).append(pack_id)
-        calls = []
-        for flow, ids in by_flow.items():
-            kept = [p for p in self.cache.held(flow, _HELD_PACKS_SENT) if (flow, p.id) not in wanted]
-            held.update({(flow, p.id): p for p in kept})
-            args = (self.keys.pack_prefix(flow), len(ids), *ids, *(p.id for p in kept))
-            calls.append(Script("packs", (self.keys.pack(flow, ids[0]),), args))
-        replies = yield Batch(tuple(calls))
         fetched: dict[tuple[str, str], bytes | None] = {}
-        for flow, reply in zip(by_flow, replies):
-            fetched |= {(flow, text(p)): blob for p, blob in pairs(reply).items()}
-        return fetched
+        declared: dict[str, dict[str, None]] = {flow: {} for flow in by_flow}
+        for rounds in range(_DECLARE_ROUNDS):  # again while a script names keys it was not given (see _packs.lua)
+            calls = []
+            for flow, ids in by_flow.items():
+                kept = [p for p in self.cache.held(flow, _HELD_PACKS_SENT) if (flow, p.id) not in wanted]
+                held.update({(flow, p.id): p for p in kept})
+                sent = [p for (f, p), b in fetched.items() if f == flow and b is not None]
+                args = (self.keys.pack_prefix(flow), len(ids), *ids, *(p.id for p in kept), *sent)
+                keys = dict.fromkeys([*self._chain_keys(flow, ids), *declared[flow]])
+                calls.append(Script("packs", tuple(keys), args))
+            replies = yield Batch(tuple(calls))
+            again: dict[str, list[str]] = {}
+            for (flow, ids), reply in zip(by_flow.items(), replies):
+                fetched |= {(flow, text(p)): blob for p, blob in pairs(reply[0]).items()}
+                self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:])
+                                              for (f, p), b in fetched.items() if f == flow and b})  # fmt: skip
+                _, keys = self._learned(flow, reply[1], reply[2])
+                new = [key for key in keys if key not in declared[flow]]
+                if keys and not new:
+                    break
+                if new:
+                    declared[flow].update(dict.fromkeys(new))
+                    again[flow] = ids
+            else:
+                if not again:
+                    return fetched
+                by_flow = again
+                continue
+            break
+        raise CheckpointStoreError(f"reading packs of flows {sorted(by_flow)}: the script kept asking for keys it was "
+                                   f"not given; gave up")
 
     def _read_pack(self, where: tuple[str, str], rec: Record, blobs: dict, held: dict) -> None:
         """Decode a fetched pack, and first the packs it was compressed against (oldest first, no recursion)."""
@@ -644,7 +745,8 @@ class StoreCore:
         deleted: list[str] = []
         for start in range(0, len(records), _DELETE_BATCH):
             keys, args = [k.flow_index(flow)], ["1" if protect else "0"]
-            for rec in records[start : start + _DELETE_BATCH]:
+            batch = records[start : start + _DELETE_BATCH]
+            for rec in batch:
                 st, run, wf, par = rec.get("st"), rec.get("run"), rec.get("wf"), rec.get("par")
                 keys += [
                     k.checkpoint(flow, rec.id), k.status_index(flow, st), k.run_index(flow, run),
@@ -652,7 +754,14 @@ class StoreCore:
                 ]  # fmt: skip
                 keys += [k.pack(flow, p) for p in rec.packs]
                 args += [rec.id, st, run, wf, par, rec.get("pk"), rec.get("ts"), len(rec.packs)]
-            reply = yield Script("delete", tuple(keys), tuple(args))
+            # then the chains below the packs (a pack let go of may let go of its bases), as far as known
+            keys += [key for key in self._chain_keys(flow, [p for rec in batch for p in rec.packs]) if key not in keys]
+            declared: dict[str, None] = {}
+            for rounds in range(1, _DECLARE_ROUNDS + 2):
+                reply = yield Script("delete", (*keys, *declared), tuple(args))
+                if text(reply[0]) != "UNDECLARED":
+                    break
+                self._undeclared(flow, reply, (*keys, *declared), declared, rounds, f"delete in flow {flow}")
             if text(reply[0]) == "WRONGTYPE":
                 raise WrongKeyTypeError("the delete found a key of another type; nothing was deleted", (text(reply[1]),))
             deleted += [text(x) for x in reply[1:]]
