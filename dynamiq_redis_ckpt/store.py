@@ -319,7 +319,7 @@ class StoreCore:
         known = self.cache.state(parent)
         if parent and ttl and status not in PAUSED and (known is None or known.status in PAUSED):
             # LT: only a key held longer than the ttl (or forever) for the pause is shortened
-            held = [self.keys.locator(parent)] + [self.keys.run_flows(r) for r in (known.run, known.wf) if known and r]
+            held = [self.keys.locator(parent)] + [self.keys.run_flows(r) for r in ((known.run, known.wf) if known else ()) if r]
             writes += [Script("expire", (key,), (ttl, "shorter")) for key in dict.fromkeys(held)]  # PEXPIRE LT
         return tuple(writes)
 
