@@ -133,13 +133,25 @@ class Cache:
 
     def chains(self, flow: str, packs) -> list[str]:
         """``packs`` and the bases they hold, down every chain as far as the links known go (in walk order)."""
-        found: dict[str, None] = {}
         with self._lock:
-            for pack in packs:
-                while pack and pack not in found:
-                    found[pack] = None
-                    base = self._links.get((flow, pack), "")
-                    pack = base if linked(base) else ""
+            return self._chains(flow, packs)
+
+    def unknown_links(self, flow: str, packs) -> list[str]:
+        """The packs down the chains of ``packs`` (those included) whose base this process does not know yet."""
+        unknown: list[str] = []
+        with self._lock:
+            for pack in self._chains(flow, packs):
+                if (flow, pack) not in self._links:
+                    unknown.append(pack)
+        return unknown
+
+    def _chains(self, flow: str, packs) -> list[str]:
+        found: dict[str, None] = {}
+        for pack in packs:
+            while pack and pack not in found:
+                found[pack] = None
+                base = self._links.get((flow, pack), "")
+                pack = base if linked(base) else ""
         return list(found)
 
     def clear(self) -> None:

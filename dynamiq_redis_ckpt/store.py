@@ -52,9 +52,12 @@ _PACK_COUNT = 8  # a pack string starts with its reference count, 8 ASCII digits
 _MAX_EXTRA_PACKS = 8  # superseded packs a checkpoint may keep as the dictionary chain of its new pack
 _HELD_PACKS_SENT = 64  # a load tells the server up to this many packs of the flow it need not send
 # A script touches only the keys it is given (Redis Cluster). When one meets a chain link to a key it was not given,
-# it answers UNDECLARED and is sent again with that key: one more round per chain level the process did not know.
-# Rounds must learn something each time; this bounds them (a chain longer than this is not made by this store).
-_DECLARE_ROUNDS = 256
+# it answers UNDECLARED; the chains below are then read with plain GETRANGEs of the pack heads (one round trip per
+# level this process did not know) and the script is sent again with every key. Each resend must add keys, and they
+# are bounded (a concurrent writer can start new chains meanwhile, not many times over); so are the levels read.
+_DECLARE_ROUNDS = 16
+_DISCOVER_LEVELS = 1_000_000
+_PACK_HEAD = _PACK_COUNT + 1 + codec.DIGEST_SIZE  # count, layer byte, base id (12 bytes linked, 16 in format 3)
 _REQUIRED_FIELDS = ("st", "run", "ts", "pk")  # in every stored format
 
 
@@ -183,7 +186,7 @@ class StoreCore:
         while attempts < _SAVE_ATTEMPTS:
             plan = self._plan_packs(flow, chunks, known)
             keys, args = self._save_call(checkpoint, must_exist, status, stored, root, plan, encoded.raw_size, ticket)
-            keys += tuple(k for k in declared if k not in keys)
+            keys += tuple(k for k in self._with_chains(flow, declared) if k not in keys)
             # One round trip: the server runs a pipeline in order, so the lookup writes still land first.
             replies = yield Batch((*writes, Script("save", keys, args), *after))
             if writes:  # the GET before the locator's SET: the flow the id belonged to before
@@ -192,7 +195,7 @@ class StoreCore:
             verdict = text(reply[0])
             if verdict == "UNDECLARED":
                 rounds += 1
-                self._undeclared(flow, reply, keys, declared, rounds, f"save of checkpoint {cp_id}")
+                yield from self._undeclared(flow, reply[1], reply[2], keys, declared, rounds, f"save of checkpoint {cp_id}")
                 continue
             attempts += 1
             if verdict == "OK":
@@ -225,10 +228,11 @@ class StoreCore:
                 raise CheckpointStoreError(f"unexpected reply from save script: {reply!r}")
         raise CheckpointStoreError(f"Checkpoint {cp_id}: save kept racing with concurrent writers; gave up")
 
-    def _undeclared(self, flow: str, reply: list, sent: tuple, declared: dict, rounds: int, what: str) -> None:
-        """Learn the links an UNDECLARED reply names and add the keys it asks for to ``declared``; raise when the
-        rounds do not converge (too many, or a reply asking only for keys already sent)."""
-        links, wanted = self._learned(flow, reply[1], reply[2])
+    def _undeclared(self, flow: str, links: list, wanted: list, sent, declared: dict, rounds: int, what: str) -> Op:
+        """After a script asked for keys it was not given (``links`` it learned, the keys ``wanted``): learn the
+        links, read the chains below the packs asked for, and add the keys to ``declared``; raise when the rounds do
+        not converge (too many, or a reply asking only for keys already sent)."""
+        _, wanted = self._learned(flow, links, wanted)
         new = [key for key in wanted if key not in sent]
         if not new or rounds >= _DECLARE_ROUNDS:
             raise CheckpointStoreError(
@@ -236,6 +240,21 @@ class StoreCore:
                 f"gave up"
             )
         declared.update(dict.fromkeys(new))
+        prefix = self.keys.pack_prefix(flow)
+        yield from self._discover(flow, [key[len(prefix) :] for key in new if key.startswith(prefix)])
+
+    def _discover(self, flow: str, packs: list[str]) -> Op:
+        """Learn the chains below ``packs`` as far as this process does not know them: plain single-key reads of the
+        pack heads (GETRANGE declares its key), one round trip per level, nothing when every link is known."""
+        frontier = self.cache.unknown_links(flow, packs)
+        for _ in range(_DISCOVER_LEVELS):
+            if not frontier:
+                return
+            heads = yield Batch(tuple(cmd("GETRANGE", self.keys.pack(flow, p), 0, _PACK_HEAD - 1) for p in frontier))
+            found = {p: codec.pack_base(head[_PACK_COUNT:]) for p, head in zip(frontier, heads) if head}
+            self.cache.learn_links(flow, found)
+            frontier = self.cache.unknown_links(flow, [base for base in found.values() if codec.linked(base)])
+        raise CheckpointStoreError(f"a pack chain of flow {flow} is longer than {_DISCOVER_LEVELS} packs")
 
     def _learned(self, flow: str, links: list, wanted: list) -> tuple[dict[str, str], list[str]]:
         """A script's lists of links it learned (pack id, base id, flat) and keys it still needs, the links
@@ -248,6 +267,12 @@ class StoreCore:
     def _chain_keys(self, flow: str, packs) -> list[str]:
         """The keys of ``packs`` and of the bases down their chains, as far as this process knows the links."""
         return [self.keys.pack(flow, p) for p in self.cache.chains(flow, packs)]
+
+    def _with_chains(self, flow: str, keys) -> list[str]:
+        """``keys`` (a script asked for them), and below each pack key among them the chain as far as known."""
+        prefix = self.keys.pack_prefix(flow)
+        packs = [key[len(prefix) :] for key in keys if key.startswith(prefix)]
+        return list(dict.fromkeys([*keys, *self._chain_keys(flow, packs)]))
 
     def _known_content(self, flow: str, cp_id: str, parent: str) -> _Known:
         """What is already stored that this save may reference: the packs of its own id's stored version and of its
@@ -408,17 +433,13 @@ class StoreCore:
         rounds = 0
         while reply:
             blobs |= {(flow, text(pack_id)): blob for pack_id, blob in pairs(reply[1]).items()}
-            links, wanted = self._learned(flow, reply[2] if len(reply) > 2 else (), reply[3] if len(reply) > 3 else ())
             # the links of the packs sent, so the next request declares their chains (and a warm one needs none)
             self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:]) for (_, p), b in blobs.items() if b})
-            if not wanted:
+            if len(reply) < 4 or not reply[3]:
                 break
             rounds += 1
-            sent = set(declared)
-            if rounds >= _DECLARE_ROUNDS or sent.issuperset(wanted):
-                raise CheckpointStoreError(f"load of checkpoint {checkpoint_id}: the script kept asking for keys it "
-                                           f"was not given ({rounds} rounds, last {wanted[:4]!r}); gave up")
-            declared.update(dict.fromkeys(wanted))
+            yield from self._undeclared(flow, reply[2], reply[3], declared, declared, rounds,
+                                        f"load of checkpoint {checkpoint_id}")  # fmt: skip
             have = [p for (_, p), b in blobs.items() if b is not None]
             reply = yield self._load_script(flow, checkpoint_id, pinned, declared, have)
         return reply, blobs
@@ -432,7 +453,8 @@ class StoreCore:
         args = (self.keys.pack_prefix(flow), *(p.id for p in held), *have)
         state = self.cache.state(checkpoint_id)
         named = state.pack_ids if state is not None and state.flow == flow else ()
-        keys = dict.fromkeys([self.keys.checkpoint(flow, checkpoint_id), *self._chain_keys(flow, named), *declared])
+        keys = dict.fromkeys([self.keys.checkpoint(flow, checkpoint_id), *self._chain_keys(flow, named),
+                              *self._with_chains(flow, declared)])
         return Script("load", tuple(keys), args)
 
     def _decode(self, records: list[Record], fetched: dict | None = None, pinned: dict | None = None,
@@ -531,36 +553,31 @@ class StoreCore:
             by_flow.setdefault(flow, []).append(pack_id)
         fetched: dict[tuple[str, str], bytes | None] = {}
         declared: dict[str, dict[str, None]] = {flow: {} for flow in by_flow}
-        for rounds in range(_DECLARE_ROUNDS):  # again while a script names keys it was not given (see _packs.lua)
+        for flow, ids in by_flow.items():  # a cold process reads the chains below first (one round trip per level)
+            yield from self._discover(flow, ids)
+        rounds = 0
+        while by_flow:  # again while a script names keys it was not given (_undeclared bounds the rounds)
             calls = []
             for flow, ids in by_flow.items():
                 kept = [p for p in self.cache.held(flow, _HELD_PACKS_SENT) if (flow, p.id) not in wanted]
                 held.update({(flow, p.id): p for p in kept})
                 sent = [p for (f, p), b in fetched.items() if f == flow and b is not None]
                 args = (self.keys.pack_prefix(flow), len(ids), *ids, *(p.id for p in kept), *sent)
-                keys = dict.fromkeys([*self._chain_keys(flow, ids), *declared[flow]])
+                keys = dict.fromkeys([*self._chain_keys(flow, ids), *self._with_chains(flow, declared[flow])])
                 calls.append(Script("packs", tuple(keys), args))
             replies = yield Batch(tuple(calls))
+            rounds += 1
             again: dict[str, list[str]] = {}
-            for (flow, ids), reply in zip(by_flow.items(), replies):
+            for call, (flow, ids), reply in zip(calls, by_flow.items(), replies):
                 fetched |= {(flow, text(p)): blob for p, blob in pairs(reply[0]).items()}
                 self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:])
                                               for (f, p), b in fetched.items() if f == flow and b})  # fmt: skip
-                _, keys = self._learned(flow, reply[1], reply[2])
-                new = [key for key in keys if key not in declared[flow]]
-                if keys and not new:
-                    break
-                if new:
-                    declared[flow].update(dict.fromkeys(new))
+                if reply[2]:
+                    yield from self._undeclared(flow, reply[1], reply[2], call.keys, declared[flow], rounds,
+                                                f"reading packs of flow {flow}")  # fmt: skip
                     again[flow] = ids
-            else:
-                if not again:
-                    return fetched
-                by_flow = again
-                continue
-            break
-        raise CheckpointStoreError(f"reading packs of flows {sorted(by_flow)}: the script kept asking for keys it was "
-                                   f"not given; gave up")
+            by_flow = again
+        return fetched
 
     def _read_pack(self, where: tuple[str, str], rec: Record, blobs: dict, held: dict) -> None:
         """Decode a fetched pack, and first the packs it was compressed against (oldest first, no recursion)."""
@@ -758,10 +775,11 @@ class StoreCore:
             keys += [key for key in self._chain_keys(flow, [p for rec in batch for p in rec.packs]) if key not in keys]
             declared: dict[str, None] = {}
             for rounds in range(1, _DECLARE_ROUNDS + 2):
-                reply = yield Script("delete", (*keys, *declared), tuple(args))
+                sent = (*keys, *(key for key in self._with_chains(flow, declared) if key not in keys))
+                reply = yield Script("delete", sent, tuple(args))
                 if text(reply[0]) != "UNDECLARED":
                     break
-                self._undeclared(flow, reply, (*keys, *declared), declared, rounds, f"delete in flow {flow}")
+                yield from self._undeclared(flow, reply[1], reply[2], sent, declared, rounds, f"delete in flow {flow}")
             if text(reply[0]) == "WRONGTYPE":
                 raise WrongKeyTypeError("the delete found a key of another type; nothing was deleted", (text(reply[1]),))
             deleted += [text(x) for x in reply[1:]]

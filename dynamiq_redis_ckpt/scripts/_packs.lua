@@ -8,12 +8,14 @@
 -- Declared keys only: a script touches no key that is not in its KEYS (Redis Cluster checks them while a slot
 -- migrates; proxies route and check by them). The caller declares every pack key it expects the script to need:
 -- a pack's base is fixed when the pack is made (packs are content-addressed and immutable), so the client remembers
--- the links it has seen and declares whole chains. Before its first write a script walks, reading only declared
--- keys, every chain it may touch; a base (or a named pack) whose key was not declared is collected with need(),
--- and the script then writes nothing and answers {'UNDECLARED', {pack id, base id, ...}, {key, ...}}: the links it
--- learned and the keys it still needs. The caller learns them and sends the script again with the larger KEYS
--- (one more round per chain level it did not know; a warm process knows them all and needs none). load and packs
--- are read only: they answer what they could gather together with the same two lists.
+-- the links it has seen and declares whole chains. Before its first write a script does a dry run of its writes
+-- (plan_refs, plan_base: the same walks, reading only declared keys); a base (or a named pack) whose key was not
+-- declared is collected with need(), and the script then writes nothing and answers
+-- {'UNDECLARED', {pack id, base id, ...}, {key, ...}}: the links it learned and the keys it still needs. The caller
+-- learns them, reads the chains below with plain GETRANGEs of the pack heads, and sends the script again with the
+-- larger KEYS (a warm process knows every link and needs no extra round). load and packs are read only: they answer
+-- what they could gather together with the same two lists. The writes themselves (add_refs, base_of) never touch
+-- an undeclared key either: after the dry run there is none on their way.
 
 local PACK_HEAD = 21  -- count (8), layer byte (1), base id (12)
 
@@ -66,25 +68,46 @@ local function undeclared()
   return {'UNDECLARED', needed_links, needed_keys}
 end
 
--- Checks, reading only declared keys, that every key of the chain starting at a pack key is declared (read only).
-local function check_chain(key)
-  local seen = {}
-  while key and not seen[key] do
-    seen[key] = true
+-- A dry run, before the first write, of what the writes will touch (read only, declared keys only). The key of
+-- the base a linked pack holds; nil for any other pack, and nil (the key goes to need()) for one not declared.
+local planned_base = {}  -- key -> base key, for a pack the script will create (not stored yet)
+local function plan_base(key)
+  if planned_base[key] ~= nil then
+    return planned_base[key] or nil
+  end
+  local id = linked_base(redis.call('GETRANGE', key, 0, PACK_HEAD - 1))
+  if not id then
+    return nil
+  end
+  local base = base_key(key, id)
+  if not declared[base] then
+    need(base, id_of(key), id)
+    return nil
+  end
+  return base
+end
+
+-- The dry run of add_refs: the counts it would leave (false: deleted), kept across calls as the writes would.
+local planned_count = {}
+local function plan_refs(key, delta)
+  while key do
     if not declared[key] then
       need(key)
       return
     end
-    local id = linked_base(redis.call('GETRANGE', key, 0, PACK_HEAD - 1))
-    if not id then
+    if planned_count[key] == nil then
+      planned_count[key] = tonumber(redis.call('GETRANGE', key, 0, 7)) or false
+    end
+    local n = planned_count[key]
+    if not n then
       return
     end
-    local base = base_key(key, id)
-    if not declared[base] then
-      need(base, id_of(key), id)
+    if n + delta > 0 then
+      planned_count[key] = n + delta
       return
     end
-    key = base
+    planned_count[key] = false
+    key, delta = plan_base(key), -1
   end
 end
 

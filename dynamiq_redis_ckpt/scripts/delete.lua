@@ -48,11 +48,11 @@ while a <= #ARGV do
   a = a + 8
 end
 
--- Letting go of a pack may delete it and its bases down the chain: every key of those chains must be declared.
+-- Letting go of a pack may delete it and its bases down the chain: every key that reaches must be declared.
 for _, c in ipairs(doomed) do
   local k, npacks = c[1], c[3]
   for i = k + 5, k + 4 + npacks do
-    check_chain(KEYS[i])
+    plan_refs(KEYS[i], -1)
   end
 end
 local missing = undeclared()

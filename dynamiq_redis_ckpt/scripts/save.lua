@@ -147,21 +147,52 @@ if ttl > 0 and not paused and ARGV[14] ~= '' and ARGV[14] ~= ARGV[9] and type_of
   parent_held, parent_packs = f[1] == 'pending_input' or f[1] == 'paused', f[2]
 end
 
--- Every key the writes below may reach is declared, or nothing is written (reads of declared keys only): the
--- chains of the packs named (their TTLs are walked), of the new pack's base, of the old version's packs (let go
--- of, they may cascade), of a held parent's packs (handed back to the ttl), and a superseded run's lease.
-for i = P + 1, last_old do
-  if type_of[KEYS[i]] ~= 'none' then
-    check_chain(KEYS[i])
-  end
-end
-if new_base then
-  check_chain(new_base)
-end
+-- Every key the writes below will reach is declared, or nothing is written: a dry run of them first, reading declared
+-- keys only and in the writes' order (_packs.lua): a held parent's packs handed back to the ttl, the references taken
+-- (the new pack's base), the TTL walks down the named packs' chains, the references dropped (which may cascade down
+-- chains), and below, a superseded run's lease.
+local creates_pack = has_new_pack and type_of[KEYS[P + 1]] == 'none'
+local released = {}
 if ttl > 0 and not paused and parent_held then
   local pack_prefix = string.match(KEYS[P + 1], '^(.*:)')  -- every save names a pack: a key of the flow's packs
   for pk in string.gmatch(parent_packs or '', '[^,]+') do
-    check_chain(pack_prefix .. pk)
+    local key = pack_prefix .. pk
+    if not declared[key] then
+      need(key)
+    end
+    while key and declared[key] and not released[key] and held_past_ttl(key) do
+      released[key] = true
+      key = plan_base(key)
+    end
+  end
+end
+if creates_pack then
+  planned_count[KEYS[P + 1]] = 1
+  planned_base[KEYS[P + 1]] = new_base or false
+  if new_base then
+    plan_refs(new_base, 1)
+  end
+end
+for i = P + 1, P + npacks do
+  if not (i == P + 1 and creates_pack) then
+    plan_refs(KEYS[i], 1)
+  end
+end
+for i = P + 1, P + npacks do  -- extend_chain's walk (a base handed back above has the ttl now: the walk goes on)
+  local base = plan_base(KEYS[i])
+  while base do
+    if not released[base] then
+      local left = redis.call('PTTL', base)
+      if left == -2 or left == -1 or (hold > 0 and left >= hold) then
+        break
+      end
+    end
+    base = plan_base(base)
+  end
+end
+if present then
+  for i = first_old, last_old do
+    plan_refs(KEYS[i], -1)
   end
 end
 local function superseded_lease(lease, run_key)  -- the lease supersede() below takes over, or nil
