@@ -60,7 +60,7 @@ local function need(key, pack, base)
   end
 end
 
--- {'UNDECLARED', links, keys} when a chain walked so far reached an undeclared key; nil when all were declared.
+-- {'UNDECLARED', links, keys} when the walks so far reached an undeclared key; nil when every key was declared.
 local function undeclared()
   if #needed_keys == 0 then
     return nil
@@ -111,8 +111,8 @@ local function plan_refs(key, delta)
   end
 end
 
--- The key of the base a linked pack holds; nil for any other pack (or a missing one). The chain was checked
--- before the first write, so a base is declared; one that is not (never expected) is left alone, not touched.
+-- The key of the base a linked pack holds; nil for any other pack (or a missing one). The dry run reached every base
+-- the writes reach, so it is declared; one that is not (never expected) is left alone, not touched.
 local function base_of(key)
   local id = linked_base(redis.call('GETRANGE', key, 0, PACK_HEAD - 1))
   local base = id and base_key(key, id)
