@@ -26,6 +26,7 @@ from dynamiq_redis_ckpt.bench.workloads import append_chain
 from dynamiq_redis_ckpt import scripts
 from dynamiq_redis_ckpt.leases import LeaseTicket, release_op, renew_many_op, renew_op
 from dynamiq_redis_ckpt.registry import HeldLease
+from dynamiq_redis_ckpt.requests import Script
 from dynamiq_redis_ckpt.store import StoreCore
 from dynamiq_redis_ckpt.worker import Recovery
 from tests.redis_proc import RedisProcess
@@ -291,3 +292,40 @@ def test_a_warm_process_saves_and_loads_in_one_round_trip_and_a_cold_one_learns_
     assert round_trips(reader, reader._core.load(chain[-2].id)) == (1, chain[-2]), "and then is warm"
     child = chain[-2].model_copy(update={"id": "rt-child", "parent_checkpoint_id": chain[-2].id})
     assert round_trips(reader, reader._core.save(child))[0] == 1, "a save after a load knows every chain it walks"
+
+
+def snapshot(raw: redis.Redis, prefix: str) -> dict:
+    """Every key of a namespace with its value and expiry (DUMP: type and content)."""
+    return {key: (raw.dump(key), raw.pttl(key) > 0) for key in raw.scan_iter(match=f"{prefix}:*")}
+
+
+def test_a_script_that_meets_an_undeclared_base_writes_nothing_then_the_resend_does_it_all(server):
+    prefix = f"ud{uuid.uuid4().hex[:6]}"
+    writer = RedisCheckpointBackend(url=server.url, prefix=prefix)
+    chain = list(append_chain(34, 6, flow_id="ud"))
+    for cp in chain:
+        writer.save(cp)
+    newest, base, *_ = chain_of(writer, chain[-1])
+    raw, keys = writer.redis, writer._core.keys
+    counts = {p: int(raw.getrange(keys.pack("ud", p), 0, 7)) for p in (newest, base)}
+    assert counts == {newest: 1, base: 2}, "the newest pack goes with its checkpoint, and lets go of its base"
+    cold = RedisCheckpointBackend(url=server.url, prefix=prefix)
+    op = cold._core.delete(chain[-1].id)
+    request, replies = next(op), []
+    while not isinstance(request, Script):
+        request = op.send(cold._sync._execute(request))
+    assert request.name == "delete" and keys.pack("ud", base) not in request.keys, "a cold process cannot know it"
+    before = snapshot(raw, prefix)
+    reply = cold._sync._execute(request)
+    assert reply[0] == b"UNDECLARED" and [k.decode() for k in reply[2]] == [keys.pack("ud", base)]
+    assert [x.decode() for x in reply[1]] == [newest, base], "with the link it read on the way"
+    assert snapshot(raw, prefix) == before, "nothing was written"
+    try:
+        while True:
+            request = op.send(cold._sync._execute(request))
+            replies.append(request)
+    except StopIteration as done:
+        assert done.value is True
+    assert raw.exists(keys.pack("ud", newest)) == 0
+    assert int(raw.getrange(keys.pack("ud", base), 0, 7)) == 1, "the base was let go of once"
+    assert cold.load(chain[-2].id) == chain[-2]
