@@ -195,7 +195,8 @@ class StoreCore:
             verdict = text(reply[0])
             if verdict == "UNDECLARED":
                 rounds += 1
-                yield from self._undeclared(flow, reply[1], reply[2], keys, declared, rounds, f"save of checkpoint {cp_id}")
+                what = f"save of checkpoint {cp_id}"
+                yield from self._undeclared(flow, reply[1], reply[2], keys, declared, rounds, what)
                 continue
             attempts += 1
             if verdict == "OK":
@@ -344,7 +345,8 @@ class StoreCore:
         known = self.cache.state(parent)
         if parent and ttl and status not in PAUSED and (known is None or known.status in PAUSED):
             # LT: only a key held longer than the ttl (or forever) for the pause is shortened
-            held = [self.keys.locator(parent)] + [self.keys.run_flows(r) for r in ((known.run, known.wf) if known else ()) if r]
+            runs = (known.run, known.wf) if known is not None else ()
+            held = [self.keys.locator(parent)] + [self.keys.run_flows(r) for r in runs if r]
             writes += [Script("expire", (key,), (ttl, "shorter")) for key in dict.fromkeys(held)]  # PEXPIRE LT
         return tuple(writes)
 
