@@ -6,6 +6,8 @@ it keeps what it relied on).
   chunk (so an APPEND snapshot sends only the chunks its parent does not already have).
 * Packs are immutable (their id is a digest of their content), so decoded packs are kept by id; their bodies are
   the dictionaries later packs of a run are compressed against.
+* For the same reason a pack's base never changes: the links pack -> base seen are kept (bounded), so a request can
+  declare the keys of the whole chains its script walks (Redis Cluster: a script touches only declared keys).
 
 The save script verifies every assumption taken from here and answers RETRY or MISSING when one is stale.
 """
@@ -17,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import islice
 
-from dynamiq_redis_ckpt.codec import Pack
+from dynamiq_redis_ckpt.codec import Pack, linked
 
 
 def pack_list(field_value: str) -> list[str]:
@@ -47,8 +49,10 @@ class StoredState:
 class Cache:
     """Thread-safe, bounded LRU maps of stored states and decoded packs."""
 
-    def __init__(self, max_states: int = 4096, max_pack_bytes: int = 64 << 20):
+    def __init__(self, max_states: int = 4096, max_pack_bytes: int = 64 << 20, max_links: int = 1 << 16):
         self._lock = threading.Lock()
+        self._links: OrderedDict[tuple[str, str], str] = OrderedDict()  # (flow, pack) -> its base ('' = none)
+        self._max_links = max_links
         self._states: OrderedDict[str, StoredState] = OrderedDict()
         self._packs: OrderedDict[tuple[str, str], tuple[Pack, int]] = OrderedDict()
         self._flow_packs: dict[str, OrderedDict[str, None]] = {}
@@ -101,6 +105,7 @@ class Cache:
     def add_pack(self, flow: str, pack: Pack) -> None:
         """Keep a decoded pack; evicts the least recently used ones past the byte budget."""
         size = len(pack.body) + sum(len(c) for c in pack.chunks.values())
+        self.learn_links(flow, {pack.id: pack.base})
         with self._lock:
             if (flow, pack.id) in self._packs:
                 return
@@ -115,9 +120,44 @@ class Cache:
                 if not held:
                     del self._flow_packs[old_flow]
 
+    def learn_links(self, flow: str, links: dict[str, str]) -> None:
+        """Remember pack -> base links of a flow (a base '' = the pack holds none). Only links read from a pack
+        itself belong here: they never change."""
+        with self._lock:
+            for pack, base in links.items():
+                if pack:
+                    self._links[(flow, pack)] = base
+                    self._links.move_to_end((flow, pack))
+            while len(self._links) > self._max_links:
+                self._links.popitem(last=False)
+
+    def chains(self, flow: str, packs) -> list[str]:
+        """``packs`` and the bases they hold, down every chain as far as the links known go (in walk order)."""
+        with self._lock:
+            return self._chains(flow, packs)
+
+    def unknown_links(self, flow: str, packs) -> list[str]:
+        """The packs down the chains of ``packs`` (those included) whose base this process does not know yet."""
+        unknown: list[str] = []
+        with self._lock:
+            for pack in self._chains(flow, packs):
+                if (flow, pack) not in self._links:
+                    unknown.append(pack)
+        return unknown
+
+    def _chains(self, flow: str, packs) -> list[str]:
+        found: dict[str, None] = {}
+        for pack in packs:
+            while pack and pack not in found:
+                found[pack] = None
+                base = self._links.get((flow, pack), "")
+                pack = base if linked(base) else ""
+        return list(found)
+
     def clear(self) -> None:
         """Forget everything."""
         with self._lock:
+            self._links.clear()
             self._states.clear()
             self._packs.clear()
             self._flow_packs.clear()

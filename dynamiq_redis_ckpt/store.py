@@ -51,6 +51,13 @@ _DELETE_BATCH = 100
 _PACK_COUNT = 8  # a pack string starts with its reference count, 8 ASCII digits (see save.lua)
 _MAX_EXTRA_PACKS = 8  # superseded packs a checkpoint may keep as the dictionary chain of its new pack
 _HELD_PACKS_SENT = 64  # a load tells the server up to this many packs of the flow it need not send
+# A script touches only the keys it is given (Redis Cluster). When one meets a chain link to a key it was not given,
+# it answers UNDECLARED; the chains below are then read with plain GETRANGEs of the pack heads (one round trip per
+# level this process did not know) and the script is sent again with every key. Each resend must add keys, and they
+# are bounded (a concurrent writer can start new chains meanwhile, not many times over); so are the levels read.
+_DECLARE_ROUNDS = 16
+_DISCOVER_LEVELS = 1_000_000
+_PACK_HEAD = _PACK_COUNT + 1 + codec.DIGEST_SIZE  # count, layer byte, base id (12 bytes linked, 16 in format 3)
 _REQUIRED_FIELDS = ("st", "run", "ts", "pk")  # in every stored format
 
 
@@ -174,15 +181,24 @@ class StoreCore:
         # in the same pipeline (a no-op for them when the script refused the save).
         after = announce(self.keys, flow) if ticket is not None and ticket.announces(checkpoint) else ()
         moved_from = None
-        for _ in range(_SAVE_ATTEMPTS):
+        declared: dict[str, None] = {}  # keys the script asked for (UNDECLARED), sent with every later attempt
+        attempts = rounds = 0
+        while attempts < _SAVE_ATTEMPTS:
             plan = self._plan_packs(flow, chunks, known)
             keys, args = self._save_call(checkpoint, must_exist, status, stored, root, plan, encoded.raw_size, ticket)
+            keys += tuple(k for k in self._with_chains(flow, declared) if k not in keys)
             # One round trip: the server runs a pipeline in order, so the lookup writes still land first.
             replies = yield Batch((*writes, Script("save", keys, args), *after))
             if writes:  # the GET before the locator's SET: the flow the id belonged to before
                 moved_from = text(replies[0]) if replies[0] is not None and text(replies[0]) != flow else None
             writes, reply = (), replies[len(writes)]
             verdict = text(reply[0])
+            if verdict == "UNDECLARED":
+                rounds += 1
+                what = f"save of checkpoint {cp_id}"
+                yield from self._undeclared(flow, reply[1], reply[2], keys, declared, rounds, what)
+                continue
+            attempts += 1
             if verdict == "OK":
                 if must_exist:
                     yield Batch(lookups)
@@ -212,6 +228,52 @@ class StoreCore:
             else:
                 raise CheckpointStoreError(f"unexpected reply from save script: {reply!r}")
         raise CheckpointStoreError(f"Checkpoint {cp_id}: save kept racing with concurrent writers; gave up")
+
+    def _undeclared(self, flow: str, links: list, wanted: list, sent, declared: dict, rounds: int, what: str) -> Op:
+        """After a script asked for keys it was not given (``links`` it learned, the keys ``wanted``): learn the
+        links, read the chains below the packs asked for, and add the keys to ``declared``; raise when the rounds do
+        not converge (too many, or a reply asking only for keys already sent)."""
+        _, wanted = self._learned(flow, links, wanted)
+        new = [key for key in wanted if key not in sent]
+        if not new or rounds >= _DECLARE_ROUNDS:
+            raise CheckpointStoreError(
+                f"{what}: the script kept asking for keys it was not given ({rounds} rounds, last {wanted[:4]!r}); "
+                f"gave up"
+            )
+        declared.update(dict.fromkeys(new))
+        prefix = self.keys.pack_prefix(flow)
+        yield from self._discover(flow, [key[len(prefix) :] for key in new if key.startswith(prefix)])
+
+    def _discover(self, flow: str, packs: list[str]) -> Op:
+        """Learn the chains below ``packs`` as far as this process does not know them: plain single-key reads of the
+        pack heads (GETRANGE declares its key), one round trip per level, nothing when every link is known."""
+        frontier = self.cache.unknown_links(flow, packs)
+        for _ in range(_DISCOVER_LEVELS):
+            if not frontier:
+                return
+            heads = yield Batch(tuple(cmd("GETRANGE", self.keys.pack(flow, p), 0, _PACK_HEAD - 1) for p in frontier))
+            found = {p: codec.pack_base(head[_PACK_COUNT:]) for p, head in zip(frontier, heads) if head}
+            self.cache.learn_links(flow, found)
+            frontier = self.cache.unknown_links(flow, [base for base in found.values() if codec.linked(base)])
+        raise CheckpointStoreError(f"a pack chain of flow {flow} is longer than {_DISCOVER_LEVELS} packs")
+
+    def _learned(self, flow: str, links: list, wanted: list) -> tuple[dict[str, str], list[str]]:
+        """A script's lists of links it learned (pack id, base id, flat) and keys it still needs, the links
+        remembered in the cache."""
+        learned = pairs([text(x) for x in links or ()])
+        if learned:
+            self.cache.learn_links(flow, learned)
+        return learned, [text(key) for key in wanted or ()]
+
+    def _chain_keys(self, flow: str, packs) -> list[str]:
+        """The keys of ``packs`` and of the bases down their chains, as far as this process knows the links."""
+        return [self.keys.pack(flow, p) for p in self.cache.chains(flow, packs)]
+
+    def _with_chains(self, flow: str, keys) -> list[str]:
+        """``keys`` (a script asked for them), and below each pack key among them the chain as far as known."""
+        prefix = self.keys.pack_prefix(flow)
+        packs = [key[len(prefix) :] for key in keys if key.startswith(prefix)]
+        return list(dict.fromkeys([*keys, *self._chain_keys(flow, packs)]))
 
     def _known_content(self, flow: str, cp_id: str, parent: str) -> _Known:
         """What is already stored that this save may reference: the packs of its own id's stored version and of its
@@ -283,7 +345,8 @@ class StoreCore:
         known = self.cache.state(parent)
         if parent and ttl and status not in PAUSED and (known is None or known.status in PAUSED):
             # LT: only a key held longer than the ttl (or forever) for the pause is shortened
-            held = [self.keys.locator(parent)] + [self.keys.run_flows(r) for r in (known.run, known.wf) if known and r]
+            runs = (known.run, known.wf) if known is not None else ()
+            held = [self.keys.locator(parent)] + [self.keys.run_flows(r) for r in runs if r]
             writes += [Script("expire", (key,), (ttl, "shorter")) for key in dict.fromkeys(held)]  # PEXPIRE LT
         return tuple(writes)
 
@@ -307,7 +370,23 @@ class StoreCore:
             k.lease(flow, run_key(cp)), k.lease_index(flow), k.due_index(flow),
         ]  # fmt: skip
         keys += [k.pack(flow, p) for p in plan.named]
-        keys += [k.pack(flow, p) for p in old.pack_ids if stored is not None]
+        old_packs = [k.pack(flow, p) for p in old.pack_ids if stored is not None]
+        keys += old_packs
+        # Every further key the script may touch, as far as this process knows (it answers UNDECLARED for the rest):
+        # the chains below those packs and the new pack's base, a paused parent's packs (a run going on from it hands
+        # them back to the ttl), and the lease of a run this save may supersede.
+        roots = [*plan.named, *(old.pack_ids if stored is not None else ()), *((plan.new.base,) if plan.new else ())]
+        parent_state = self.cache.state(parent or None)
+        if parent_state is not None and parent_state.flow != flow:
+            parent_state = None
+        if parent_state is not None and self.ttl_ms and status not in PAUSED:
+            roots += parent_state.pack_ids
+        extra = dict.fromkeys(self._chain_keys(flow, roots))
+        if parent_state is not None and ticket is not None and ticket.mode == "take":
+            parent_run = parent_state.wf or parent_state.run
+            if parent_run and parent_run != run_key(cp):
+                extra[k.lease(flow, parent_run)] = None
+        keys += [key for key in extra if key not in keys]
         args = [
             "1" if must_exist else "0", self.ttl_ms, "1" if stored is not None else "0",
             old.status, old.run, old.wf, old.parent, old.packs,
@@ -317,7 +396,7 @@ class StoreCore:
         ]  # fmt: skip
         args += ticket.script_args() if ticket is not None else NO_TICKET_ARGS
         due = due_ms(cp)
-        args += [run_key(cp), "" if due is None else due, len(cp.completed_node_ids)]
+        args += [run_key(cp), "" if due is None else due, len(cp.completed_node_ids), len(old_packs)]
         return tuple(keys), tuple(args)
 
     # ---- load -------------------------------------------------------------------------------------------------
@@ -341,19 +420,44 @@ class StoreCore:
         if flow != guess:
             reply = yield self._load_script(flow, checkpoint_id, pinned)
         self._last_flow = flow
+        reply, blobs = yield from self._load_rest(flow, checkpoint_id, reply, pinned)
         if not reply:
             return None
-        fields, fetched = reply
-        blobs = {(flow, text(pack_id)): blob for pack_id, blob in pairs(fetched).items()}
-        found = yield from self._decode([Record(flow, checkpoint_id, _fields(pairs(fields)))], blobs, pinned)
+        found = yield from self._decode([Record(flow, checkpoint_id, _fields(pairs(reply[0])))], blobs, pinned)
         return found[0] if found else None
 
-    def _load_script(self, flow: str, checkpoint_id: str, pinned: dict) -> Script:
-        """The load script, told which packs not to send; those are kept in ``pinned`` until the reply is used."""
+    def _load_rest(self, flow: str, checkpoint_id: str, reply: list, pinned: dict) -> Op:
+        """A load script's reply made whole: while it names keys it was not given (a cold process does not know the
+        packs a checkpoint names, nor their chains), the script is sent again with them (the packs it already sent
+        are not sent again). Returns the last reply and the pack strings of every round, by (flow, pack id)."""
+        blobs: dict[tuple[str, str], bytes | None] = {}
+        declared: dict[str, None] = {}
+        rounds = 0
+        while reply:
+            blobs |= {(flow, text(pack_id)): blob for pack_id, blob in pairs(reply[1]).items()}
+            # the links of the packs sent, so the next request declares their chains (and a warm one needs none)
+            self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:]) for (_, p), b in blobs.items() if b})
+            if len(reply) < 4 or not reply[3]:
+                break
+            rounds += 1
+            yield from self._undeclared(flow, reply[2], reply[3], declared, declared, rounds,
+                                        f"load of checkpoint {checkpoint_id}")  # fmt: skip
+            have = [p for (_, p), b in blobs.items() if b is not None]
+            reply = yield self._load_script(flow, checkpoint_id, pinned, declared, have)
+        return reply, blobs
+
+    def _load_script(self, flow: str, checkpoint_id: str, pinned: dict, declared=(), have=()) -> Script:
+        """The load script, told which packs not to send; those are kept in ``pinned`` until the reply is used
+        (``have``: pack strings the caller was sent already). It is given the keys of the packs this process knows
+        the checkpoint names and their chains, and ``declared``."""
         held = self.cache.held(flow, _HELD_PACKS_SENT)
         pinned.update({(flow, p.id): p for p in held})
-        args = (self.keys.pack_prefix(flow), *(p.id for p in held))
-        return Script("load", (self.keys.checkpoint(flow, checkpoint_id),), args)
+        args = (self.keys.pack_prefix(flow), *(p.id for p in held), *have)
+        state = self.cache.state(checkpoint_id)
+        named = state.pack_ids if state is not None and state.flow == flow else ()
+        keys = dict.fromkeys([self.keys.checkpoint(flow, checkpoint_id), *self._chain_keys(flow, named),
+                              *self._with_chains(flow, declared)])
+        return Script("load", tuple(keys), args)
 
     def _decode(self, records: list[Record], fetched: dict | None = None, pinned: dict | None = None,
                 damaged: list | None = None) -> Op:
@@ -380,13 +484,13 @@ class StoreCore:
                 calls.append(self._load_script(records[i].flow, records[i].id, held))
             replies = yield Batch(tuple(calls))
             for i, reply in zip(gone, replies):
+                flow = records[i].flow
+                reply, blobs = yield from self._load_rest(flow, records[i].id, reply, held)
                 if not reply:  # deleted meanwhile
                     records[i] = None
                     continue
-                fields, packs = reply
-                flow = records[i].flow
-                fetched |= {(flow, text(pack_id)): blob for pack_id, blob in pairs(packs).items()}
-                records[i] = Record(flow, records[i].id, _fields(pairs(fields)))
+                fetched |= blobs
+                records[i] = Record(flow, records[i].id, _fields(pairs(reply[0])))
                 if not self._usable(records[i], damaged):
                     records[i] = None
                     continue
@@ -449,16 +553,32 @@ class StoreCore:
         by_flow: dict[str, list[str]] = {}
         for flow, pack_id in sorted(wanted):
             by_flow.setdefault(flow, []).append(pack_id)
-        calls = []
-        for flow, ids in by_flow.items():
-            kept = [p for p in self.cache.held(flow, _HELD_PACKS_SENT) if (flow, p.id) not in wanted]
-            held.update({(flow, p.id): p for p in kept})
-            args = (self.keys.pack_prefix(flow), len(ids), *ids, *(p.id for p in kept))
-            calls.append(Script("packs", (self.keys.pack(flow, ids[0]),), args))
-        replies = yield Batch(tuple(calls))
         fetched: dict[tuple[str, str], bytes | None] = {}
-        for flow, reply in zip(by_flow, replies):
-            fetched |= {(flow, text(p)): blob for p, blob in pairs(reply).items()}
+        declared: dict[str, dict[str, None]] = {flow: {} for flow in by_flow}
+        for flow, ids in by_flow.items():  # a cold process reads the chains below first (one round trip per level)
+            yield from self._discover(flow, ids)
+        rounds = 0
+        while by_flow:  # again while a script names keys it was not given (_undeclared bounds the rounds)
+            calls = []
+            for flow, ids in by_flow.items():
+                kept = [p for p in self.cache.held(flow, _HELD_PACKS_SENT) if (flow, p.id) not in wanted]
+                held.update({(flow, p.id): p for p in kept})
+                sent = [p for (f, p), b in fetched.items() if f == flow and b is not None]
+                args = (self.keys.pack_prefix(flow), len(ids), *ids, *(p.id for p in kept), *sent)
+                keys = dict.fromkeys([*self._chain_keys(flow, ids), *self._with_chains(flow, declared[flow])])
+                calls.append(Script("packs", tuple(keys), args))
+            replies = yield Batch(tuple(calls))
+            rounds += 1
+            again: dict[str, list[str]] = {}
+            for call, (flow, ids), reply in zip(calls, by_flow.items(), replies):
+                fetched |= {(flow, text(p)): blob for p, blob in pairs(reply[0]).items()}
+                self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:])
+                                              for (f, p), b in fetched.items() if f == flow and b})  # fmt: skip
+                if reply[2]:
+                    yield from self._undeclared(flow, reply[1], reply[2], call.keys, declared[flow], rounds,
+                                                f"reading packs of flow {flow}")  # fmt: skip
+                    again[flow] = ids
+            by_flow = again
         return fetched
 
     def _read_pack(self, where: tuple[str, str], rec: Record, blobs: dict, held: dict) -> None:
@@ -644,7 +764,8 @@ class StoreCore:
         deleted: list[str] = []
         for start in range(0, len(records), _DELETE_BATCH):
             keys, args = [k.flow_index(flow)], ["1" if protect else "0"]
-            for rec in records[start : start + _DELETE_BATCH]:
+            batch = records[start : start + _DELETE_BATCH]
+            for rec in batch:
                 st, run, wf, par = rec.get("st"), rec.get("run"), rec.get("wf"), rec.get("par")
                 keys += [
                     k.checkpoint(flow, rec.id), k.status_index(flow, st), k.run_index(flow, run),
@@ -652,7 +773,15 @@ class StoreCore:
                 ]  # fmt: skip
                 keys += [k.pack(flow, p) for p in rec.packs]
                 args += [rec.id, st, run, wf, par, rec.get("pk"), rec.get("ts"), len(rec.packs)]
-            reply = yield Script("delete", tuple(keys), tuple(args))
+            # then the chains below the packs (a pack let go of may let go of its bases), as far as known
+            keys += [key for key in self._chain_keys(flow, [p for rec in batch for p in rec.packs]) if key not in keys]
+            declared: dict[str, None] = {}
+            for rounds in range(1, _DECLARE_ROUNDS + 2):
+                sent = (*keys, *(key for key in self._with_chains(flow, declared) if key not in keys))
+                reply = yield Script("delete", sent, tuple(args))
+                if text(reply[0]) != "UNDECLARED":
+                    break
+                yield from self._undeclared(flow, reply[1], reply[2], sent, declared, rounds, f"delete in flow {flow}")
             if text(reply[0]) == "WRONGTYPE":
                 raise WrongKeyTypeError("the delete found a key of another type; nothing was deleted", (text(reply[1]),))
             deleted += [text(x) for x in reply[1:]]

@@ -8,10 +8,12 @@
 -- KEYS[1]  flow index (zset)
 -- then per candidate, in order: checkpoint hash, status index, run_id index, wf_run_id index, parent hash,
 --                               and the packs it names (a pack let go of lets go of its base: _packs.lua)
+-- then the keys of the bases down those packs' chains (the caller declares every chain key it knows of)
 -- ARGV[1]  protect '1'|'0'
 -- then per candidate, 8 values: id, st, run, wf, par, pk, ts (as read), number of packs
 --
--- Reply: {'OK', ids deleted...}, or {'WRONGTYPE', key} (nothing deleted) when a key holds another type.
+-- Reply: {'OK', ids deleted...}, or {'WRONGTYPE', key} (nothing deleted) when a key holds another type, or
+-- {'UNDECLARED', links, keys} (nothing deleted) when a chain it may let go of reaches a key not declared.
 
 -- A script is not rolled back when a command fails, so this first pass (which only reads) checks every key's
 -- type and judges every candidate before the first write.
@@ -44,6 +46,18 @@ while a <= #ARGV do
   end
   k = k + 5 + npacks
   a = a + 8
+end
+
+-- Letting go of a pack may delete it and its bases down the chain: every key that reaches must be declared.
+for _, c in ipairs(doomed) do
+  local k, npacks = c[1], c[3]
+  for i = k + 5, k + 4 + npacks do
+    plan_refs(KEYS[i], -1)
+  end
+end
+local missing = undeclared()
+if missing then
+  return missing
 end
 
 local deleted = {'OK'}

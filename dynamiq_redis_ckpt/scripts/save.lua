@@ -7,7 +7,10 @@
 -- KEYS[5]  new wf_run_id index          KEYS[10] old parent's hash
 -- KEYS[11] the run's lease hash      KEYS[12] the flow's lease index (zset)   KEYS[13] the flow's due timers (zset)
 -- KEYS[14 .. 13+ARGV[20]]  packs the new version names (the new pack first when ARGV[19] ~= '')
--- KEYS[14+ARGV[20] .. ]    packs the old version names
+-- KEYS[14+ARGV[20] .. 13+ARGV[20]+ARGV[31]]  packs the old version names
+-- KEYS[14+ARGV[20]+ARGV[31] .. ]  further keys it may touch, declared by the caller: the bases down the chains of
+--          those packs and of the new pack's base, the packs a held parent names (and their chains), and the lease
+--          of a run this save supersedes. The script touches no other key: it answers UNDECLARED first (_packs.lua).
 -- A pack is a string: its reference count as 8 ASCII digits, then its blob (a hash would cost twice the memory).
 -- A checkpoint names the newest packs of its chains; the bases they hold are counted by them (see _packs.lua).
 --
@@ -24,11 +27,14 @@
 -- ARGV[25] lease owner   ARGV[26] the writer's fencing token   ARGV[27] lease ttl (ms)   ARGV[28] the run's key
 -- ARGV[29] resume_at (ms since epoch, '' = none): when a paused run is due (its timer's index; its retention)
 -- ARGV[30] how many nodes the checkpoint has completed: progress resets the run's failed-recovery count
+-- ARGV[31] how many packs the old version names (keys after the new version's packs)
 --
 -- Reply: {'OK', server_time_us, token}
 --      | {'NOTFOUND'}                                   must_exist and the checkpoint is absent
 --      | {'RETRY', present, st, run, wf, par, pk}       the stored version is not the one the caller expected
 --      | {'MISSING', pack_id}                           a named pack or the new one's base is gone; resend
+--      | {'UNDECLARED', {pack, base, ...}, {key, ...}}  a key it may touch was not declared (the links it learned
+--                                                       on the way, the keys to add); nothing was written
 --      | {'WRONGTYPE', key}                             a key holds another type; nothing was written
 --      | {'FENCED', owner, token}                       'held' and the lease is no longer the writer's
 --      | {'VANISHED'}                                   'held' or 'resume' and the lease hash is gone (Redis
@@ -95,8 +101,9 @@ end
 
 local npacks = tonumber(ARGV[20])
 local first_old = P + 1 + npacks
+local last_old = first_old + tonumber(ARGV[31]) - 1
 local has_new_pack = ARGV[19] ~= ''
-for i = P + 1, #KEYS do
+for i = P + 1, last_old do
   if not check(KEYS[i], 'string') then
     return {'WRONGTYPE', KEYS[i]}
   end
@@ -109,6 +116,10 @@ for i = (has_new_pack and P + 2 or P + 1), P + npacks do
   end
 end
 local new_base = ARGV[17] ~= '' and has_new_pack and type_of[KEYS[P + 1]] == 'none' and base_key(KEYS[P + 1], ARGV[17])
+if new_base and not declared[new_base] then
+  need(new_base, id_of(KEYS[P + 1]), ARGV[17])
+  return undeclared()
+end
 if new_base and not check(new_base, 'string') then
   return {'WRONGTYPE', new_base}
 elseif new_base and type_of[new_base] == 'none' then
@@ -134,6 +145,74 @@ if ttl > 0 and not paused and ARGV[14] ~= '' and ARGV[14] ~= ARGV[9] and type_of
     and held_past_ttl(KEYS[6]) then
   local f = redis.call('HMGET', KEYS[6], 'st', 'pk')
   parent_held, parent_packs = f[1] == 'pending_input' or f[1] == 'paused', f[2]
+end
+
+-- Every key the writes below will reach is declared, or nothing is written: a dry run of them first, reading declared
+-- keys only and in the writes' order (_packs.lua): a held parent's packs handed back to the ttl, the references taken
+-- (the new pack's base), the TTL walks down the named packs' chains, the references dropped (which may cascade down
+-- chains), and below, a superseded run's lease.
+local creates_pack = has_new_pack and type_of[KEYS[P + 1]] == 'none'
+local released = {}
+if ttl > 0 and not paused and parent_held then
+  local pack_prefix = string.match(KEYS[P + 1], '^(.*:)')  -- every save names a pack: a key of the flow's packs
+  for pk in string.gmatch(parent_packs or '', '[^,]+') do
+    local key = pack_prefix .. pk
+    if not declared[key] then
+      need(key)
+    end
+    while key and declared[key] and not released[key] and held_past_ttl(key) do
+      released[key] = true
+      key = plan_base(key)
+    end
+  end
+end
+if creates_pack then
+  planned_count[KEYS[P + 1]] = 1
+  planned_base[KEYS[P + 1]] = new_base or false
+  if new_base then
+    plan_refs(new_base, 1)
+  end
+end
+for i = P + 1, P + npacks do
+  if not (i == P + 1 and creates_pack) then
+    plan_refs(KEYS[i], 1)
+  end
+end
+for i = P + 1, P + npacks do  -- extend_chain's walk (a base handed back above has the ttl now: the walk goes on)
+  local base = plan_base(KEYS[i])
+  while base do
+    if not released[base] then
+      local left = redis.call('PTTL', base)
+      if left == -2 or left == -1 or (hold > 0 and left >= hold) then
+        break
+      end
+    end
+    base = plan_base(base)
+  end
+end
+if present then
+  for i = first_old, last_old do
+    plan_refs(KEYS[i], -1)
+  end
+end
+local function superseded_lease(lease, run_key)  -- the lease supersede() below takes over, or nil
+  if ARGV[24] ~= 'take' or ARGV[14] == '' or ARGV[14] == ARGV[9] or type_of[KEYS[6]] ~= 'hash' then
+    return nil
+  end
+  local p = redis.call('HMGET', KEYS[6], 'run', 'wf')
+  local old_run = (p[2] and p[2] ~= '') and p[2] or p[1]
+  if not old_run or old_run == '' or old_run == run_key then
+    return nil
+  end
+  return string.sub(lease, 1, #lease - #run_key) .. old_run
+end
+local old_lease = superseded_lease(KEYS[11], ARGV[28])
+if old_lease and not declared[old_lease] then
+  need(old_lease)
+end
+local missing = undeclared()
+if missing then
+  return missing
 end
 
 -- Shared keys (packs, indexes) must outlive every checkpoint that uses them: a key this save creates takes the
@@ -174,7 +253,9 @@ if ttl > 0 and not paused and parent_held then
   redis.call('PEXPIRE', KEYS[6], ttl)
   local pack_prefix = string.match(KEYS[P + 1], '^(.*:)')  -- every save names a pack: a key of the flow's packs
   for id in string.gmatch(parent_packs or '', '[^,]+') do
-    release_hold(pack_prefix .. id)
+    if declared[pack_prefix .. id] then  -- checked above: all are
+      release_hold(pack_prefix .. id)
+    end
   end
 end
 
@@ -195,7 +276,7 @@ for i = P + 1, P + npacks do
   extend_chain(KEYS[i], created)
 end
 if present then
-  for i = first_old, #KEYS do
+  for i = first_old, last_old do
     add_refs(KEYS[i], -1)
   end
   redis.call('ZREM', KEYS[7], ARGV[9])
@@ -245,15 +326,10 @@ end
 -- so neither a zombie of it nor a worker runs it a second time. A resume from an older checkpoint is a fork and
 -- leaves the run alone. Its lease key is this run's with the run key swapped (same flow tag, same slot).
 local function supersede(lease, run_key)
-  if parent == '' or parent == id or type_of[KEYS[6]] ~= 'hash' then
+  if not old_lease then  -- found before the first write (above), and declared
     return
   end
-  local p = redis.call('HMGET', KEYS[6], 'run', 'wf')
-  local old_run = (p[2] and p[2] ~= '') and p[2] or p[1]
-  if not old_run or old_run == '' or old_run == run_key then
-    return
-  end
-  local old_lease = string.sub(lease, 1, #lease - #run_key) .. old_run
+  local old_run = string.sub(old_lease, #lease - #run_key + 1)
   if redis.call('TYPE', old_lease)['ok'] == 'hash' and redis.call('HGET', old_lease, 'head') == parent then
     redis.call('HINCRBY', old_lease, 'token', 1)
     redis.call('HSET', old_lease, 'owner', '', 'exp', 0, 'superseded_by', run_key)
