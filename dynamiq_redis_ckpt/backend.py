@@ -138,6 +138,8 @@ class RedisCheckpointBackend(CheckpointBackend):
             timeout, connect_timeout = self.socket_timeout, self.socket_connect_timeout
         elif config.is_cluster_url(url := config.resolve_url(self.url)):
             self._namespace = f"{config.mask_url(url)}|{self.prefix}"
+            if self._tls_files and not url.startswith("rediss+"):
+                raise ConfigurationError(f"tls_* options need a rediss+cluster:// url, got {config.mask_url(url)!r}")
             tls_url = "rediss://" if url.startswith("rediss+") else "redis://"
             options.update(config.tls_options(tls_url, self.tls_ca_file, self.tls_cert_file, self.tls_key_file,
                                               self.tls_check_hostname))  # fmt: skip

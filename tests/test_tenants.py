@@ -122,6 +122,8 @@ def test_tenants_are_isolated_on_fakeredis():
 @pytest.mark.parametrize("server", ["redis", "fakeredis"])
 def test_clear_patterns_match_only_their_namespace(redis_server, server):
     """clear()'s SCAN patterns, as the server matches them, against a key of every kind of every namespace."""
+    if not hasattr(redis_server, "port"):
+        pytest.skip("writes keys of its own into database 9 of a single redis-server (CKPT_TEST_SERVER=cluster)")
     raw = redis.Redis(port=redis_server.port, db=9) if server == "redis" else fakeredis.FakeRedis()
     raw.flushdb()
     for p in PREFIXES:

@@ -225,7 +225,7 @@ def test_the_worker_connects_over_tls_and_is_ready(tls_redis, certs, tmp_path):
 
 
 def test_a_tls_url_on_a_plain_port_says_what_to_check(redis_server, certs):
-    url = redis_server.url.replace("redis://", "rediss://")
+    url = redis_server.url.replace("redis://", "rediss://").replace("redis+cluster://", "rediss+cluster://")
     backend = backend_for(url, certs, retries=0, socket_connect_timeout=0.3, socket_timeout=0.3)
     with pytest.raises(StoreUnavailableError, match="is the port a TLS port"):
         backend.ping()
