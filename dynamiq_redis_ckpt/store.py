@@ -56,6 +56,7 @@ _HELD_PACKS_SENT = 64  # a load tells the server up to this many packs of the fl
 # level this process did not know) and the script is sent again with every key. Each resend must add keys, and they
 # are bounded (a concurrent writer can start new chains meanwhile, not many times over); so are the levels read.
 _DECLARE_ROUNDS = 16
+_LOAD_ATTEMPTS = 8  # fresh reads of a checkpoint whose packs went while it was read (a writer overwriting it)
 _DISCOVER_LEVELS = 1_000_000
 _PACK_HEAD = _PACK_COUNT + 1 + codec.DIGEST_SIZE  # count, layer byte, base id (12 bytes linked, 16 in format 3)
 _REQUIRED_FIELDS = ("st", "run", "ts", "pk")  # in every stored format
@@ -427,23 +428,37 @@ class StoreCore:
         return found[0] if found else None
 
     def _load_rest(self, flow: str, checkpoint_id: str, reply: list, pinned: dict) -> Op:
-        """A load script's reply made whole: while it names keys it was not given (a cold process does not know the
-        packs a checkpoint names, nor their chains), the script is sent again with them (the packs it already sent
-        are not sent again). Returns the last reply and the pack strings of every round, by (flow, pack id)."""
+        """A load script's reply made whole. When it names packs it was not given (a cold process does not know the
+        packs a checkpoint names, nor their chains), the hash it read is completed with plain reads: the chains
+        below those packs (one round trip per level this process does not know), then the packs themselves. Packs
+        never change, so the hash and those packs are the checkpoint as it was when the script read it, even if a
+        writer has overwritten it since; only when one of them is gone (released by such an overwrite, or damaged)
+        is the script sent again for a fresh read. (Sending the script again with more keys instead could chase a
+        fast writer forever.) Returns the last reply and the pack strings read, by (flow, pack id)."""
         blobs: dict[tuple[str, str], bytes | None] = {}
-        declared: dict[str, None] = {}
-        rounds = 0
-        while reply:
+        for _ in range(_LOAD_ATTEMPTS):
+            if not reply:
+                break
             blobs |= {(flow, text(pack_id)): blob for pack_id, blob in pairs(reply[1]).items()}
             # the links of the packs sent, so the next request declares their chains (and a warm one needs none)
             self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:]) for (_, p), b in blobs.items() if b})
             if len(reply) < 4 or not reply[3]:
                 break
-            rounds += 1
-            yield from self._undeclared(flow, reply[2], reply[3], declared, declared, rounds,
-                                        f"load of checkpoint {checkpoint_id}")  # fmt: skip
-            have = [p for (_, p), b in blobs.items() if b is not None]
-            reply = yield self._load_script(flow, checkpoint_id, pinned, declared, have)
+            _, wanted = self._learned(flow, reply[2], reply[3])
+            prefix = self.keys.pack_prefix(flow)
+            yield from self._discover(flow, [key[len(prefix) :] for key in wanted if key.startswith(prefix)])
+            named = pack_list(text(pairs(reply[0]).get(b"pk", pairs(reply[0]).get("pk"))))
+            chain = self.cache.chains(flow, named)
+            absent = [p for p in chain if (flow, p) not in pinned and (flow, p) not in blobs
+                      and self.cache.pack(flow, p) is None]  # fmt: skip
+            if absent:
+                got = yield Batch(tuple(cmd("GET", self.keys.pack(flow, p)) for p in absent))
+                blobs |= {(flow, p): blob for p, blob in zip(absent, got)}
+                self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:]) for p, b in zip(absent, got) if b})
+            if all(blobs.get((flow, p)) is not None or (flow, p) in pinned or self.cache.pack(flow, p) is not None
+                   for p in self.cache.chains(flow, named)):  # fmt: skip
+                return [reply[0], [], [], []], blobs
+            reply = yield self._load_script(flow, checkpoint_id, pinned)  # a pack went: read the checkpoint afresh
         return reply, blobs
 
     def _load_script(self, flow: str, checkpoint_id: str, pinned: dict, declared=(), have=()) -> Script:
