@@ -492,7 +492,7 @@ def _run(demo: Demo) -> int:
         else:
             print("\nNo redis-server on PATH, and a fakeredis server lives only in this process, so the worker and the "
                   "flow\nrun IN THIS PROCESS, in threads, and the kill is SIMULATED (the flow's lease heartbeat stops,"
-                  f"\nits node raises SimulatedCrash). Install redis-server to see two real processes.")  # fmt: skip
+                  "\nits node raises SimulatedCrash). Install redis-server to see two real processes.")  # fmt: skip
             worker = WorkerThread(demo)
             print(f"Worker: {worker.describe()}")
             flow = FlowThread(demo)

@@ -200,7 +200,7 @@ class FleetCollector:
         self._build = build
         self._cache_seconds = cache_seconds
         self._lock = threading.Lock()
-        self._last: tuple[float, FleetView | None] = (float("-inf"), None)
+        self._last: tuple[float, Any] = (float("-inf"), None)  # (monotonic time read, the leases.Fleet)
         self._build_labels: dict[str, str] | None = None
 
     def _view(self) -> Any:

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 import tomllib
-import uuid
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import urlopen

@@ -16,7 +16,6 @@ of :func:`~dynamiq_redis_ckpt.bench.workloads.append_chain`, 10 agent-like nodes
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import uuid
 
