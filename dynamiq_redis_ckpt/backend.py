@@ -13,7 +13,7 @@ from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.types import CheckpointStatus
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from dynamiq_redis_ckpt import config, crypto
+from dynamiq_redis_ckpt import cluster, config, crypto
 from dynamiq_redis_ckpt.driver import AsyncDriver, RetryPolicy, SyncDriver
 from dynamiq_redis_ckpt.errors import ConfigurationError
 from dynamiq_redis_ckpt.eviction import EvictionCheck
@@ -21,7 +21,10 @@ from dynamiq_redis_ckpt.guard import LeaseGuard, saved_by_running_flow
 from dynamiq_redis_ckpt.keys import Keys
 from dynamiq_redis_ckpt.observe import observed
 from dynamiq_redis_ckpt.registry import LeasePolicy, LeaseStore
-from dynamiq_redis_ckpt.store import StoreCore
+from dynamiq_redis_ckpt.store import BucketsCheck, Preflight, StoreCore
+
+# A flow's runs spread over 48 slots on a cluster: even over 2, 3, 4, 6, 8, 12, 16 or 24 masters (docs/cluster.md).
+DEFAULT_CLUSTER_BUCKETS = 48
 
 
 class RedisCheckpointBackend(CheckpointBackend):
@@ -78,6 +81,10 @@ class RedisCheckpointBackend(CheckpointBackend):
                                           "password, when they require one")
     replica_acks: int = Field(default=0, description="WAIT until this many replicas have every request's writes "
                               "before it counts as done (0: do not wait; see docs/sentinel.md)")
+    flow_buckets: int | None = Field(default_factory=config.env_buckets,
+                                     description="How many slots a flow's runs are spread over (a "
+                                     "run stays in one; lists merge them): default $DYNAMIQ_REDIS_CKPT_FLOW_BUCKETS, "
+                                     "else 1, and 48 on a Redis Cluster. Fixed per namespace (docs/cluster.md)")
     replica_ack_timeout_seconds: float = Field(default=0.5, description="How long one WAIT for replica_acks lasts "
                                                "before the request is retried")
 
@@ -106,6 +113,13 @@ class RedisCheckpointBackend(CheckpointBackend):
                 f"({self.heartbeat_interval_seconds}), and both positive"
             )
         return self
+
+    @field_validator("flow_buckets")
+    @classmethod
+    def _bucket_count(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 1024:
+            raise ConfigurationError(f"flow_buckets must be between 1 and 1024, got {value}")
+        return value
 
     @field_validator("retries", "max_connections", "max_checkpoint_bytes", "replica_acks")
     @classmethod
@@ -156,7 +170,10 @@ class RedisCheckpointBackend(CheckpointBackend):
             async_options = {**options, "socket_timeout": None}  # the driver bounds each request (see AsyncDriver)
             make_async = lambda: redis.asyncio.Redis.from_url(url, **async_options)  # noqa: E731
         ttl_ms = int(self.ttl_seconds * 1000) if self.ttl_seconds else 0
-        self._core = StoreCore(Keys(self.prefix), ttl_ms=ttl_ms, max_checkpoint_bytes=self.max_checkpoint_bytes)
+        is_cluster = sync_client is None or cluster.is_cluster(sync_client)
+        buckets = self.flow_buckets or (DEFAULT_CLUSTER_BUCKETS if is_cluster else 1)
+        self._core = StoreCore(Keys(self.prefix), ttl_ms=ttl_ms, max_checkpoint_bytes=self.max_checkpoint_bytes,
+                               buckets=buckets)  # fmt: skip
         self._core.sealer = crypto.sealer_for(self.encryption_keys)
         self._sync = SyncDriver(sync_client, policy, make_sync if sync_client is None else None)
         self._async = AsyncDriver(make_async, policy, timeout, connect_timeout)
@@ -168,9 +185,11 @@ class RedisCheckpointBackend(CheckpointBackend):
             for driver in (self._sync, self._async):
                 driver.replica_acks, driver.replica_ack_timeout_ms = self.replica_acks, wait_ms
         kwargs = options if sync_client is None else config.connection_kwargs(sync_client)
+        eviction = None
         if "server" not in kwargs:  # fakeredis (an in-process server) evicts nothing
-            check = EvictionCheck(allow=self.allow_eviction, ttl=bool(self.ttl_seconds), leases=self.leases)
-            self._sync.preflight = self._async.preflight = check
+            eviction = EvictionCheck(allow=self.allow_eviction, ttl=bool(self.ttl_seconds), leases=self.leases)
+        checks = Preflight(BucketsCheck(self._core.keys, buckets), eviction)
+        self._sync.preflight = self._async.preflight = checks
         if "ssl_cert_reqs" in kwargs:
             # a plain port times out a TLS client, and a server that requires client certificates may just close
             # the connection: say what to check

@@ -17,8 +17,20 @@ URL_ENV = "DYNAMIQ_REDIS_CKPT_URL"
 TLS_CA_ENV = "DYNAMIQ_REDIS_CKPT_TLS_CA"
 TLS_CERT_ENV = "DYNAMIQ_REDIS_CKPT_TLS_CERT"
 TLS_KEY_ENV = "DYNAMIQ_REDIS_CKPT_TLS_KEY"
+BUCKETS_ENV = "DYNAMIQ_REDIS_CKPT_FLOW_BUCKETS"
 DEFAULT_URL = "redis://localhost:6379/0"
 DEFAULT_PREFIX = "dynamiq:ckpt"
+
+
+def env_buckets() -> int | None:
+    """``$DYNAMIQ_REDIS_CKPT_FLOW_BUCKETS`` as an int (None when unset): the default of ``flow_buckets``."""
+    value = os.environ.get(BUCKETS_ENV)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigurationError(f"${BUCKETS_ENV} must be a whole number, got {value!r}") from None
 
 
 def resolve_url(url: str | None) -> str:

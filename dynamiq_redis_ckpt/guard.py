@@ -115,5 +115,5 @@ class LeaseGuard:
                                extra=ids(save.key[1], save.key[2], checkpoint.id))
                 yield Sleep(min(_RETRY_PAUSE, left))
                 continue
-            self.registry.confirm(save, checkpoint, saved.token, sent_at, self.policy)
+            self.registry.confirm(save, checkpoint, saved.token, sent_at, self.policy, saved.home)
             return saved

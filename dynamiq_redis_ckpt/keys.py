@@ -1,7 +1,11 @@
 """Key layout: the only code that knows separators and hash tags.
 
-Everything belonging to one flow shares the hash tag ``{<flow_id>}``, so every Lua script touches keys of one
-Redis Cluster slot. Two small lookup keys live in slots of their own and are written before the script:
+Everything belonging to one run lives in one *home*, whose hash tag puts it in one Redis Cluster slot, so every Lua
+script touches keys of one slot. With one bucket per flow (``flow_buckets=1``, the default on a single server) a
+flow's home is the flow itself, ``{<flow_id>}``: every run of the flow shares it. With more (48 by default on a
+cluster), a new run goes to the home of one of its flow's buckets, ``{<flow_id>%b<salt>}``, chosen by its run id,
+and a run resumed or forked from a checkpoint stays in that checkpoint's home (see :func:`flow_homes`). ``F`` below
+is a home. Two small lookup keys live in slots of their own and are written before the script; they name homes:
 
 ==============================  ======  ======================================================
 key                             type    holds
@@ -19,8 +23,9 @@ key                             type    holds
 ``P:wake:{<n>}:v``              hash    flow -> version, bumped by every write that gives a flow new work
 ``P:deadflows:{<n>}``           set     flows that have had dead letters (16 shards; read only to list them)
 ``P:inbox:{F}:<run>``           hash    answers from people for a paused run's nodes, kept until used
-``P:id:{<id>}``                 string  flow id of checkpoint <id> (so load needs only the id)
-``P:runflows:{<run>}``          set     flows that hold checkpoints of run <run>
+``P:id:{<id>}``                 string  home of checkpoint <id> (so load needs only the id)
+``P:runflows:{<run>}``          set     homes that hold checkpoints of run <run>
+``P:meta:{buckets}``            string  how many buckets per flow the namespace uses (absent: one)
 ==============================  ======  ======================================================
 
 Ids are escaped inside hash tags (``%`` → ``%25``, ``{`` → ``%7B``, ``}`` → ``%7D``, empty → ``%``) so an id
@@ -29,21 +34,68 @@ containing braces can neither end its tag early nor move keys of one flow to dif
 
 from __future__ import annotations
 
+import functools
 import zlib
+from binascii import crc_hqx
 from dataclasses import dataclass
 
 from dynamiq_redis_ckpt.errors import ConfigurationError
 
 
-KINDS = ("cp", "flow", "pack", "id", "runflows", "lease", "wake", "deadflows", "inbox", "flows")
+KINDS = ("cp", "flow", "pack", "id", "runflows", "lease", "wake", "deadflows", "inbox", "flows", "meta")
 FLOW_SHARDS = 16
+SLOTS = 16384
+HOME_SEP = "\x00"  # in a home: the flow id, then its bucket's salt (flow ids may not hold it: see check_flow_id)
+
+
+def _escape(value: str) -> str:
+    return value.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
 def tag(value: str) -> str:
-    """Return ``value`` as a hash tag: braces around an escaped, never-empty id."""
+    """Return ``value`` (a flow id, a home, any id) as a hash tag: braces around an escaped, never-empty id. A home's
+    bucket salt follows its escaped flow id as ``%b<salt>``, which no escaped id contains."""
     if not value:
         return "{%}"
-    return "{" + value.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
+    flow, sep, salt = value.partition(HOME_SEP)
+    return "{" + _escape(flow) + (f"%b{salt}" if sep else "") + "}"
+
+
+def home(flow_id: str, salt: int) -> str:
+    """The home of one bucket of a flow: the flow id and the bucket's salt (see :func:`flow_homes`)."""
+    return f"{flow_id}{HOME_SEP}{salt}"
+
+
+def flow_of(home_or_flow: str) -> str:
+    """The flow id of a home (a flow id is its own)."""
+    return home_or_flow.partition(HOME_SEP)[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def flow_homes(flow_id: str, buckets: int) -> tuple[str, ...]:
+    """Where a flow's runs live: the flow itself (the one-bucket layout, and every run saved before buckets), then,
+    with ``buckets`` > 1, one home per bucket. Bucket ``b``'s salt is the smallest whose tag hashes near the middle
+    of the ``b``-th of ``buckets`` equal ranges of the cluster's 16,384 slots (within a quarter of the range's width
+    of its centre), so the buckets spread over the masters as evenly as the masters' slot ranges allow."""
+    if buckets <= 1:
+        return (flow_id,)
+    homes = [flow_id]
+    stem = (_escape(flow_id) + "%b").encode()  # a home's tag, without its salt and braces: the slot is its CRC16
+    for bucket in range(buckets):
+        centre, width = (2 * bucket + 1) * SLOTS // (2 * buckets), max(2, SLOTS // buckets // 4)
+        low, high = centre - width // 2, centre + width // 2
+        salt = 0
+        while not low <= crc_hqx(stem + str(salt).encode(), 0) % SLOTS < high:
+            salt += 1
+        homes.append(home(flow_id, salt))
+    return tuple(homes)
+
+
+def new_run_home(flow_id: str, run_key: str, buckets: int) -> str:
+    """The home of a new run (one not resumed from a checkpoint): its bucket chosen by its run id."""
+    if buckets <= 1:
+        return flow_id
+    return flow_homes(flow_id, buckets)[1 + zlib.crc32(run_key.encode()) % buckets]
 
 
 def glob_escape(text: str) -> str:
@@ -125,6 +177,11 @@ class Keys:
     def inbox(self, flow_id: str, run_key: str) -> str:
         """Hash of people's answers for a paused run's nodes (node_id -> JSON)."""
         return f"{self.prefix}:inbox:{tag(flow_id)}:{run_key}"
+
+    def buckets_meta(self) -> str:
+        """String holding how many buckets per flow this namespace was first used with (set by a backend with more
+        than one: every backend of the namespace must use that many)."""
+        return f"{self.prefix}:meta:{{buckets}}"
 
     def locator(self, checkpoint_id: str) -> str:
         """String naming the flow a checkpoint id belongs to."""

@@ -22,7 +22,7 @@ from dynamiq.checkpoints.types import CheckpointStatus
 
 from dynamiq_redis_ckpt.codec import micros
 from dynamiq_redis_ckpt.errors import WrongKeyTypeError
-from dynamiq_redis_ckpt.keys import FLOW_SHARDS, Keys
+from dynamiq_redis_ckpt.keys import FLOW_SHARDS, Keys, flow_of
 from dynamiq_redis_ckpt.requests import Batch, Command, Script, cmd, pairs, score_pairs, text
 
 ACTIVE = CheckpointStatus.ACTIVE.value
@@ -264,7 +264,7 @@ def fleet_op(keys: Keys, flows_per_shard: int = 64):
             oldest = at if oldest is None else min(oldest, at)
     runs["dead"] = sum(int(n) for n in replies[5 * len(live) :])
     waited = max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0
-    return Fleet(runs, waited, len(live), truncated)
+    return Fleet(runs, waited, len({flow_of(home) for home in live}), truncated)
 
 
 def migrate_registry_op(keys: Keys, batch: int = 1000):
@@ -277,10 +277,19 @@ def migrate_registry_op(keys: Keys, batch: int = 1000):
     return len(flows)
 
 
+def run_homes_op(keys: Keys, run: str, flow: str | None):
+    """The homes (keys.flow_homes) holding checkpoints of ``run``, of ``flow`` only when given, in order; a flow
+    given that no checkpoint of the run names is its own home (what a run saved before buckets has)."""
+    homes = sorted(text(h) for h in (yield cmd("SMEMBERS", keys.run_flows(run))))
+    if flow is None:
+        return homes
+    return [h for h in homes if flow_of(h) == flow] or [flow]
+
+
 def lease_head_op(keys: Keys, run: str, flow: str | None):
-    """(flow, head checkpoint id) for each flow holding a lease of ``run`` (the flows of the run when ``flow`` is
-    None), in flow order."""
-    flows = [flow] if flow else sorted(text(f) for f in (yield cmd("SMEMBERS", keys.run_flows(run))))
+    """(home, head checkpoint id) for each home holding a lease of ``run`` (of ``flow`` only, when given), in
+    order; a home is the flow's id, or one of its buckets (``flow_of`` names the flow)."""
+    flows = yield from run_homes_op(keys, run, flow)
     if not flows:
         return []
     heads = yield Batch(tuple(cmd("HGET", keys.lease(f, run), "head") for f in flows))
@@ -314,16 +323,21 @@ def dead_letters_op(keys: Keys):
     if not flows:
         return []
     replies = yield Batch(tuple(cmd("ZRANGE", keys.dead_index(f), 0, -1, "WITHSCORES") for f in flows))
-    return [DeadLetter(flow, run, int(score)) for flow, rows in zip(flows, replies) for score, run in score_pairs(rows)]
+    return [DeadLetter(flow_of(home), run, int(score)) for home, rows in zip(flows, replies)
+            for score, run in score_pairs(rows)]  # fmt: skip
 
 
 def retry_dead_op(keys: Keys, flow: str, run: str):
     """Put a dead-lettered run back (atomically): the next worker claims it with a fresh attempt count."""
-    args = (keys.dead_index(flow), keys.lease(flow, run), keys.lease_index(flow))
-    replies = yield Batch((Script("retry_dead", args, (run,)), *announce(keys, flow)))
-    return replies[0] == 1
+    for home in (yield from run_homes_op(keys, run, flow)):
+        args = (keys.dead_index(home), keys.lease(home, run), keys.lease_index(home))
+        replies = yield Batch((Script("retry_dead", args, (run,)), *announce(keys, home)))
+        if replies[0] == 1:
+            return True
+    return False
 
 
 def drop_dead_op(keys: Keys, flow: str, run: str):
     """Forget a dead-lettered run (its checkpoints stay for inspection and cleanup)."""
-    return bool((yield cmd("ZREM", keys.dead_index(flow), run)))
+    homes = yield from run_homes_op(keys, run, flow)
+    return any((yield Batch(tuple(cmd("ZREM", keys.dead_index(home), run) for home in homes))))

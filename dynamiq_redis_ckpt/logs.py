@@ -16,6 +16,7 @@ FIELDS = ("flow", "run", "checkpoint", "attempt")
 
 def ids(flow: str | None = None, run: str | None = None, checkpoint: str | None = None, attempt: int | None = None):
     """The ``extra`` of a log call about a run: its ids, as fields of a JSON line."""
+    flow = None if flow is None else flow.partition("\x00")[0]  # a bucket's home (keys.flow_of): its flow id
     found = {"flow": flow, "run": run, "checkpoint": checkpoint, "attempt": attempt}
     return {name: value for name, value in found.items() if value is not None}
 

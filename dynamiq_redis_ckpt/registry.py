@@ -94,6 +94,12 @@ class HeldLease:
     on_first_save: Callable[[], None] | None = None  # a worker's claim: called once its resumed run's save lands
     saves: int = 0  # confirmed saves under it: a renewal sent before the latest one answers for an older state
     announced: bool = False  # its flow was announced to workers by a renewal (see LeaseRegistry._renew)
+    home: str = ""  # where the run's keys live (keys.flow_homes): its flow, or one of the flow's buckets
+
+    @property
+    def where(self) -> str:
+        """The home its lease key is in (its flow when no bucket was recorded)."""
+        return self.home or self.flow
 
     @property
     def key(self) -> RunRef:
@@ -101,7 +107,7 @@ class HeldLease:
 
     @property
     def ref(self) -> LeaseRef:
-        return LeaseRef(self.flow, self.run, self.owner, self.token, int(self.policy.ttl * 1000))
+        return LeaseRef(self.where, self.run, self.owner, self.token, int(self.policy.ttl * 1000))
 
     def confirmed(self, sent_at: float) -> None:
         """A renewal or save sent at ``sent_at`` (monotonic) was confirmed: the server's expiry is later than
@@ -186,8 +192,10 @@ class LeaseRegistry:
     def _take(ttl: float) -> LeaseTicket:
         return LeaseTicket("take", process_owner(), 0, int(ttl * 1000))
 
-    def confirm(self, save: FencedSave, checkpoint: FlowCheckpoint, token: int, sent_at: float, policy: LeasePolicy):
-        """Record the lease state a confirmed save left behind (``token``: the lease's token after it)."""
+    def confirm(self, save: FencedSave, checkpoint: FlowCheckpoint, token: int, sent_at: float, policy: LeasePolicy,
+                home: str = ""):
+        """Record the lease state a confirmed save left behind (``token``: the lease's token after it; ``home``:
+        where the save went)."""
         status = status_of(checkpoint)
         with self._lock:
             first = self._first_save_locked(save.key)
@@ -200,7 +208,8 @@ class LeaseRegistry:
             wake = save.ticket.mode == "take" or held is None or held.paused
             if save.ticket.mode == "take" or held is None:
                 callbacks = list(previous.on_lost) if previous is not None else []
-                held = HeldLease(*save.key, save.ticket.owner, token, policy, run_id=save.run_id, on_lost=callbacks)
+                held = HeldLease(*save.key, save.ticket.owner, token, policy, run_id=save.run_id, on_lost=callbacks,
+                                 home=home)  # fmt: skip
                 self._leases[save.key] = held
             if status in TERMINAL:
                 del self._leases[save.key]  # the save script handed the lease back for good
@@ -364,7 +373,7 @@ class LeaseRegistry:
             sent = [(held.ref, held.saves) for held in leases]
         # The first renewal of a lease announces its flow again, in case the announcement that followed the save
         # taking it was lost with its connection: an orphan no worker looks for would never be recovered.
-        first = tuple(held.flow for held in leases if not held.announced)
+        first = tuple(held.where for held in leases if not held.announced)
         sent_at = time.monotonic()
         try:
             verdicts = store.renew([ref for ref, _ in sent], first)

@@ -20,7 +20,9 @@ from dynamiq_redis_ckpt import codec
 from dynamiq_redis_ckpt.codec import micros
 from dynamiq_redis_ckpt.cache import Cache, StoredState, pack_list
 from dynamiq_redis_ckpt.errors import (
+    ConfigurationError,
     CheckpointCorruptedError,
+    CheckpointEncodeError,
     CheckpointNotFoundError,
     CheckpointStoreError,
     CheckpointTooLargeError,
@@ -28,7 +30,7 @@ from dynamiq_redis_ckpt.errors import (
     UnsupportedFormatError,
     WrongKeyTypeError,
 )
-from dynamiq_redis_ckpt.keys import KINDS, Keys
+from dynamiq_redis_ckpt.keys import HOME_SEP, KINDS, Keys, flow_homes, flow_of, new_run_home
 from dynamiq_redis_ckpt.logs import ids
 from dynamiq_redis_ckpt.leases import (
     NO_TICKET_ARGS,
@@ -72,6 +74,7 @@ class Saved:
     encoded_bytes: int = 0
     new_raw_bytes: int = 0
     new_stored_bytes: int = 0
+    home: str = ""  # where it went: its flow, or one of its flow's buckets (keys.flow_homes)
 
 
 @dataclass
@@ -139,11 +142,53 @@ class Record:
         )  # fmt: skip
 
 
+class BucketsCheck:
+    """The once-per-backend check that every backend of a namespace spreads a flow's runs over the same number of
+    buckets (keys.flow_homes): the first one with more than one records its number (``P:meta:{buckets}``); a
+    backend configured otherwise is refused, since it would list only some of a flow's runs."""
+
+    def __init__(self, keys: Keys, buckets: int):
+        self.keys = keys
+        self.buckets = buckets
+        self.passed = False
+
+    def op(self) -> Op:
+        meta = self.keys.buckets_meta()
+        if self.buckets > 1:
+            found = (yield Batch((cmd("SET", meta, self.buckets, "NX"), cmd("GET", meta))))[1]
+        else:
+            found = yield cmd("GET", meta)
+        if found is not None and text(found) != str(self.buckets):
+            raise ConfigurationError(
+                f"namespace {self.keys.prefix!r} spreads each flow over {text(found)} buckets, this backend over "
+                f"{self.buckets}: set flow_buckets={text(found)} (the number cannot change for a namespace)"
+            )
+        self.passed = True
+
+
+class Preflight:
+    """Checks a backend passes before its first operation (each has ``passed`` and ``op()``), run by the driver."""
+
+    def __init__(self, *checks: Any):
+        self.checks = [check for check in checks if check is not None]
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def op(self) -> Op:
+        for check in self.checks:
+            if not check.passed:
+                yield from check.op()
+
+
 class StoreCore:
     """Every checkpoint operation of one namespace, as request generators."""
 
-    def __init__(self, keys: Keys, *, ttl_ms: int, max_checkpoint_bytes: int, cache: Cache | None = None):
+    def __init__(self, keys: Keys, *, ttl_ms: int, max_checkpoint_bytes: int, cache: Cache | None = None,
+                 buckets: int = 1):
         self.keys = keys
+        self.buckets = buckets  # homes per flow a new run may go to (see keys.flow_homes)
         self.ttl_ms = ttl_ms
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.cache = cache or Cache()
@@ -164,7 +209,10 @@ class StoreCore:
         encoded = codec.encode_checkpoint(checkpoint)
         if encoded.raw_size > self.max_checkpoint_bytes:
             raise CheckpointTooLargeError(checkpoint.id, encoded.raw_size, self.max_checkpoint_bytes)
-        cp_id, flow = checkpoint.id, checkpoint.flow_id
+        cp_id = checkpoint.id
+        if HOME_SEP in checkpoint.flow_id:
+            raise CheckpointEncodeError(cp_id, ("flow_id",), checkpoint.flow_id, "holds a NUL character (reserved)")
+        flow = yield from self._home(checkpoint)
         status = status_of(checkpoint)
         run, wf, parent = checkpoint.run_id, checkpoint.wf_run_id or "", checkpoint.parent_checkpoint_id or ""
         root = codec.digest(encoded.root)
@@ -176,7 +224,7 @@ class StoreCore:
         # The lookup keys live in other slots, so a new checkpoint's are written first: a crash in between leaves a
         # locator that names no checkpoint (load answers None), never a checkpoint that cannot be found. An update's
         # checkpoint has them already: it refreshes them after the script agreed, so a refused update writes nothing.
-        lookups = self._lookup_writes(checkpoint, status, locate=not must_exist)
+        lookups = self._lookup_writes(checkpoint, flow, status, locate=not must_exist)
         writes = () if must_exist else lookups
         # Workers learn of a new lease, a pause or an end from the flow's wake shard, written right after the script
         # in the same pipeline (a no-op for them when the script refused the save).
@@ -186,7 +234,8 @@ class StoreCore:
         attempts = rounds = 0
         while attempts < _SAVE_ATTEMPTS:
             plan = self._plan_packs(flow, chunks, known)
-            keys, args = self._save_call(checkpoint, must_exist, status, stored, root, plan, encoded.raw_size, ticket)
+            keys, args = self._save_call(checkpoint, flow, must_exist, status, stored, root, plan, encoded.raw_size,
+                                         ticket)  # fmt: skip
             keys += tuple(k for k in self._with_chains(flow, declared) if k not in keys)
             # One round trip: the server runs a pipeline in order, so the lookup writes still land first.
             replies = yield Batch((*writes, Script("save", keys, args), *after))
@@ -210,7 +259,7 @@ class StoreCore:
                 self.cache.remember(cp_id, state)
                 if plan.new is not None:
                     self.cache.add_pack(flow, plan.new)
-                return Saved(cp_id, int(text(reply[2]) or 0), encoded.raw_size, plan.raw_size, len(plan.blob))
+                return Saved(cp_id, int(text(reply[2]) or 0), encoded.raw_size, plan.raw_size, len(plan.blob), flow)
             if verdict == "NOTFOUND":
                 raise CheckpointNotFoundError(cp_id)
             if verdict == "RETRY":
@@ -229,6 +278,25 @@ class StoreCore:
             else:
                 raise CheckpointStoreError(f"unexpected reply from save script: {reply!r}")
         raise CheckpointStoreError(f"Checkpoint {cp_id}: save kept racing with concurrent writers; gave up")
+
+    def _home(self, checkpoint: FlowCheckpoint) -> Op:
+        """Where the checkpoint goes (see keys.flow_homes): with one bucket, its flow; else where its id is already
+        stored, else its parent's home (a run resumed or forked from a checkpoint stays in that checkpoint's slot:
+        the save script takes over the run it came from there), else its run's bucket. The parent's home comes from
+        this process's cache, else from its locator (one round trip, only for a parent this process has not seen)."""
+        flow = checkpoint.flow_id
+        if self.buckets <= 1:
+            return flow
+        stored = self.cache.state(checkpoint.id)
+        if stored is not None and flow_of(stored.flow) == flow:
+            return stored.flow
+        parent = checkpoint.parent_checkpoint_id
+        if parent:
+            known = self.cache.state(parent)
+            home = known.flow if known is not None else text((yield cmd("GET", self.keys.locator(parent))))
+            if home and flow_of(home) == flow:
+                return home
+        return new_run_home(flow, run_key(checkpoint), self.buckets)
 
     def _undeclared(self, flow: str, links: list, wanted: list, sent, declared: dict, rounds: int, what: str) -> Op:
         """After a script asked for keys it was not given (``links`` it learned, the keys ``wanted``): learn the
@@ -326,10 +394,11 @@ class StoreCore:
         due = due_ms(checkpoint)
         return 0 if due is None else max(self.ttl_ms, due - int(time.time() * 1000) + 86_400_000)
 
-    def _lookup_writes(self, checkpoint: FlowCheckpoint, status: str, *, locate: bool) -> tuple[Command | Script, ...]:
+    def _lookup_writes(self, checkpoint: FlowCheckpoint, flow: str, status: str, *, locate: bool
+                       ) -> tuple[Command | Script, ...]:  # fmt: skip
         """The locator (read, then set, when ``locate``; else its expiry refreshed) and the run-flows sets of a
         checkpoint; and a paused parent's lookup keys handed back to the ttl once the run goes on from it."""
-        cp_id, flow, ttl = checkpoint.id, checkpoint.flow_id, self._lookup_ttl_ms(checkpoint, status)
+        cp_id, ttl = checkpoint.id, self._lookup_ttl_ms(checkpoint, status)
         locator = self.keys.locator(cp_id)
         if locate:  # GET first: the flow the id belonged to before (redis-py's reply to SET ... GET is a bool)
             writes = [cmd("GET", locator), cmd("SET", locator, flow, *(("PX", ttl) if ttl else ()))]
@@ -358,8 +427,8 @@ class StoreCore:
         if fields:
             yield from self._delete_records(flow, [Record(flow, cp_id, _fields(fields))], protect=False, locators=False)
 
-    def _save_call(self, cp, must_exist, status, stored, root: bytes, plan: _PackPlan, raw_size: int, ticket):
-        k, flow, cp_id = self.keys, cp.flow_id, cp.id
+    def _save_call(self, cp, flow, must_exist, status, stored, root: bytes, plan: _PackPlan, raw_size: int, ticket):
+        k, cp_id = self.keys, cp.id
         run, wf, parent = cp.run_id, cp.wf_run_id or cp.run_id, cp.parent_checkpoint_id or ""
         old = stored or StoredState(flow, status, run, wf, parent, "")
         keys = [
@@ -570,29 +639,29 @@ class StoreCore:
             by_flow.setdefault(flow, []).append(pack_id)
         fetched: dict[tuple[str, str], bytes | None] = {}
         declared: dict[str, dict[str, None]] = {flow: {} for flow in by_flow}
-        for flow, ids in by_flow.items():  # a cold process reads the chains below first (one round trip per level)
-            yield from self._discover(flow, ids)
+        for flow, pack_ids in by_flow.items():  # a cold process reads the chains below first (a round trip a level)
+            yield from self._discover(flow, pack_ids)
         rounds = 0
         while by_flow:  # again while a script names keys it was not given (_undeclared bounds the rounds)
             calls = []
-            for flow, ids in by_flow.items():
+            for flow, pack_ids in by_flow.items():
                 kept = [p for p in self.cache.held(flow, _HELD_PACKS_SENT) if (flow, p.id) not in wanted]
                 held.update({(flow, p.id): p for p in kept})
                 sent = [p for (f, p), b in fetched.items() if f == flow and b is not None]
-                args = (self.keys.pack_prefix(flow), len(ids), *ids, *(p.id for p in kept), *sent)
-                keys = dict.fromkeys([*self._chain_keys(flow, ids), *self._with_chains(flow, declared[flow])])
+                args = (self.keys.pack_prefix(flow), len(pack_ids), *pack_ids, *(p.id for p in kept), *sent)
+                keys = dict.fromkeys([*self._chain_keys(flow, pack_ids), *self._with_chains(flow, declared[flow])])
                 calls.append(Script("packs", tuple(keys), args))
             replies = yield Batch(tuple(calls))
             rounds += 1
             again: dict[str, list[str]] = {}
-            for call, (flow, ids), reply in zip(calls, by_flow.items(), replies):
+            for call, (flow, pack_ids), reply in zip(calls, by_flow.items(), replies):
                 fetched |= {(flow, text(p)): blob for p, blob in pairs(reply[0]).items()}
                 self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:])
                                               for (f, p), b in fetched.items() if f == flow and b})  # fmt: skip
                 if reply[2]:
                     yield from self._undeclared(flow, reply[1], reply[2], call.keys, declared[flow], rounds,
                                                 f"reading packs of flow {flow}")  # fmt: skip
-                    again[flow] = ids
+                    again[flow] = pack_ids
             by_flow = again
         return fetched
 
@@ -667,9 +736,10 @@ class StoreCore:
         """Checkpoints of a flow, newest first, optionally of one status and created before a moment. With
         ``newest`` (the latest checkpoint) a damaged newest one raises instead of being passed over: resuming from
         an older one would run nodes again."""
-        index = self.keys.status_index(flow_id, status_name(status)) if status else self.keys.flow_index(flow_id)
+        sources = [(h, self.keys.status_index(h, status_name(status)) if status else self.keys.flow_index(h))
+                   for h in flow_homes(flow_id, self.buckets)]  # fmt: skip
         top = f"({micros(before)}" if before is not None else "+inf"
-        return (yield from self._listed([(flow_id, index)], limit, top=top, newest=newest))
+        return (yield from self._listed(sources, limit, top=top, newest=newest))
 
     def list_by_flow_and_run(
         self, flow_id: str, run_id: str, wf_run_id: str | None, status: CheckpointStatus | None, limit: int | None,
@@ -677,7 +747,12 @@ class StoreCore:
     ) -> Op:
         """Checkpoints of a flow labelled with ``run_id`` or ``wf_run_id`` (either field), newest first."""
         runs = dict.fromkeys((run_id, *((wf_run_id,) if wf_run_id else ())))  # as Dynamiq's: run_id even when ''
-        sources = [(flow_id, self.keys.run_index(flow_id, r)) for r in runs]
+        if self.buckets > 1:  # the homes holding the runs' checkpoints (one, mostly), not every bucket of the flow
+            found = yield Batch(tuple(cmd("SMEMBERS", self.keys.run_flows(r)) for r in runs))
+            homes = sorted({text(h) for members in found for h in members if flow_of(text(h)) == flow_id})
+        else:
+            homes = [flow_id]
+        sources = [(h, self.keys.run_index(h, r)) for h in homes for r in runs]
         wanted = status_name(status) if status else None
         return (yield from self._listed(sources, limit, status=wanted, newest=newest))
 
@@ -810,33 +885,42 @@ class StoreCore:
         """Dynamiq's retention rule (keep the newest ``keep_count``, delete what is older than ``max_ttl_minutes``)
         over the flow's newest ``fetch_limit`` checkpoints, except that in-flight chain heads (active, paused,
         pending_input) stay — and, spared, do not use up the ``fetch_limit`` window, so retention reaches past any
-        number of runs waiting for people. Ages are read from the index (created_at), not from the hashes."""
-        index = self.keys.flow_index(flow_id)
+        number of runs waiting for people. Ages are read from the index (created_at), not from the hashes. With
+        buckets, the flow's homes are merged newest first, a page at a time."""
+        homes = flow_homes(flow_id, self.buckets)
+        indexes = [self.keys.flow_index(h) for h in homes]
         cutoff = None if max_ttl_minutes is None else micros(datetime.now(timezone.utc)) - max_ttl_minutes * 60e6
         rank = considered = deleted = 0
-        stays = 0  # entries looked at that are still in the index (kept, spared): the next page starts after them
+        stays = [0] * len(homes)  # per home: entries looked at that are still in its index (the next page follows)
         while considered < fetch_limit:
-            entries = score_pairs((yield cmd("ZREVRANGE", index, stays, stays + _PAGE - 1, "WITHSCORES")))
-            if not entries:
+            pages = yield Batch(tuple(cmd("ZREVRANGE", index, stays[i], stays[i] + _PAGE - 1, "WITHSCORES")
+                                      for i, index in enumerate(indexes)))  # fmt: skip
+            # Newest first across homes (a stable sort keeps each home's own order): the first _PAGE entries never
+            # need one a home's page did not bring, since that page alone holds _PAGE newer ones.
+            merged = sorted(((score, member, i) for i, rows in enumerate(pages) for score, member in score_pairs(rows)),
+                            key=lambda entry: -entry[0])[: min(_PAGE, fetch_limit - considered)]  # fmt: skip
+            if not merged:
                 break
-            entries = entries[: fetch_limit - considered]
-            rows = yield Batch(tuple(cmd("HGETALL", self.keys.checkpoint(flow_id, m)) for _, m in entries))
-            doomed, kept, gone = [], 0, []
-            for (score, member), fields in zip(entries, rows):
+            rows = yield Batch(tuple(cmd("HGETALL", self.keys.checkpoint(homes[i], m)) for _, m, i in merged))
+            doomed: dict[int, list[Record]] = {}
+            kept, gone = [0] * len(homes), {}
+            for (score, member, i), fields in zip(merged, rows):
                 if not fields:  # expired: not a checkpoint any more, and pruned from the index below
-                    gone.append(member)
+                    gone.setdefault(i, []).append(member)
                     continue
                 if rank >= keep_count or (cutoff is not None and score < cutoff):
-                    doomed.append(Record(flow_id, member, _fields(fields)))
+                    doomed.setdefault(i, []).append(Record(homes[i], member, _fields(fields)))
                 else:
-                    kept += 1
+                    kept[i] += 1
                 rank += 1
-            if gone:
-                yield Script("prune", (index, *(self.keys.checkpoint(flow_id, m) for m in gone)), tuple(gone))
-            removed = len((yield from self._delete_records(flow_id, doomed, protect=True)))
-            deleted += removed
-            considered += kept + removed
-            stays += kept + len(doomed) - removed
+            for i, members in gone.items():
+                keys = (indexes[i], *(self.keys.checkpoint(homes[i], m) for m in members))
+                yield Script("prune", keys, tuple(members))
+            for i in range(len(homes)):
+                removed = len((yield from self._delete_records(homes[i], doomed[i], protect=True))) if i in doomed else 0
+                deleted += removed
+                considered += kept[i] + removed
+                stays[i] += kept[i] + len(doomed.get(i, ())) - removed
         return deleted
 
     def encryption_key_ids(self) -> Op:

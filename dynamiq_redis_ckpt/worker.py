@@ -34,6 +34,7 @@ from dynamiq_redis_ckpt.errors import (
     WrongKeyTypeError,
 )
 from dynamiq_redis_ckpt.inbox import attach_answers
+from dynamiq_redis_ckpt.keys import flow_of
 from dynamiq_redis_ckpt.leases import Claim, DeadLetter
 from dynamiq_redis_ckpt.logs import ids
 from dynamiq_redis_ckpt.registry import REGISTRY, HeldLease, process_owner
@@ -113,10 +114,10 @@ class Recovery:
             if outcome == "DEAD":
                 self.metrics.dead_letters.inc()
         if outcome == "DEAD":
-            logger.error("run %s of flow %s failed %d recoveries: moved to dead letters", run, flow, self.max_attempts,
-                         extra=ids(flow, run))
+            logger.error("run %s of flow %s failed %d recoveries: moved to dead letters", run, flow_of(flow),
+                         self.max_attempts, extra=ids(flow, run))  # fmt: skip
             if self.on_dead is not None:
-                self.on_dead(flow, run)
+                self.on_dead(flow_of(flow), run)
             return None
         return outcome
 
@@ -132,7 +133,7 @@ class Recovery:
             try:
                 claim = yield from self._claim_op(flow, run, reason)
             except WrongKeyTypeError as e:  # one damaged run: the others are still claimed
-                logger.warning("cannot claim run %s of flow %s: %s", run, flow, e, extra=ids(flow, run))
+                logger.warning("cannot claim run %s of flow %s: %s", run, flow_of(flow), e, extra=ids(flow, run))
                 continue
             except CheckpointStoreError as e:  # Redis went away: keep (and resume) what was claimed so far
                 logger.warning("claiming stopped after %d claim(s): %s", len(claims), e)
@@ -143,7 +144,7 @@ class Recovery:
 
     def _release_op(self, flow: str, run: str, owner: str, token: int, *, failed: bool, attempt: int):
         # Fenced here first: the run's thread, if still going, must never take the lease back by itself.
-        REGISTRY.fence(self.backend.namespace, flow, run, token, "handed back by this worker")
+        REGISTRY.fence(self.backend.namespace, flow_of(flow), run, token, "handed back by this worker")
         backoff_ms = int(self.backoff_seconds * 1000 * 2 ** max(attempt - 1, 0))
         verdict = yield from leases.release_op(self.keys, flow, run, owner, token, failed=failed, backoff_ms=backoff_ms)
         return verdict == "OK"
@@ -155,7 +156,7 @@ class Recovery:
         run: it is handed back as a failed attempt, so another worker retries it after the back-off."""
         try:
             if served:
-                latest = yield from self.backend.store.list_by_flow_and_run(claim.flow, claim.run, None, None, 1)
+                latest = yield from self.backend.store.list_by_flow_and_run(flow_of(claim.flow), claim.run, None, None, 1)
                 done = set(latest[0].completed_node_ids) if latest else set()
                 yield from leases.forget_answers_op(self.keys, claim.flow, claim.run, [n for n in served if n in done])
         finally:
@@ -171,7 +172,7 @@ class Recovery:
     def find_work(self, limit: int = 100) -> list[tuple[str, str, str]]:
         """(flow, run, reason) of runs a worker may claim now, due runs first: ``due`` (a timer fell due or a
         person answered) or ``orphan`` (its lease ran out by the server's clock, or was handed back)."""
-        return self.backend.execute(self._find_op(limit))
+        return [(flow_of(home), run, reason) for home, run, reason in self.backend.execute(self._find_op(limit))]
 
     def find_orphans(self, limit: int = 100) -> list[tuple[str, str]]:
         """(flow, run) pairs whose lease ran out (by the server's clock) or was handed back."""
@@ -181,33 +182,42 @@ class Recovery:
         """(flow, run) pairs paused until a time that has come, or answered by a person."""
         return [(flow, run) for flow, run, reason in self.find_work(limit) if reason == "due"]
 
+    def _claim_run_op(self, flow: str, run: str, reason: str):
+        for home in (yield from leases.run_homes_op(self.keys, run, flow)):  # a run lives in one home of its flow
+            claim = yield from self._claim_op(home, run, reason)
+            if claim is not None:
+                return claim
+        return None
+
     def claim(self, flow: str, run: str, reason: str = "orphan") -> Claim | None:
         """Claim a run atomically; None when another worker got it first, it is not due, or it went dead."""
-        return self.backend.execute(self._claim_op(flow, run, reason))
+        return self.backend.execute(self._claim_run_op(flow, run, reason))
 
     async def find_work_async(self, limit: int = 100) -> list[tuple[str, str, str]]:
         """Async :meth:`find_work`."""
-        return await self.backend.execute_async(self._find_op(limit))
+        found = await self.backend.execute_async(self._find_op(limit))
+        return [(flow_of(home), run, reason) for home, run, reason in found]
 
     async def claim_async(self, flow: str, run: str, reason: str = "orphan") -> Claim | None:
         """Async :meth:`claim`."""
-        return await self.backend.execute_async(self._claim_op(flow, run, reason))
+        return await self.backend.execute_async(self._claim_run_op(flow, run, reason))
 
     # ---- resuming ---------------------------------------------------------------------------------------------
 
     def _adopt(self, claim: Claim, cancel: CancellationToken | None) -> tuple[HeldLease, RunnableConfig]:
         """Heartbeat the claimed lease (a loss cancels the run) and build the resumed run's config."""
         token = cancel or CancellationToken()
-        held = HeldLease(self.backend.namespace, claim.flow, claim.run, claim.owner, claim.token,
+        held = HeldLease(self.backend.namespace, flow_of(claim.flow), claim.run, claim.owner, claim.token,
                          self.backend.lease_policy, head=claim.head, on_lost=[lambda reason: token.cancel()],
-                         on_first_save=self._latency_observer(claim))  # fmt: skip
+                         on_first_save=self._latency_observer(claim), home=claim.flow)  # fmt: skip
         REGISTRY.adopt(held, time.monotonic())
         config = RunnableConfig(
             run_id=claim.run,
             checkpoint=CheckpointConfig(resume_from=claim.head, backend=self.backend),
             cancellation=CancellationConfig(token=token),
         )
-        logger.info("resuming run %s of flow %s from %s (attempt %d)", claim.run, claim.flow, claim.head, claim.attempt,
+        logger.info("resuming run %s of flow %s from %s (attempt %d)", claim.run, flow_of(claim.flow), claim.head,
+                    claim.attempt,
                     extra=ids(claim.flow, claim.run, claim.head, claim.attempt))
         return held, config
 
@@ -251,7 +261,7 @@ class Recovery:
         held, config = self._adopt(claim, cancel)
         served: list[str] = []
         try:
-            flow = flow_factory(claim.flow)
+            flow = flow_factory(flow_of(claim.flow))
             inbox = self.backend.execute(leases.inbox_op(self.keys, claim.flow, claim.run))
             served = attach_answers(flow, self._opened(claim, inbox))
             paused = None
@@ -276,7 +286,7 @@ class Recovery:
         held, config = self._adopt(claim, cancel)
         served: list[str] = []
         try:
-            flow = flow_factory(claim.flow)
+            flow = flow_factory(flow_of(claim.flow))
             inbox = await self.backend.execute_async(leases.inbox_op(self.keys, claim.flow, claim.run))
             served = attach_answers(flow, self._opened(claim, inbox))
             paused = None
@@ -329,7 +339,7 @@ class Recovery:
             checkpoint = self.backend.load(head)
             waiting = list(checkpoint.pending_inputs) if checkpoint else []
             if node_id is None and len(waiting) > 1:
-                raise ConfigurationError(f"run {run} waits on {waiting} in flow {candidate}: name the node")
+                raise ConfigurationError(f"run {run} waits on {waiting} in flow {flow_of(candidate)}: name the node")
             target = node_id or (waiting[0] if waiting else None)
             if target not in waiting:
                 continue  # not waiting in this flow; the run may span several
@@ -486,7 +496,8 @@ class Worker:
         try:
             yield lambda result: ended.__setitem__(0, result.status.value)
             self.resumed += 1
-            logger.info("run %s of flow %s ended: %s", claim.run, claim.flow, ended[0], extra=ids(claim.flow, claim.run))
+            logger.info("run %s of flow %s ended: %s", claim.run, flow_of(claim.flow), ended[0],
+                        extra=ids(claim.flow, claim.run))  # fmt: skip
         except LeaseLostError as lost:
             ended[0] = "handed_back" if self._stop.is_set() else "lease_lost"  # a stop fences the runs it hands back
             logger.warning("run %s stopped: %s", claim.run, lost, extra=ids(claim.flow, claim.run))
