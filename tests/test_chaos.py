@@ -42,6 +42,7 @@ from dynamiq.checkpoints.types import CheckpointStatus as S
 from dynamiq_redis_ckpt import RedisCheckpointBackend
 from tests.flows import EFFECTS_ENV, PREFIX_ENV, SLEEP_ENV, chain_flow, final_output
 from tests.test_worker import ROOT, effects, env_for, stop, wait_for
+from tests.homes import home
 
 pytestmark = pytest.mark.slow
 
@@ -183,7 +184,7 @@ def test_chaos_sigkill_holders_and_workers(redis_server, tmp_path):
         known = [f for f in flows if _run_of(f)]
         pipe = r.pipeline(transaction=False)
         for f in known:
-            pipe.hgetall(keys.lease(f, _run_of(f)))
+            pipe.hgetall(keys.lease(home(backend, f, _run_of(f)), _run_of(f)))
         return {f: {k.decode(): v.decode() for k, v in found.items()} for f, found in zip(known, pipe.execute())}
 
     wf_runs: dict[str, str] = {}
@@ -263,14 +264,15 @@ def test_chaos_sigkill_holders_and_workers(redis_server, tmp_path):
         sample_tokens()
 
         # ---- properties ---------------------------------------------------------------------------------------
-        assert not any(r.zcard(keys.dead_index(f)) for f in flows), "a run was dead-lettered"
-        assert not any(r.zcard(keys.lease_index(f)) for f in flows), "a completed run still holds a lease"
+        homes = {f: home(backend, f, _run_of(f)) for f in flows}
+        assert not any(r.zcard(keys.dead_index(homes[f])) for f in flows), "a run was dead-lettered"
+        assert not any(r.zcard(keys.lease_index(homes[f])) for f in flows), "a completed run still holds a lease"
         latencies, report, takeovers = [], [], 0
         for f in flows:
             cps = backend.get_list_by_flow(f, limit=None)
             pipe = r.pipeline(transaction=False)
             for c in cps:
-                pipe.hget(keys.checkpoint(f, c.id), "sv")
+                pipe.hget(keys.checkpoint(homes[f], c.id), "sv")
             sv = {c.id: int(v) for c, v in zip(cps, pipe.execute())}
             chain = backend.get_chain(max(cps, key=lambda c: sv[c.id]).id)
             counts = effects(effects_dir / f)

@@ -53,7 +53,7 @@ def both(backend):
     wf_run_id from this one process; they are plain API calls (no Flow is running), so leases, on as by default,
     leave them alone and the answers must be InMemory's."""
     ref = InMemory()
-    ours = type(backend)(client=backend.redis, prefix=backend.prefix)
+    ours = type(backend)(client=backend.redis, prefix=backend.prefix, flow_buckets=backend.flow_buckets)
     assert ours.leases
     for cp in scenario():
         ref.save(cp)
@@ -143,7 +143,7 @@ def test_replace_mode_relabels_every_index(backend):
 
 def test_relabel_seen_by_another_backend_object(backend):
     """A second backend object (another pod) relabels a checkpoint the first one wrote: no stale index entries."""
-    other = type(backend)(client=backend.redis, prefix=backend.prefix)
+    other = type(backend)(client=backend.redis, prefix=backend.prefix, flow_buckets=backend.flow_buckets)
     cp = make("x", "flow", "run-1", "wf-1", S.ACTIVE, 1)
     backend.save(cp)
     other.save(cp.model_copy(update={"run_id": "run-2", "status": S.FAILED}))

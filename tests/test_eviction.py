@@ -103,7 +103,11 @@ def test_where_config_is_refused_the_policy_is_read_from_info_else_a_warning(own
 
 
 def test_fakeredis_backends_are_not_checked(fake_backend):
-    assert fake_backend._sync.preflight is None and fake_backend._async.preflight is None
+    """fakeredis evicts nothing: its backends skip the eviction check (their only check is the bucket count)."""
+    from dynamiq_redis_ckpt.eviction import EvictionCheck
+
+    for driver in (fake_backend._sync, fake_backend._async):
+        assert not any(isinstance(check, EvictionCheck) for check in driver.preflight.checks)
     fake_backend.save(make("a", "f", "r"))
     assert fake_backend.load("a").id == "a" and asyncio.run(fake_backend.load_async("a")).id == "a"
 

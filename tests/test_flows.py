@@ -21,6 +21,7 @@ from dynamiq.runnables import RunnableConfig, RunnableStatus
 from dynamiq_redis_ckpt import RedisCheckpointBackend
 from dynamiq_redis_ckpt.worker import Recovery
 from tests.flows import CRASH_ENV, EFFECTS_ENV, RunInterrupted, chain_flow, final_output
+from tests.homes import home
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = {"question": "where is my order?"}
@@ -66,7 +67,8 @@ def test_interrupted_run_resumes_on_new_flow_and_backend(backend, tmp_path, refe
     assert chain[-1].parent_checkpoint_id is None and len(chain) == len(backend.get_list_by_flow("fail", limit=None))
     # The resume drew a new wf_run_id (no RunnableConfig(run_id=...)); it took the interrupted run over, so no worker
     # resumes that one a second time once its lease would have run out.
-    old = backend.redis.hgetall(backend.store.keys.lease("fail", failed.wf_run_id or failed.run_id))
+    old_run = failed.wf_run_id or failed.run_id
+    old = backend.redis.hgetall(backend.store.keys.lease(home(backend, "fail", old_run), old_run))
     assert old[b"owner"] == b"" and old[b"superseded_by"] == (latest.wf_run_id or latest.run_id).encode()
     assert Recovery(backend).find_work() == []
 

@@ -18,6 +18,7 @@ from dynamiq_redis_ckpt import ConfigurationError, RedisCheckpointBackend
 from dynamiq_redis_ckpt.worker import Recovery
 from tests.flows import CRASH_ENV, ask_flow
 from tests.test_worker import env_for, start_worker, stop, wait_for
+from tests.homes import home
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +51,8 @@ def test_answer_resumes_the_waiting_node(backend, tool):
     assert result.output["ask"]["output"] == expected
     done = backend.get_latest_by_flow(flow_id)
     assert done.status == S.COMPLETED and done.wf_run_id == "wf-h"
-    assert backend.redis.hlen(backend._core.keys.inbox(flow_id, "wf-h")) == 0, "a used answer is forgotten"
+    inbox = backend._core.keys.inbox(home(backend, flow_id, "wf-h"), "wf-h")
+    assert backend.redis.hlen(inbox) == 0, "a used answer is forgotten"
 
 
 def test_answer_for_a_run_that_is_not_waiting_is_refused(backend):
@@ -141,13 +143,13 @@ def test_stopping_the_async_worker_hands_running_runs_back(backend):
     from tests.flows import SLEEP_ENV, chain_flow
 
     chain = lambda f: chain_flow(RedisCheckpointBackend(url=backend.url, prefix=backend.prefix), 6, flow_id=f, words=10)  # noqa: E731
-    lease = backend._core.keys.lease("chain-6-async", "wf-s")
     from dynamiq_redis_ckpt.leases import LeaseTicket
 
     first = chain("chain-6-async")
     backend._sync.run(backend._core.save(
         make_first_checkpoint(first, "wf-s"), ticket=LeaseTicket("take", "gone:1:x", 0, 200)
     ))  # fmt: skip
+    lease = backend._core.keys.lease(home(backend, "chain-6-async", "wf-s"), "wf-s")
     time.sleep(0.3)
     worker = Worker(Recovery(backend), chain, concurrency=1, poll_seconds=0.1)
     os.environ[SLEEP_ENV] = "0.5"

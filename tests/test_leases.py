@@ -14,10 +14,12 @@ import pytest
 from dynamiq.checkpoints.types import CheckpointStatus as S
 
 from dynamiq_redis_ckpt import ConfigurationError, LeaseLostError, RedisCheckpointBackend, as_running_flow
+from dynamiq_redis_ckpt.keys import flow_of
 from dynamiq_redis_ckpt.leases import LeaseTicket, release_op, renew_op
 from dynamiq_redis_ckpt.registry import REGISTRY, HeldLease, process_owner
 from dynamiq_redis_ckpt.worker import Recovery
 from tests.test_contract import make
+from tests.homes import home
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +30,8 @@ def server_ms(raw) -> int:
 
 
 def lease_of(backend, flow, run) -> dict:
-    return {k.decode(): v.decode() for k, v in backend.redis.hgetall(backend._core.keys.lease(flow, run)).items()}
+    key = backend._core.keys.lease(home(backend, flow, run), run)
+    return {k.decode(): v.decode() for k, v in backend.redis.hgetall(key).items()}
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +64,7 @@ def test_first_save_takes_the_lease_with_server_time(leased):
     lease = lease_of(leased, "f", "wf-1")
     assert lease["owner"] == process_owner() and lease["token"] == "1" and lease["head"] == "a"
     assert before + 3000 <= int(lease["exp"]) <= after + 3000, "expiry comes from the server's TIME"
-    assert raw.zscore(leased._core.keys.lease_index("f"), "wf-1") == int(lease["exp"])
+    assert raw.zscore(leased._core.keys.lease_index(home(leased, "f", "wf-1")), "wf-1") == int(lease["exp"])
 
 
 def test_head_is_the_newest_save_by_server_order_not_by_clocks(leased):
@@ -101,12 +104,13 @@ def test_a_lost_run_is_never_taken_back_but_a_new_run_sync_takes_over(leased):
 
 def test_renew_and_release_by_a_non_holder_fail(leased):
     leased.save(make("a", "f", "r", "wf", S.ACTIVE))
-    stale = HeldLease(leased._namespace, "f", "wf", process_owner(), 1, leased.lease_policy).ref
+    where = home(leased, "f", "wf")
+    stale = HeldLease(leased._namespace, "f", "wf", process_owner(), 1, leased.lease_policy, home=where).ref
     assert leased._sync.run(renew_op(leased.store.keys, stale)) == "OK"
     other_holder_saves(leased, make("b", "f", "r2", "wf", S.ACTIVE, minute=1))
     assert leased._sync.run(renew_op(leased.store.keys, stale)) == "FENCED", "renew after takeover fails"
-    assert leased._sync.run(release_op(leased.store.keys, "f", "wf", process_owner(), 1, failed=False)) == "FENCED"
-    assert leased._sync.run(release_op(leased.store.keys, "f", "wf", "intruder", 2, failed=False)) == "FENCED"
+    assert leased._sync.run(release_op(leased.store.keys, where, "wf", process_owner(), 1, failed=False)) == "FENCED"
+    assert leased._sync.run(release_op(leased.store.keys, where, "wf", "intruder", 2, failed=False)) == "FENCED"
     assert lease_of(leased, "f", "wf")["owner"] == "other-host:1:abc", "no unconditional delete"
 
 
@@ -115,7 +119,7 @@ def test_ended_and_paused_runs_hand_the_lease_back(leased):
     leased.save(make("b", "f", "r", "wf", S.COMPLETED, minute=1, parent="a"))
     lease = lease_of(leased, "f", "wf")
     assert lease["owner"] == "" and lease["token"] == "1" and lease["head"] == "b"
-    assert leased.redis.zscore(leased._core.keys.lease_index("f"), "wf") is None
+    assert leased.redis.zscore(leased._core.keys.lease_index(home(leased, "f", "wf")), "wf") is None
     assert REGISTRY.get((leased._namespace, "f", "wf")) is None
     leased.save(make("c", "f", "r2", "wf", S.ACTIVE, minute=2, parent="b"))
     assert lease_of(leased, "f", "wf")["token"] == "2", "the token survives release and only grows"
@@ -266,8 +270,8 @@ def test_progress_resets_the_failed_recovery_count(leased):
         progressed.completed_node_ids = [f"n{i}" for i in range(step)]
         leased.save(progressed)
         REGISTRY.drop(held.key)
-        leased.redis.hset(leased._core.keys.lease("f", "wf"), "exp", 0)  # the worker died: its lease runs out
-        leased.redis.zadd(leased._core.keys.lease_index("f"), {"wf": 0})
+        leased.redis.hset(leased._core.keys.lease(home(leased, "f", "wf"), "wf"), "exp", 0)  # the worker died: its lease runs out
+        leased.redis.zadd(leased._core.keys.lease_index(home(leased, "f", "wf")), {"wf": 0})
 
 
 def test_handing_back_a_claim_leaves_a_newer_lease_of_the_run_alone(leased):
@@ -293,7 +297,7 @@ def test_handing_back_a_claim_leaves_a_newer_lease_of_the_run_alone(leased):
 def test_renewing_an_expired_lease_says_it_ran_out(leased):
     leased.save(make("a", "f", "r", "wf", S.ACTIVE))
     held = REGISTRY.get((leased._namespace, "f", "wf"))
-    leased.redis.hset(leased._core.keys.lease("f", "wf"), "exp", 1)
+    leased.redis.hset(leased._core.keys.lease(home(leased, "f", "wf"), "wf"), "exp", 1)
     assert leased._sync.run(renew_op(leased.store.keys, held.ref)) == "EXPIRED"
 
 
@@ -306,11 +310,11 @@ def test_a_paused_run_stays_resumable_as_long_as_its_checkpoints(leased):
     pause.pending_inputs["n"] = PendingInputContext(node_id="n", prompt="", timestamp=due, resume_at=due)
     leased.save(make("a", "f", "r", "wf", S.ACTIVE))
     leased.save(pause)
-    assert leased.redis.pttl(leased._core.keys.lease("f", "wf")) == -1, "kept as long as the checkpoints (no ttl)"
+    assert leased.redis.pttl(leased._core.keys.lease(home(leased, "f", "wf"), "wf")) == -1, "kept as long as the checkpoints (no ttl)"
     with_ttl = RedisCheckpointBackend(url=leased.url, prefix=leased.prefix + "t", ttl_seconds=3600)
     with_ttl.save(make("a", "f", "r", "wf2", S.ACTIVE))
     with_ttl.save(pause.model_copy(update={"wf_run_id": "wf2"}))
-    left = leased.redis.pttl(with_ttl._core.keys.lease("f", "wf2"))
+    left = leased.redis.pttl(with_ttl._core.keys.lease(home(with_ttl, "f", "wf2"), "wf2"))
     assert left > 8 * 86400_000, "and past the timer's due time"
     with_ttl.clear()
 
@@ -318,8 +322,8 @@ def test_a_paused_run_stays_resumable_as_long_as_its_checkpoints(leased):
 def test_a_stale_run_cannot_write_under_a_workers_claim_in_the_same_process(leased):
     """Review finding: an embedded worker claims a run whose holder here stalled; the stale run must stay fenced."""
     leased.save(make("a", "f", "stale-run", "wf", S.ACTIVE))
-    leased.redis.hset(leased._core.keys.lease("f", "wf"), "exp", 0)  # the holder stalled: its lease ran out
-    leased.redis.zadd(leased._core.keys.lease_index("f"), {"wf": 0})
+    leased.redis.hset(leased._core.keys.lease(home(leased, "f", "wf"), "wf"), "exp", 0)  # the holder stalled: its lease ran out
+    leased.redis.zadd(leased._core.keys.lease_index(home(leased, "f", "wf")), {"wf": 0})
     claim = Recovery(leased).claim("f", "wf")
     assert claim is not None and claim.head == "a"
     held = HeldLease(leased._namespace, "f", "wf", claim.owner, claim.token, leased.lease_policy,
@@ -428,7 +432,7 @@ def test_renew_answers_wrongtype_for_a_foreign_lease_index_instead_of_failing_th
     leased.save(make("a", "f", "run-1", "wf-1", S.ACTIVE))
     leased.save(make("b", "g", "run-2", "wf-2", S.ACTIVE))
     held = [REGISTRY.get((leased._namespace, "f", "wf-1")), REGISTRY.get((leased._namespace, "g", "wf-2"))]
-    index = leased._core.keys.lease_index("f")
+    index = leased._core.keys.lease_index(home(leased, "f", "wf-1"))
     saved_index = leased.redis.zrange(index, 0, -1, withscores=True)
     leased.redis.delete(index)
     leased.redis.set(index, "not a zset")
@@ -465,10 +469,10 @@ def test_one_unclaimable_run_does_not_stop_a_poll_from_claiming_the_others(lease
     """Review finding: a key of another type in one flow made every poll fail, dropping the claims already made."""
     orphan(leased, flow="broken")
     orphan(leased, flow="healthy")
-    leased.redis.set(leased.store.keys.dead_index("broken"), "not a zset")
+    leased.redis.set(leased.store.keys.dead_index(home(leased, "broken", "wf")), "not a zset")
     recovery = Recovery(leased)
     claims = leased.execute(recovery.claim_some_op(4, lambda flow, run: False))
-    assert [(c.flow, c.run) for c in claims] == [("healthy", "wf")]
+    assert [(flow_of(c.flow), c.run) for c in claims] == [("healthy", "wf")]
     assert lease_of(leased, "broken", "wf")["token"] == "1", "nothing written for the broken one"
 
 
@@ -478,10 +482,11 @@ def test_a_lost_announcement_is_made_again_by_the_first_renewal(redis_server):
     backend = RedisCheckpointBackend(url=redis_server.url, prefix=f"an{uuid.uuid4().hex[:6]}", lease_ttl_seconds=1.5)
     keys = backend.store.keys
     backend.save(make("a", "f", "r", "wf", S.ACTIVE))
-    shard = keys.shard_of("f")
+    where = home(backend, "f", "wf")
+    shard = keys.shard_of(where)
     backend.redis.delete(keys.wake(shard), keys.wake_versions(shard))  # as if the announcement was lost
     time.sleep(0.8)  # one renewal
-    assert backend.redis.zscore(keys.wake(shard), "f") is not None
+    assert backend.redis.zscore(keys.wake(shard), where) is not None
     backend.save(make("b", "f", "r", "wf", S.COMPLETED, minute=1, parent="a"))
     backend.clear()
 

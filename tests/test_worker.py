@@ -17,6 +17,7 @@ from dynamiq.checkpoints.types import CheckpointStatus as S
 from dynamiq_redis_ckpt import RedisCheckpointBackend
 from tests.redis_proc import free_port
 from tests.flows import CRASH_ENV, EFFECTS_ENV, PREFIX_ENV, SLEEP_ENV, timer_flow
+from tests.homes import home
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -174,7 +175,7 @@ def test_timer_fires_once_at_its_time_across_workers(redis_server, tmp_path):
         lag_seconds = sum(m[("dynamiq_ckpt_timer_lag_seconds_sum", ())] for m in scraped)
         assert 0 <= lag_seconds < 10, lag_seconds
         assert done.wf_run_id == paused.wf_run_id
-        assert backend.redis.zcard(backend._core.keys.due_index("timer-1")) == 0
+        assert backend.redis.zcard(backend._core.keys.due_index(home(backend, "timer-1", done.wf_run_id))) == 0
     finally:
         os.environ.pop(EFFECTS_ENV, None)
         RedisCheckpointBackend(url=redis_server.url, prefix=prefix).clear()

@@ -1,10 +1,11 @@
 """``python3 -m dynamiq_redis_ckpt.bench.cluster --url redis+cluster://host:port``: how one flow spreads over a cluster.
 
-Saves ``--runs`` runs of one flow (``--steps`` APPEND checkpoints each, the benchmark's agent-like content), then
-prints, per master: the keys it holds, the memory they added, the save scripts it ran and the Redis CPU they cost
-(``INFO commandstats``), and the share of each in the whole. Then the latency (p50, p99) of listing the flow's
-newest 10 checkpoints and of a save with and without ``replica_acks=1`` (``WAIT`` for one replica). Nothing is
-asserted: the numbers are the result (docs/cluster.md keeps the latest). Uses its own prefix and deletes it after.
+For each bucket count (``--buckets``, default 1 and 16): saves ``--runs`` runs of one flow (``--steps`` APPEND
+checkpoints each, the benchmark's agent-like content), then prints, per master, the keys it holds, the memory they
+added, the save scripts it ran and the Redis CPU they cost (``INFO commandstats``), each as a share of the whole and
+as its deviation from an even share; then the latency (p50, p99) of listing the flow's newest 10 checkpoints. Last,
+a save's latency with and without ``replica_acks=1`` (``WAIT`` for one replica). Nothing is asserted: the numbers
+are the result (docs/cluster.md keeps the latest). Each count uses its own prefix, deleted after.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import redis
 
-from dynamiq_redis_ckpt import RedisCheckpointBackend
+from dynamiq_redis_ckpt import CheckpointStoreError, RedisCheckpointBackend
 from dynamiq_redis_ckpt.bench.measure import summary
 from dynamiq_redis_ckpt.bench.workloads import append_chain
 from dynamiq_redis_ckpt.cluster import primaries
@@ -45,10 +46,11 @@ def _timed(fn, samples: int) -> dict[str, float]:
     return summary(took[max(1, samples // 10) :])
 
 
-def spread(url: str, runs: int, steps: int, samples: int, flow: str = "hot-flow") -> dict[str, Any]:
-    """Save ``runs`` runs of one flow and measure where they landed; the report as a dict."""
+def spread(url: str, runs: int, steps: int, samples: int, buckets: int, flow: str = "hot-flow",
+           wait: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Save ``runs`` runs of one flow over ``buckets`` buckets and measure where they landed; the report as a dict."""
     prefix = f"bench-cluster-{secrets.token_hex(3)}"
-    backend = RedisCheckpointBackend(url=url, prefix=prefix)
+    backend = RedisCheckpointBackend(url=url, prefix=prefix, flow_buckets=buckets)
     client = backend.redis
     for node in primaries(client):
         node.redis_connection.config_resetstat()
@@ -64,33 +66,38 @@ def spread(url: str, runs: int, steps: int, samples: int, flow: str = "hot-flow"
         totals = {key: sum(node[key] for node in nodes.values()) or 1 for key in ("keys", "memory", "scripts")}
         for node in nodes.values():
             node["share"] = {key: node[key] / totals[key] for key in totals}
+            node["off_even"] = {key: node["share"][key] * len(nodes) - 1 for key in totals}
         newest = _timed(lambda: backend.get_list_by_flow(flow, limit=10), samples)
         saves = {}
-        for acks in (0, 1):
-            waiting = RedisCheckpointBackend(url=url, prefix=prefix, replica_acks=acks)
+        for acks in (0, 1) if wait else ():
+            waiting = RedisCheckpointBackend(url=url, prefix=prefix, replica_acks=acks, flow_buckets=buckets)
             chain = list(append_chain(7 + acks, samples, flow_id=f"wait-{acks}"))
             it = iter(chain)
             saves[acks] = _timed(lambda b=waiting, c=it: b.save(next(c)), samples)
             waiting.close()
-        return {"runs": runs, "steps": steps, "masters": nodes, "list_newest_10": newest, "save": saves[0],
-                "save_replica_acks_1": saves[1]}  # fmt: skip
+        return {"buckets": buckets, "runs": runs, "steps": steps, "masters": nodes, "list_newest_10": newest,
+                **({"save": saves[0], "save_replica_acks_1": saves[1]} if wait else {})}  # fmt: skip
     finally:
         backend.clear()
         backend.close()
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = [f"one flow, {result['runs']} runs x {result['steps']} saves, over {len(result['masters'])} masters",
-             "| master | keys | share | memory added | share | save scripts | share | script CPU (ms) |",
+    lines = [f"one flow, {result['runs']} runs x {result['steps']} saves, {result['buckets']} bucket(s), over "
+             f"{len(result['masters'])} masters",
+             "| master | keys | share (vs even) | memory added | share (vs even) | save scripts | share (vs even) |"
+             " script CPU (ms) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, node in sorted(result["masters"].items()):
-        share = node["share"]
-        lines.append(f"| {name} | {node['keys']} | {share['keys']:.0%} | {node['memory'] / 1e6:.2f} MB | "
-                     f"{share['memory']:.0%} | {node['scripts']} | {share['scripts']:.0%} | "
+        share, off = node["share"], node["off_even"]
+        lines.append(f"| {name} | {node['keys']} | {share['keys']:.0%} ({off['keys']:+.0%}) | "
+                     f"{node['memory'] / 1e6:.2f} MB | {share['memory']:.0%} ({off['memory']:+.0%}) | "
+                     f"{node['scripts']} | {share['scripts']:.0%} ({off['scripts']:+.0%}) | "
                      f"{node['script_usec'] / 1000:.1f} |")  # fmt: skip
     for label, key in (("list newest 10", "list_newest_10"), ("save", "save"),
                        ("save, replica_acks=1 (WAIT)", "save_replica_acks_1")):  # fmt: skip
-        lines.append(f"{label}: p50 {result[key]['p50_ms']:.3f} ms, p99 {result[key]['p99_ms']:.3f} ms")
+        if key in result:
+            lines.append(f"{label}: p50 {result[key]['p50_ms']:.3f} ms, p99 {result[key]['p99_ms']:.3f} ms")
     return "\n".join(lines)
 
 
@@ -100,17 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=5, help="saves per run")
     parser.add_argument("--samples", type=int, default=200, help="timed calls per latency")
+    parser.add_argument("--buckets", default="1,16", help="bucket counts to compare (comma-separated)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
+    counts = [int(n) for n in args.buckets.split(",")]
+    results = []
     try:
-        result = spread(args.url, args.runs, args.steps, args.samples)
-    except redis.RedisError as e:
+        for i, buckets in enumerate(counts):
+            results.append(spread(args.url, args.runs, args.steps, args.samples, buckets, wait=i == len(counts) - 1))
+            print(render(results[-1]) + "\n", flush=True)
+    except (redis.RedisError, CheckpointStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(render(result))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(results, f, indent=1)
     return 0
 
 
