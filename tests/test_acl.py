@@ -62,9 +62,9 @@ def orphan(backend: RedisCheckpointBackend, flow, run: str) -> None:
 # ---- the rule: one source, the doc shows it, the package's commands are all in it -------------------------------
 
 
-def test_the_doc_shows_the_rule_the_package_builds():
-    doc = (ROOT / "docs" / "security.md").read_text()
-    blocks = re.findall(r"```(?:\w*)\n(ACL SETUSER .*?)\n```", doc)
+@pytest.mark.parametrize("doc", ["docs/security.md", "README.md"])
+def test_the_doc_shows_the_rule_the_package_builds(doc):
+    blocks = re.findall(r"```(?:\w*)\n(ACL SETUSER .*?)\n```", (ROOT / doc).read_text())
     assert acl_rule("PREFIX", "PASSWORD") in blocks
 
 
