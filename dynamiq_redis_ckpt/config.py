@@ -60,6 +60,18 @@ def is_sentinel(url: str | None) -> bool:
     return bool(url) and urlsplit(url).scheme == SENTINEL_SCHEME
 
 
+def _addresses(hosts: str, default_port: int, what: str, url: str) -> list[tuple[str, int]]:
+    """``host1:port1,host2,...`` as (host, port) pairs (IPv6 hosts in brackets); ConfigurationError naming ``what``."""
+    found = []
+    for item in filter(None, hosts.split(",")):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", str(default_port))
+        try:
+            found.append((host.strip("[]"), int(port)))
+        except ValueError:
+            raise ConfigurationError(f"bad {what} address {item!r} in {mask_url(url)!r}") from None
+    return found
+
+
 def is_cluster_url(url: str | None) -> bool:
     return bool(url) and urlsplit(url).scheme in CLUSTER_SCHEMES
 
@@ -76,13 +88,7 @@ def cluster_clients(url: str, options: dict[str, Any]) -> tuple[Callable[[], Any
     username, password, hosts = _split_netloc(parts.netloc)
     if parts.path.strip("/") not in ("", "0"):
         raise ConfigurationError(f"a Redis Cluster has only database 0, got {parts.path!r} in {mask_url(url)!r}")
-    nodes = []
-    for item in filter(None, hosts.split(",")):
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", "6379")
-        try:
-            nodes.append((host.strip("[]"), int(port)))
-        except ValueError:
-            raise ConfigurationError(f"bad cluster node address {item!r} in {mask_url(url)!r}") from None
+    nodes = _addresses(hosts, 6379, "cluster node", url)
     if not nodes:
         raise ConfigurationError(f"no cluster node in {mask_url(url)!r} (redis+cluster://host:port[,host:port])")
     password = password or dict(parse_qsl(parts.query)).get("password")
@@ -139,12 +145,7 @@ def sentinel_config(url: str | None, sentinels: list | None, service: str | None
         if parts.scheme != SENTINEL_SCHEME:
             raise ConfigurationError(f"sentinel options need a {SENTINEL_SCHEME}:// url or none, got {mask_url(url)!r}")
         username, password, netloc_hosts = _split_netloc(parts.netloc)
-        for item in filter(None, netloc_hosts.split(",")):
-            host, _, port = item.rpartition(":") if ":" in item else (item, "", "26379")
-            try:
-                hosts.append((host.strip("[]"), int(port)))
-            except ValueError:
-                raise ConfigurationError(f"bad sentinel address {item!r} in {mask_url(url)!r}") from None
+        hosts = _addresses(netloc_hosts, 26379, "sentinel", url)
         path = [unquote(p) for p in parts.path.split("/") if p]
         if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
             raise ConfigurationError(f"{SENTINEL_SCHEME} url path must be /service_name[/db], got {parts.path!r}")

@@ -50,27 +50,12 @@ class ClusterNodeProcess(RedisProcess):
         self.node_timeout_ms = node_timeout_ms
 
     def start(self) -> "ClusterNodeProcess":
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--dir", self.dir,
-             "--protected-mode", "no", "--appendonly", "no",
-             "--cluster-enabled", "yes", "--cluster-config-file", os.path.join(self.dir, "nodes.conf"),
-             "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-port", str(self.bus_port),
-             "--repl-diskless-sync-delay", "0"],  # a replica (re)syncs at once, not after Redis's default 5 s
-            stdout=open(os.path.join(self.dir, "server.log"), "ab"), stderr=subprocess.STDOUT,
+        return self.launch(
+            "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-config-file",
+            os.path.join(self.dir, "nodes.conf"), "--cluster-node-timeout", str(self.node_timeout_ms),
+            "--cluster-port", str(self.bus_port),
+            "--repl-diskless-sync-delay", "0",  # a replica (re)syncs at once, not after Redis's default 5 s
         )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                if self.proc.poll() is not None:
-                    with open(os.path.join(self.dir, "server.log"), errors="replace") as log:
-                        raise RuntimeError(f"{self.binary} exited with {self.proc.returncode}: {log.read()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
 
     @property
     def alive(self) -> bool:

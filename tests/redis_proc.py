@@ -90,9 +90,13 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisProcess":
+        return self.launch("--appendonly", "yes" if self.persist else "no", "--appendfsync", "always")
+
+    def launch(self, *options: str) -> "RedisProcess":
+        """Start the server on its port and directory with ``options`` and wait until it answers PING."""
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", self.dir,
-             "--protected-mode", "no", "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always"],
+             "--protected-mode", "no", *options],
             stdout=open(os.path.join(self.dir, "server.log"), "ab"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
