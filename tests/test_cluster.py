@@ -371,6 +371,21 @@ def test_acl_user_on_a_cluster(redis_cluster):
     assert sum(namespace_keys(redis_cluster, prefix).values()) == 0
 
 
+def test_an_evicting_policy_on_one_master_is_refused(redis_cluster):
+    """The eviction check reads every primary's maxmemory-policy: one unsafe master is enough to refuse."""
+    from dynamiq_redis_ckpt import ConfigurationError
+
+    host, port = redis_cluster.masters()[-1]
+    node = redis.Redis(host=host, port=port)
+    node.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        with pytest.raises(ConfigurationError, match="allkeys-lru"):
+            backend_on(redis_cluster, f"e{uuid.uuid4().hex[:6]}").load("x")
+    finally:
+        node.config_set("maxmemory-policy", "noeviction")
+    assert backend_on(redis_cluster, f"e{uuid.uuid4().hex[:6]}").load("x") is None
+
+
 def test_a_backend_is_built_without_reaching_the_cluster_and_fails_typed_when_it_cannot():
     backend = RedisCheckpointBackend(url="redis+cluster://127.0.0.1:1,127.0.0.1:2", prefix="p", retries=1)
     with pytest.raises(StoreUnavailableError, match="Redis Cluster cannot be connected"):
