@@ -45,7 +45,7 @@ from dynamiq_redis_ckpt.errors import ConfigurationError
 KINDS = ("cp", "flow", "pack", "id", "runflows", "lease", "wake", "deadflows", "inbox", "flows", "meta")
 FLOW_SHARDS = 16
 SLOTS = 16384
-HOME_SEP = "\x00"  # in a home: the flow id, then its bucket's salt (flow ids may not hold it: see check_flow_id)
+HOME_SEP = "\x00"  # in a home: the flow id, then its bucket's salt (a save refuses a flow id holding it)
 
 
 def _escape(value: str) -> str:
@@ -77,6 +77,8 @@ def flow_homes(flow_id: str, buckets: int) -> tuple[str, ...]:
     with ``buckets`` > 1, one home per bucket. Bucket ``b``'s salt is the smallest whose tag hashes near the middle
     of the ``b``-th of ``buckets`` equal ranges of the cluster's 16,384 slots (within a quarter of the range's width
     of its centre), so the buckets spread over the masters as evenly as the masters' slot ranges allow."""
+    if HOME_SEP in flow_id:  # no flow has such an id (a save refuses it): it names nothing, not another's bucket
+        return ()
     if buckets <= 1:
         return (flow_id,)
     homes = [flow_id]

@@ -22,7 +22,7 @@ from dynamiq.checkpoints.types import CheckpointStatus
 
 from dynamiq_redis_ckpt.codec import micros
 from dynamiq_redis_ckpt.errors import WrongKeyTypeError
-from dynamiq_redis_ckpt.keys import FLOW_SHARDS, Keys, flow_of
+from dynamiq_redis_ckpt.keys import FLOW_SHARDS, Keys, flow_homes, flow_of
 from dynamiq_redis_ckpt.requests import Batch, Command, Script, cmd, pairs, score_pairs, text
 
 ACTIVE = CheckpointStatus.ACTIVE.value
@@ -277,19 +277,20 @@ def migrate_registry_op(keys: Keys, batch: int = 1000):
     return len(flows)
 
 
-def run_homes_op(keys: Keys, run: str, flow: str | None):
-    """The homes (keys.flow_homes) holding checkpoints of ``run``, of ``flow`` only when given, in order; a flow
-    given that no checkpoint of the run names is its own home (what a run saved before buckets has)."""
+def run_homes_op(keys: Keys, run: str, flow: str | None, buckets: int = 1):
+    """The homes (keys.flow_homes) holding checkpoints of ``run``, of ``flow`` only when given, in order. A flow
+    given whose run no lookup names (its lookup keys expired before its lease or dead letter did) gives every home
+    of the flow (``buckets`` per flow), to be tried in turn."""
     homes = sorted(text(h) for h in (yield cmd("SMEMBERS", keys.run_flows(run))))
     if flow is None:
         return homes
-    return [h for h in homes if flow_of(h) == flow] or [flow]
+    return [h for h in homes if flow_of(h) == flow] or list(flow_homes(flow, buckets))
 
 
-def lease_head_op(keys: Keys, run: str, flow: str | None):
+def lease_head_op(keys: Keys, run: str, flow: str | None, buckets: int = 1):
     """(home, head checkpoint id) for each home holding a lease of ``run`` (of ``flow`` only, when given), in
     order; a home is the flow's id, or one of its buckets (``flow_of`` names the flow)."""
-    flows = yield from run_homes_op(keys, run, flow)
+    flows = yield from run_homes_op(keys, run, flow, buckets)
     if not flows:
         return []
     heads = yield Batch(tuple(cmd("HGET", keys.lease(f, run), "head") for f in flows))
@@ -327,9 +328,9 @@ def dead_letters_op(keys: Keys):
             for score, run in score_pairs(rows)]  # fmt: skip
 
 
-def retry_dead_op(keys: Keys, flow: str, run: str):
+def retry_dead_op(keys: Keys, flow: str, run: str, buckets: int = 1):
     """Put a dead-lettered run back (atomically): the next worker claims it with a fresh attempt count."""
-    for home in (yield from run_homes_op(keys, run, flow)):
+    for home in (yield from run_homes_op(keys, run, flow, buckets)):
         args = (keys.dead_index(home), keys.lease(home, run), keys.lease_index(home))
         replies = yield Batch((Script("retry_dead", args, (run,)), *announce(keys, home)))
         if replies[0] == 1:
@@ -337,7 +338,7 @@ def retry_dead_op(keys: Keys, flow: str, run: str):
     return False
 
 
-def drop_dead_op(keys: Keys, flow: str, run: str):
+def drop_dead_op(keys: Keys, flow: str, run: str, buckets: int = 1):
     """Forget a dead-lettered run (its checkpoints stay for inspection and cleanup)."""
-    homes = yield from run_homes_op(keys, run, flow)
+    homes = yield from run_homes_op(keys, run, flow, buckets)
     return any((yield Batch(tuple(cmd("ZREM", keys.dead_index(home), run) for home in homes))))

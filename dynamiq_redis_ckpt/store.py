@@ -280,23 +280,27 @@ class StoreCore:
         raise CheckpointStoreError(f"Checkpoint {cp_id}: save kept racing with concurrent writers; gave up")
 
     def _home(self, checkpoint: FlowCheckpoint) -> Op:
-        """Where the checkpoint goes (see keys.flow_homes): with one bucket, its flow; else where its id is already
-        stored, else its parent's home (a run resumed or forked from a checkpoint stays in that checkpoint's slot:
-        the save script takes over the run it came from there), else its run's bucket. The parent's home comes from
-        this process's cache, else from its locator (one round trip, only for a parent this process has not seen)."""
-        flow = checkpoint.flow_id
+        """Where the checkpoint goes (see keys.flow_homes). With one bucket, its flow. Else, in this order: where its
+        id is stored now; its parent's home (a run resumed or forked from a checkpoint stays in that checkpoint's
+        slot: the save script takes over the run it came from there); the home already holding its run (whose lease
+        is there, even once the checkpoint it came from is gone); else the bucket its run id picks. This process's
+        cache answers the first two when it knows them; otherwise one round trip reads the id's and the parent's
+        locators and the run's homes at once (a new checkpoint of a run this process is writing needs none)."""
+        flow, parent, run = checkpoint.flow_id, checkpoint.parent_checkpoint_id, run_key(checkpoint)
         if self.buckets <= 1:
             return flow
-        stored = self.cache.state(checkpoint.id)
-        if stored is not None and flow_of(stored.flow) == flow:
-            return stored.flow
-        parent = checkpoint.parent_checkpoint_id
-        if parent:
-            known = self.cache.state(parent)
-            home = known.flow if known is not None else text((yield cmd("GET", self.keys.locator(parent))))
+        for known in (self.cache.state(checkpoint.id), self.cache.state(parent or None)):
+            if known is not None and flow_of(known.flow) == flow:
+                return known.flow
+        own, above, runs = yield Batch((
+            cmd("GET", self.keys.locator(checkpoint.id)),
+            cmd("GET", self.keys.locator(parent)) if parent else cmd("PING"),
+            cmd("SMEMBERS", self.keys.run_flows(run)),
+        ))  # fmt: skip
+        for home in (text(own), text(above) if parent else "", *sorted(text(h) for h in runs or ())):
             if home and flow_of(home) == flow:
                 return home
-        return new_run_home(flow, run_key(checkpoint), self.buckets)
+        return new_run_home(flow, run, self.buckets)
 
     def _undeclared(self, flow: str, links: list, wanted: list, sent, declared: dict, rounds: int, what: str) -> Op:
         """After a script asked for keys it was not given (``links`` it learned, the keys ``wanted``): learn the
@@ -750,8 +754,9 @@ class StoreCore:
         if self.buckets > 1:  # the homes holding the runs' checkpoints (one, mostly), not every bucket of the flow
             found = yield Batch(tuple(cmd("SMEMBERS", self.keys.run_flows(r)) for r in runs))
             homes = sorted({text(h) for members in found for h in members if flow_of(text(h)) == flow_id})
+            homes = homes or list(flow_homes(flow_id, self.buckets))  # no lookup left (expired): look everywhere
         else:
-            homes = [flow_id]
+            homes = list(flow_homes(flow_id, 1))
         sources = [(h, self.keys.run_index(h, r)) for h in homes for r in runs]
         wanted = status_name(status) if status else None
         return (yield from self._listed(sources, limit, status=wanted, newest=newest))
@@ -888,6 +893,8 @@ class StoreCore:
         number of runs waiting for people. Ages are read from the index (created_at), not from the hashes. With
         buckets, the flow's homes are merged newest first, a page at a time."""
         homes = flow_homes(flow_id, self.buckets)
+        if not homes:
+            return 0
         indexes = [self.keys.flow_index(h) for h in homes]
         cutoff = None if max_ttl_minutes is None else micros(datetime.now(timezone.utc)) - max_ttl_minutes * 60e6
         rank = considered = deleted = 0

@@ -156,7 +156,8 @@ class Recovery:
         run: it is handed back as a failed attempt, so another worker retries it after the back-off."""
         try:
             if served:
-                latest = yield from self.backend.store.list_by_flow_and_run(flow_of(claim.flow), claim.run, None, None, 1)
+                store = self.backend.store
+                latest = yield from store.list_by_flow_and_run(flow_of(claim.flow), claim.run, None, None, 1)
                 done = set(latest[0].completed_node_ids) if latest else set()
                 yield from leases.forget_answers_op(self.keys, claim.flow, claim.run, [n for n in served if n in done])
         finally:
@@ -183,7 +184,8 @@ class Recovery:
         return [(flow, run) for flow, run, reason in self.find_work(limit) if reason == "due"]
 
     def _claim_run_op(self, flow: str, run: str, reason: str):
-        for home in (yield from leases.run_homes_op(self.keys, run, flow)):  # a run lives in one home of its flow
+        homes = yield from leases.run_homes_op(self.keys, run, flow, self.backend.store.buckets)
+        for home in homes:  # a run lives in one home of its flow
             claim = yield from self._claim_op(home, run, reason)
             if claim is not None:
                 return claim
@@ -335,7 +337,8 @@ class Recovery:
         """
         ttl = self.backend.ttl_seconds
         keep_ms = max(int(ttl * 1000), 7 * 86400_000) if ttl else 0  # answers live as long as the run's checkpoints
-        for candidate, head in self.backend.execute(leases.lease_head_op(self.keys, run, flow)):
+        heads = self.backend.execute(leases.lease_head_op(self.keys, run, flow, self.backend.store.buckets))
+        for candidate, head in heads:
             checkpoint = self.backend.load(head)
             waiting = list(checkpoint.pending_inputs) if checkpoint else []
             if node_id is None and len(waiting) > 1:
@@ -365,11 +368,11 @@ class Recovery:
 
     def retry_dead(self, flow: str, run: str) -> bool:
         """Put a dead-lettered run back (atomically): the next worker claims it with a fresh attempt count."""
-        return self.backend.execute(leases.retry_dead_op(self.keys, flow, run))
+        return self.backend.execute(leases.retry_dead_op(self.keys, flow, run, self.backend.store.buckets))
 
     def drop_dead(self, flow: str, run: str) -> bool:
         """Forget a dead-lettered run (its checkpoints stay for inspection and cleanup)."""
-        return self.backend.execute(leases.drop_dead_op(self.keys, flow, run))
+        return self.backend.execute(leases.drop_dead_op(self.keys, flow, run, self.backend.store.buckets))
 
 
 class Worker:
