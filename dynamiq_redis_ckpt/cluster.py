@@ -23,6 +23,15 @@ from dynamiq_redis_ckpt import scripts
 
 MAX_REDIRECTS = 5  # rounds of MOVED/ASK a request follows before its last error stands (the driver then retries)
 _KEYLESS = {b"PING", b"TIME", b"INFO", b"CONFIG", b"SCAN", b"WAIT", b"SCRIPT", b"ECHO", b"ASKING"}
+_READS = {b"GET", b"GETRANGE", b"HGET", b"HGETALL", b"HMGET", b"SMEMBERS", b"SSCAN", b"ZRANGE", b"ZREVRANGE",
+          b"ZRANGEBYSCORE", b"ZREVRANGEBYSCORE", b"ZCARD", b"ZCOUNT", b"ZSCORE", b"PTTL", b"TYPE", b"EXISTS",
+          *_KEYLESS}  # fmt: skip
+
+
+def writes(sends: list[tuple[Any, list[tuple]]]) -> bool:
+    """Whether one of the pipelines writes (a script, a SET, ...): then they go one after another, in order, as a
+    save's lookup keys must land before its script (see store.save); reads may go to every primary at once."""
+    return any(_bytes(args[0]).upper() not in _READS for _, commands in sends for args in commands)
 
 
 def is_cluster(client: Any) -> bool:
@@ -138,9 +147,11 @@ def scan_cursor(cursor: Any, nodes: int) -> tuple[int, bytes]:
     if value == b"0":
         return 0, b"0"
     index, _, inner = value.partition(b"-")
-    if not inner or not index.isdigit() or int(index) >= nodes:
+    if not inner or not index.isdigit():
         raise ValueError(f"not a cluster SCAN cursor: {value!r}")
-    return int(index), inner
+    # a primary gone since the walk began (a failover): the walk goes on with the last one (keys may be missed, and
+    # clear() says so: run it again)
+    return min(int(index), nodes - 1), inner
 
 
 def next_scan_cursor(index: int, node_cursor: Any, nodes: int) -> bytes:

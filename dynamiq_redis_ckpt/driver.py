@@ -492,11 +492,15 @@ class AsyncDriver:
         return await self._route(cluster.exchange(client, wired, self.observer))
 
     async def _route(self, routing) -> list:
-        """Drive a :mod:`cluster` routing: one pipeline per primary it names, all at once."""
+        """Drive a :mod:`cluster` routing: one pipeline per primary it names, all at once when they only read, one
+        after another (in the request's order) when one writes."""
         try:
             sends = next(routing)
             while True:
-                received = await asyncio.gather(*(self._node_pipeline(node, wired) for node, wired in sends))
+                if cluster.writes(sends):
+                    received = [await self._node_pipeline(node, wired) for node, wired in sends]
+                else:
+                    received = await asyncio.gather(*(self._node_pipeline(node, wired) for node, wired in sends))
                 sends = routing.send(list(received))
         except StopIteration as done:
             return done.value
