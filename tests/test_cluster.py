@@ -34,6 +34,7 @@ from dynamiq_redis_ckpt.acl import acl_args
 from dynamiq_redis_ckpt.backend import DEFAULT_CLUSTER_BUCKETS
 from dynamiq_redis_ckpt.keys import new_run_home, tag
 from tests.cluster_fixtures import redis_cluster  # noqa: F401  (the fixture)
+from tests.cluster_proc import ClusterSetup
 from tests.flows import SLEEP_ENV
 from tests.redis_proc import CLUSTER, SERVER_ENV
 from tests.test_contract import make
@@ -309,7 +310,7 @@ ONE_BUCKET_SUBSET = ["tests/test_retention.py", "tests/test_packs.py", "tests/te
                      "-k", "not fakeredis"]  # fmt: skip
 
 
-def _suite_on_a_cluster(args: list[str], **env: str) -> str:
+def _suite_on_a_cluster(args: list[str], fewest: int, **env: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "pytest", *args, "-q", "-x", "-p", "no:cacheprovider"], cwd=ROOT,
         env=os.environ | {SERVER_ENV: CLUSTER, "CKPT_CHAOS_SECONDS": "10"} | env, capture_output=True, text=True,
@@ -320,7 +321,7 @@ def _suite_on_a_cluster(args: list[str], **env: str) -> str:
     tested_on = re.search(r"server under test: (.*)", out)
     assert tested_on and tested_on.group(1).endswith(" cluster"), out[-2000:]
     passed = re.search(r"(\d+) passed.*", out)
-    assert passed and int(passed.group(1)) > 50 and " skipped" not in passed.group(0), out[-2000:]
+    assert passed and int(passed.group(1)) >= fewest and " skipped" not in passed.group(0), out[-2000:]
     return passed.group(0)
 
 
@@ -330,16 +331,22 @@ def test_the_suite_on_a_cluster():
     """The contract, lease, pause/answer and bucket suites, flows resumed after an interruption and after SIGKILL,
     the worker recovering a SIGKILLed run and a 10 s chaos run, on a cluster with 48 buckets per flow; the pack,
     retention and store-defect suites with one (CKPT_TEST_SERVER=cluster)."""
-    print(f"\non a cluster, 48 buckets: {_suite_on_a_cluster(SUBSET)}")
-    one = _suite_on_a_cluster(ONE_BUCKET_SUBSET, DYNAMIQ_REDIS_CKPT_FLOW_BUCKETS="1")
+    print(f"\non a cluster, 48 buckets: {_suite_on_a_cluster(SUBSET, fewest=100)}")
+    one = _suite_on_a_cluster(ONE_BUCKET_SUBSET, fewest=40, DYNAMIQ_REDIS_CKPT_FLOW_BUCKETS="1")
     print(f"on a cluster, 1 bucket: {one}")
 
 
-def test_one_hot_flow_spreads_evenly_over_the_masters(redis_cluster):
+def test_one_hot_flow_spreads_evenly_over_the_masters():
     """One flow, 600 runs (the default 48 buckets): every master holds and serves its share, within 15% of even;
-    with one bucket, one master takes every save. The full measurement: python3 -m dynamiq_redis_ckpt.bench.cluster."""
+    with one bucket, one master takes every save. The full measurement: python3 -m dynamiq_redis_ckpt.bench.cluster.
+    A cluster of its own: the module's shared one has had slots moved by the reshard test."""
     from dynamiq_redis_ckpt.bench.cluster import spread
 
+    with ClusterSetup() as redis_cluster:
+        _spread_is_even(redis_cluster, spread)
+
+
+def _spread_is_even(redis_cluster, spread) -> None:
     even = spread(redis_cluster.ckpt_url, runs=600, steps=2, samples=20, buckets=48, wait=False)
     offs = {name: {k: f"{v:+.0%}" for k, v in node["off_even"].items()} for name, node in even["masters"].items()}
     print(f"\n48 buckets, each master's share vs an even one: {offs}")
