@@ -64,7 +64,8 @@ def _addresses(hosts: str, default_port: int, what: str, url: str) -> list[tuple
     """``host1:port1,host2,...`` as (host, port) pairs (IPv6 hosts in brackets); ConfigurationError naming ``what``."""
     found = []
     for item in filter(None, hosts.split(",")):
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", str(default_port))
+        bare = ":" not in item or (item.startswith("[") and item.endswith("]"))  # no port: "host", "[::1]"
+        host, _, port = (item, "", str(default_port)) if bare else item.rpartition(":")
         try:
             found.append((host.strip("[]"), int(port)))
         except ValueError:

@@ -399,6 +399,18 @@ def test_an_evicting_policy_on_one_master_is_refused(redis_cluster):
     assert backend_on(redis_cluster, f"e{uuid.uuid4().hex[:6]}").load("x") is None
 
 
+@pytest.mark.parametrize("hosts, expected", [
+    ("10.0.0.1:7000,10.0.0.2", [("10.0.0.1", 7000), ("10.0.0.2", 6379)]),
+    ("[::1]:7000,[fe80::2]", [("::1", 7000), ("fe80::2", 6379)]),
+])  # fmt: skip
+def test_cluster_url_node_addresses(hosts, expected):
+    from dynamiq_redis_ckpt import ConfigurationError, config
+
+    assert config._addresses(hosts, 6379, "cluster node", f"redis+cluster://{hosts}") == expected
+    with pytest.raises(ConfigurationError, match="bad cluster node address 'h:x'"):
+        config._addresses("h:x", 6379, "cluster node", "redis+cluster://h:x")
+
+
 def test_a_backend_is_built_without_reaching_the_cluster_and_fails_typed_when_it_cannot():
     backend = RedisCheckpointBackend(url="redis+cluster://127.0.0.1:1,127.0.0.1:2", prefix="p", retries=1)
     with pytest.raises(StoreUnavailableError, match="Redis Cluster cannot be connected"):
