@@ -20,12 +20,12 @@ from dynamiq_redis_ckpt import codec
 from dynamiq_redis_ckpt.codec import micros
 from dynamiq_redis_ckpt.cache import Cache, StoredState, pack_list
 from dynamiq_redis_ckpt.errors import (
-    ConfigurationError,
     CheckpointCorruptedError,
     CheckpointEncodeError,
     CheckpointNotFoundError,
     CheckpointStoreError,
     CheckpointTooLargeError,
+    ConfigurationError,
     LeaseLostError,
     UnsupportedFormatError,
     WrongKeyTypeError,
@@ -292,12 +292,10 @@ class StoreCore:
         for known in (self.cache.state(checkpoint.id), self.cache.state(parent or None)):
             if known is not None and flow_of(known.flow) == flow:
                 return known.flow
-        own, above, runs = yield Batch((
-            cmd("GET", self.keys.locator(checkpoint.id)),
-            cmd("GET", self.keys.locator(parent)) if parent else cmd("PING"),
-            cmd("SMEMBERS", self.keys.run_flows(run)),
-        ))  # fmt: skip
-        for home in (text(own), text(above) if parent else "", *sorted(text(h) for h in runs or ())):
+        located = (checkpoint.id, *((parent,) if parent else ()))
+        *homes, runs = yield Batch((*(cmd("GET", self.keys.locator(i)) for i in located),
+                                    cmd("SMEMBERS", self.keys.run_flows(run))))  # fmt: skip
+        for home in (*(text(h) for h in homes), *sorted(text(h) for h in runs or ())):
             if home and flow_of(home) == flow:
                 return home
         return new_run_home(flow, run, self.buckets)
@@ -520,16 +518,15 @@ class StoreCore:
             _, wanted = self._learned(flow, reply[2], reply[3])
             prefix = self.keys.pack_prefix(flow)
             yield from self._discover(flow, [key[len(prefix) :] for key in wanted if key.startswith(prefix)])
-            named = pack_list(text(pairs(reply[0]).get(b"pk", pairs(reply[0]).get("pk"))))
-            chain = self.cache.chains(flow, named)
+            # every link below the packs it names is known now (discovered above): the chain is whole
+            chain = self.cache.chains(flow, Record(flow, checkpoint_id, _fields(pairs(reply[0]))).packs)
             absent = [p for p in chain if (flow, p) not in pinned and (flow, p) not in blobs
                       and self.cache.pack(flow, p) is None]  # fmt: skip
             if absent:
                 got = yield Batch(tuple(cmd("GET", self.keys.pack(flow, p)) for p in absent))
                 blobs |= {(flow, p): blob for p, blob in zip(absent, got)}
                 self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:]) for p, b in zip(absent, got) if b})
-            if all(blobs.get((flow, p)) is not None or (flow, p) in pinned or self.cache.pack(flow, p) is not None
-                   for p in self.cache.chains(flow, named)):  # fmt: skip
+            if all(blobs[(flow, p)] is not None for p in chain if (flow, p) in blobs):  # none went meanwhile
                 return [reply[0], [], [], []], blobs
             reply = yield self._load_script(flow, checkpoint_id, pinned)  # a pack went: read the checkpoint afresh
         return reply, blobs
