@@ -13,7 +13,7 @@ from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.types import CheckpointStatus
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from dynamiq_redis_ckpt import cluster, config, crypto
+from dynamiq_redis_ckpt import config, crypto
 from dynamiq_redis_ckpt.driver import AsyncDriver, RetryPolicy, SyncDriver
 from dynamiq_redis_ckpt.errors import ConfigurationError
 from dynamiq_redis_ckpt.eviction import EvictionCheck
@@ -170,13 +170,12 @@ class RedisCheckpointBackend(CheckpointBackend):
             async_options = {**options, "socket_timeout": None}  # the driver bounds each request (see AsyncDriver)
             make_async = lambda: redis.asyncio.Redis.from_url(url, **async_options)  # noqa: E731
         ttl_ms = int(self.ttl_seconds * 1000) if self.ttl_seconds else 0
-        is_cluster = sync_client is None or cluster.is_cluster(sync_client)
-        buckets = self.flow_buckets or (DEFAULT_CLUSTER_BUCKETS if is_cluster else 1)
+        self._sync = SyncDriver(sync_client, policy, make_sync if sync_client is None else None)
+        self._async = AsyncDriver(make_async, policy, timeout, connect_timeout)
+        buckets = self.flow_buckets or (DEFAULT_CLUSTER_BUCKETS if self._sync.cluster else 1)
         self._core = StoreCore(Keys(self.prefix), ttl_ms=ttl_ms, max_checkpoint_bytes=self.max_checkpoint_bytes,
                                buckets=buckets)  # fmt: skip
         self._core.sealer = crypto.sealer_for(self.encryption_keys)
-        self._sync = SyncDriver(sync_client, policy, make_sync if sync_client is None else None)
-        self._async = AsyncDriver(make_async, policy, timeout, connect_timeout)
         if self.replica_acks:
             wait_ms = max(1, int(self.replica_ack_timeout_seconds * 1000))
             if timeout is not None and self.replica_ack_timeout_seconds >= timeout:

@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import redis
 import redis.asyncio
 
+from dynamiq_redis_ckpt import cluster
 from dynamiq_redis_ckpt.errors import ConfigurationError
 
 URL_ENV = "DYNAMIQ_REDIS_CKPT_URL"
@@ -304,7 +305,7 @@ def check_client(client: Any) -> None:
 def async_twin(client: Any) -> Any:
     """An asyncio client talking to the same server as a given sync client (fakeredis included), without its socket
     timeout: the async driver bounds each request with that timeout instead."""
-    if not hasattr(client, "connection_pool") and hasattr(client, "nodes_manager"):
+    if cluster.is_cluster(client):
         return _async_cluster_twin(client)
     kwargs = dict(client.connection_pool.connection_kwargs)
     kwargs["socket_timeout"] = None
