@@ -1,12 +1,6 @@
-"""Command line: ``dynamiq-redis-ckpt <command>`` (or ``python -m dynamiq_redis_ckpt.cli <command>``).
-
-Commands:
-    demo      kill a flow's process mid-run and watch a worker process recover the run (see
-              :mod:`dynamiq_redis_ckpt.demo`)
-    worker    recover runs whose lease ran out or whose timer is due (see :mod:`dynamiq_redis_ckpt.worker`)
-    resume    answer a run that waits for a person (a worker resumes it with the answer; the first answer stands,
-              a later one exits with code 3)
-    dead      list, retry or drop dead-lettered runs
+"""Commands that run things: ``demo`` (kill a flow mid-run, a worker recovers it; :mod:`dynamiq_redis_ckpt.demo`),
+``worker`` (recover runs whose lease ran out or whose timer is due; :mod:`dynamiq_redis_ckpt.worker`) and ``resume``
+(answer a run that waits for a person; the first answer stands, a later one exits with code 3).
 """
 
 from __future__ import annotations
@@ -16,18 +10,17 @@ import gc
 import logging
 import sys
 
+from dynamiq_redis_ckpt.cli.common import connect, store_options
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser with one sub-parser per command."""
-    parser = argparse.ArgumentParser(prog="dynamiq-redis-ckpt", description="Redis checkpoint store for Dynamiq.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
+def register(commands) -> None:
+    """The commands that run things: demo, worker, resume."""
     demo = commands.add_parser("demo", help="kill a flow mid-run; a worker recovers the run by itself")
     demo.add_argument("--url", help="Redis to use (default $DYNAMIQ_REDIS_CKPT_URL, else a private redis-server)")
     demo.set_defaults(handler=_demo)
 
     worker = commands.add_parser("worker", help="claim and resume orphaned and due runs until SIGTERM")
-    _store_options(worker)
+    store_options(worker, json_output=False)
     source = worker.add_mutually_exclusive_group(required=True)
     source.add_argument("--flows", help="module:attr, a callable flow_id -> Flow or a dict flow_id -> factory")
     source.add_argument("--yaml", help="a Dynamiq YAML workflow file holding the flows")
@@ -47,40 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(handler=_worker)
 
     resume = commands.add_parser("resume", help="answer a run that waits for a person; a worker resumes it")
-    _store_options(resume)
+    store_options(resume)
     resume.add_argument("run", help="the run's wf_run_id")
     resume.add_argument("--input", required=True, help="the answer, as JSON")
     resume.add_argument("--node", help="the waiting node (needed when several wait)")
     resume.add_argument("--flow", help="the run's flow id (found from the run when left out)")
     resume.set_defaults(handler=_resume)
-
-    dead = commands.add_parser("dead", help="list, retry or drop runs whose recovery kept failing")
-    _store_options(dead)
-    dead.add_argument("action", choices=["list", "retry", "drop"])
-    dead.add_argument("flow", nargs="?", help="the run's flow id (retry, drop)")
-    dead.add_argument("run", nargs="?", help="the run's wf_run_id (retry, drop)")
-    dead.set_defaults(handler=_dead)
-    return parser
-
-
-def _store_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help="Redis url (default $DYNAMIQ_REDIS_CKPT_URL, else redis://localhost:6379/0)")
-    parser.add_argument("--prefix", default=None, help="key namespace (default dynamiq:ckpt)")
-    parser.add_argument("--tls-ca", help="rediss://: CA file the server's certificate must chain to "
-                        "(default $DYNAMIQ_REDIS_CKPT_TLS_CA, else the system's CAs)")  # fmt: skip
-    parser.add_argument("--tls-cert", help="rediss://: client certificate file (default $DYNAMIQ_REDIS_CKPT_TLS_CERT)")
-    parser.add_argument("--tls-key", help="rediss://: client key file (default $DYNAMIQ_REDIS_CKPT_TLS_KEY)")
-
-
-def _backend(args: argparse.Namespace, **options):
-    from dynamiq_redis_ckpt.backend import RedisCheckpointBackend
-
-    if args.prefix:
-        options["prefix"] = args.prefix
-    for option in ("tls_ca", "tls_cert", "tls_key"):
-        if getattr(args, option, None):
-            options[f"{option}_file"] = getattr(args, option)
-    return RedisCheckpointBackend(url=args.url, **options)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -113,7 +78,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         from prometheus_client import CollectorRegistry
 
         registry = CollectorRegistry()
-    backend = _backend(args, lease_ttl_seconds=args.lease_ttl, metrics=registry, allow_eviction=args.allow_eviction,
+    backend = connect(args, lease_ttl_seconds=args.lease_ttl, metrics=registry, allow_eviction=args.allow_eviction,
                        metrics_flow_label=args.metrics_flow_label)  # fmt: skip
     log.info("worker on %s, prefix %s", mask_url(backend.url or resolve_url(None)), backend.prefix)
     factory = load_flow_factory(flows=args.flows, yaml_path=args.yaml)
@@ -150,7 +115,7 @@ def _serve_worker(args: argparse.Namespace, registry, worker) -> None:
 
     # Readiness and the fleet read ask Redis with their own short deadline, no retries: a frozen Redis answers 503
     # within a second, and a scrape is never held up for long.
-    probe = _backend(args, socket_timeout=0.5, socket_connect_timeout=0.5, retries=0, leases=False,
+    probe = connect(args, socket_timeout=0.5, socket_connect_timeout=0.5, retries=0, leases=False,
                      allow_eviction=args.allow_eviction)  # not ready on a Redis that may evict
 
     def server_info():
@@ -194,7 +159,7 @@ def _resume(args: argparse.Namespace) -> int:
     from dynamiq_redis_ckpt.worker import Recovery
 
     try:
-        node = Recovery(_backend(args)).deliver_input(args.run, json.loads(args.input), node_id=args.node, flow=args.flow)
+        node = Recovery(connect(args)).deliver_input(args.run, json.loads(args.input), node_id=args.node, flow=args.flow)
     except AlreadyAnsweredError as e:
         print(f"refused: {e}", file=sys.stderr)
         return 3
@@ -213,29 +178,3 @@ def _pinger(backend):
             return False
 
     return ready
-
-
-def _dead(args: argparse.Namespace) -> int:
-    from dynamiq_redis_ckpt.worker import Recovery
-
-    recovery = Recovery(_backend(args))
-    if args.action == "list":
-        for letter in recovery.dead_letters():
-            print(f"{letter.flow}\t{letter.run}\t{letter.since_ms}")
-        return 0
-    if not (args.flow and args.run):
-        print("dead retry|drop needs FLOW RUN", file=sys.stderr)
-        return 2
-    done = recovery.retry_dead(args.flow, args.run) if args.action == "retry" else recovery.drop_dead(args.flow, args.run)
-    print("ok" if done else "not found")
-    return 0 if done else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, and return its exit code."""
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
