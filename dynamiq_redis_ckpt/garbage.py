@@ -38,8 +38,7 @@ on. Why each removal is safe while runs save, load, resume and delete:
   a later gc (too high is safe, too low would not be).
 - ``locator`` and ``run_lookup`` (``gc_peek.lua``, ``gc_lookup.lua``): these keys live in slots of their own, so
   no script can look at them and at the home at once (a cluster). A save writes them (SET, SADD) and then, in a
-  second request, its script. gc reads each candidate with ``gc_peek`` (noting the server time, and how long the
-  key had been idle), waits ``grace``, checks that the home still holds nothing the key points to, and removes it
+  second request, its script. gc reads each candidate with ``gc_peek`` (noting the server time), waits ``grace``, checks that the home still holds nothing the key points to, and removes it
   with ``gc_lookup`` only if still nothing touched it since the peek (its idle time, read before anything touches
   it: a save's SET or SADD touches it, so does a load's GET) and it still names the home. A save that could slip
   through wrote its lookup before the peek (or within the peek's second, idle time counting whole seconds) and its
@@ -63,7 +62,7 @@ from dynamiq_redis_ckpt.requests import Batch, Script, Sleep, cmd, text
 Op = Generator[Any, Any, Any]
 GARBAGE_KINDS = ("index", "lease_index", "pack", "locator", "run_lookup")
 DEFAULT_GRACE_SECONDS = 10.0
-MIN_GRACE_SECONDS = 3.0  # the CLI's floor: idle time is kept in whole seconds: a shorter wait would not tell a touch from the peek
+MIN_GRACE_SECONDS = 3.0  # the CLI's floor: idle time counts whole seconds, so a shorter wait proves little
 _SCAN_COUNT = 1000
 _BATCH = 500
 _PACK_HEAD = 25  # count (8), layer byte (1), base id (up to 16)
@@ -284,7 +283,7 @@ def _lookups_op(keys: Keys, homes: set[str], report: Report, grace_seconds: floa
             cursor, page = yield cmd("SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT)
             page = [text(k) for k in page]
             if page:
-                found = yield from _peek(keys, kind, stem, page, homes, grace_ms, report)
+                found = yield from _peek(keys, kind, stem, page, homes, report)
                 if found is None:
                     return
                 candidates += found
@@ -324,21 +323,18 @@ def _label(c: _Lookup) -> str:
     return f"{c.name} -> {c.home}"
 
 
-def _peek(keys: Keys, kind: str, stem: str, page: list[str], homes: set[str], grace_ms: int, report: Report) -> Op:
-    """The stale lookups among one SCAN page: those idle at least the grace period whose home (one of ``homes``)
-    holds nothing they point to; None when the server does not track idle time."""
-    idles = yield Batch(tuple(cmd("OBJECT", "IDLETIME", k) for k in page))  # no touch: a cheap first filter
-    old = [k for k, idle in zip(page, idles) if isinstance(idle, int) and idle * 1000 >= grace_ms]
-    if not old:
-        return []
-    replies = yield Batch(tuple(Script("gc_peek", (k,), (kind,)) for k in old))
+def _peek(keys: Keys, kind: str, stem: str, page: list[str], homes: set[str], report: Report) -> Op:
+    """The stale lookups among one SCAN page: those whose home (one of ``homes``) holds nothing they point to, each
+    with the server time of its peek; None when the server does not track idle time. (A dry run peeks too, so a gc
+    right after one waits its grace period from then.)"""
+    replies = yield Batch(tuple(Script("gc_peek", (k,), (kind,)) for k in page))
     found: list[_Lookup] = []
-    for key, reply in zip(old, replies):
+    for key, reply in zip(page, replies):
         word = text(reply[0]) if isinstance(reply[0], bytes) else ""
         if word == "NOIDLE":
             report.skipped.append("locators and run lookups: the server does not track idle time (LFU policy)")
             return None
-        if word == "NONE" or int(reply[0]) * 1000 < grace_ms:
+        if word == "NONE":
             continue
         name = _untag(key[len(stem) :])
         if name is None or (keys.locator(name) if kind == "locator" else keys.run_flows(name)) != key:
