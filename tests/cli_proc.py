@@ -17,16 +17,16 @@ def cli(*args: str, env: dict | None = None, timeout: float = 120, **kwargs) -> 
                           capture_output=True, text=True, timeout=timeout, **kwargs)  # fmt: skip
 
 
-def cli_all(*commands: tuple[str, ...], env: dict | None = None, timeout: float = 120
-            ) -> list[subprocess.CompletedProcess]:  # fmt: skip
-    """Run several commands at once (each process spends seconds importing Dynamiq), in the order given."""
+def cli_all(*commands: tuple[str, ...], env: dict | None = None, timeout: float = 120, wait: bool = True):
+    """Run several commands at once (each process spends seconds importing Dynamiq): their CompletedProcesses in
+    the order given; with ``wait=False``, a function that waits for them and returns those."""
     env = os.environ | {"PYTHONPATH": str(ROOT)} | (env or {})
     procs = [(args, subprocess.Popen([sys.executable, "-m", "dynamiq_redis_ckpt.cli", *args], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
              for args in commands]  # fmt: skip
-    return [_finished(args, p, timeout) for args, p in procs]
 
+    def finished() -> list[subprocess.CompletedProcess]:
+        outputs = [p.communicate(timeout=timeout) for _, p in procs]
+        return [subprocess.CompletedProcess(args, p.returncode, *out) for (args, p), out in zip(procs, outputs)]
 
-def _finished(args, proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return finished() if wait else finished

@@ -12,6 +12,7 @@ from dynamiq.checkpoints.types import CheckpointStatus as S
 
 from dynamiq_redis_ckpt import RedisCheckpointBackend
 from dynamiq_redis_ckpt.cli import main
+from dynamiq_redis_ckpt.worker import Recovery
 from tests.cli_proc import cli, cli_all
 from tests.flows import PREFIX_ENV, chain_flow, prose
 from tests.redis_proc import free_port
@@ -62,11 +63,16 @@ def test_diff_of_two_snapshots_text_and_json(run):
 
 
 @pytest.mark.slow
-def test_fork_handed_to_a_worker_runs_with_the_replaced_output(run, redis_server, tmp_path):
+def test_fork_to_a_worker_and_in_the_foreground(run, redis_server, tmp_path):
+    """Two forks of the run at once (each process spends seconds importing Dynamiq): one handed to a worker process,
+    one run in the foreground with --flows; both see their replaced output downstream, the original run unchanged."""
     backend, after, dumped, url, prefix = run
-    worker = start_worker(redis_server, prefix, tmp_path / "worker.log")  # starts up while the fork is made
+    worker = start_worker(redis_server, prefix, tmp_path / "worker.log")  # starts up while the forks are made
+    here = cli_all(("fork", after[3], "--set", 's02.output.transcript=["ONE", "KEY", "ONLY"]', "--json",
+                    "--flows", "tests.flows:worker_flows", *store(url, prefix)),
+                   env={"DYNAMIQ_REDIS_CKPT_URL": url, PREFIX_ENV: prefix}, wait=False)  # fmt: skip
     try:
-        replaced = {"content": "forked", "transcript": ["FORKED", "TWICE"], "step": 1}  # the longest upstream
+        replaced = {"content": "forked", "transcript": ["FORKED", "TWICE"], "step": 1}  # the longest upstream one
         made = cli("fork", after[2], "--set", f"s01.output={json.dumps(replaced)}", "--json", *store(url, prefix))
         assert made.returncode == 0, made.stderr
         fork = json.loads(made.stdout)
@@ -80,30 +86,26 @@ def test_fork_handed_to_a_worker_runs_with_the_replaced_output(run, redis_server
             return latest if latest is not None and latest.status == S.COMPLETED else None
 
         last = wait_for(completed, timeout=120)
+        foreground = here()[0]
     finally:
         assert stop(worker) == 0
     assert last.completed_node_ids == ["s00", "s01", "s02", "s03"]
     assert last.node_states["s02"].input_data["s01"]["output"] == replaced  # downstream read the replacement
     assert last.node_states["s03"].output_data["transcript"] == ["FORKED", "TWICE", prose(2, 60), prose(3, 60)]
     assert last.node_states["s01"].output_data == replaced  # s01 did not run again
+
+    assert foreground.returncode == 0, foreground.stderr
+    ran = json.loads(foreground.stdout)
+    assert ran["status"] == "success" and not ran["handed_to_workers"] and ran["run"] != fork["run"]
+    assert ran["output"]["s03"]["output"]["transcript"] == ["ONE", "KEY", "ONLY", prose(3, 60)]
+    assert ran["output"]["s02"]["output"]["content"] == prose(2, 60)  # the output's other keys kept
+    ran_last = backend.load(ran["last_checkpoint"])
+    assert ran_last.status == S.COMPLETED and ran_last.wf_run_id == ran["run"]
+    assert ran_last.node_states["s02"].output_data["transcript"] == ["ONE", "KEY", "ONLY"]
+
     assert unchanged(backend, dumped)
     original = backend.get_list_by_flow_and_run(FLOW, dumped[after[2]]["wf_run_id"], limit=50)
     assert sorted(c.id for c in original) == sorted(dumped)  # nothing joined the original run
-
-
-def test_fork_in_the_foreground_with_flows(run):
-    backend, after, dumped, url, prefix = run
-    env = {"DYNAMIQ_REDIS_CKPT_URL": url, PREFIX_ENV: prefix}
-    made = cli("fork", after[3], "--set", 's02.output.transcript=["ONE", "KEY", "ONLY"]', "--flows", "tests.flows:worker_flows",
-               "--json", *store(url, prefix), env=env)  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    fork = json.loads(made.stdout)
-    assert fork["status"] == "success" and not fork["handed_to_workers"]
-    assert fork["output"]["s03"]["output"]["transcript"] == ["ONE", "KEY", "ONLY", prose(3, 60)]
-    assert fork["output"]["s02"]["output"]["content"] == prose(2, 60)  # the other keys kept
-    last = backend.load(fork["last_checkpoint"])
-    assert last.status == S.COMPLETED and last.wf_run_id == fork["run"]
-    assert unchanged(backend, dumped)
 
 
 def test_exit_codes(run, capsys):
@@ -130,3 +132,13 @@ def test_exit_codes(run, capsys):
         out, err = capsys.readouterr()
         assert err.startswith("error: ") and not out, (args, out, err)
     assert len(backend.get_list_by_flow(FLOW, limit=50)) >= 6  # nothing was deleted or broken on the way
+
+
+def test_fork_of_an_earlier_node_warns_of_the_nodes_after_it(run, capsys):
+    backend, after, _, url, prefix = run
+    assert main(["fork", after[3], "--set", 's00.output.content="early"', "--json", *store(url, prefix)]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: s01, s02 completed after a replaced node")
+    fork = json.loads(out)
+    assert backend.load(fork["checkpoint"]).node_states["s00"].output_data["content"] == "early"
+    assert (FLOW, fork["run"], "orphan") in Recovery(backend).find_work()  # claimable by any worker at once

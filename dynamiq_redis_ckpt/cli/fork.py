@@ -23,7 +23,7 @@ def register(commands) -> None:
     store_options(fork)
     fork.add_argument("id", help="the snapshot's checkpoint id")
     fork.add_argument("--set", action="append", default=[], metavar="NODE.output[.KEY]=JSON", dest="overrides",
-                      help="replace a completed node's output (or one key of it) with this JSON; repeatable")  # fmt: skip
+                      help="replace a completed node's output (or a key of it) with this JSON; repeatable")  # fmt: skip
     source = fork.add_mutually_exclusive_group()
     source.add_argument("--flows", help="run it here: module:attr, a callable flow_id -> Flow or a dict of factories")
     source.add_argument("--yaml", help="run it here: a Dynamiq YAML workflow file holding the flow")
@@ -67,8 +67,8 @@ def _fork(args: argparse.Namespace) -> int:
     saved = backend.execute(fork_op(backend.store, forked, hand_to_workers=not foreground))
     made = Fork(source.id, source.flow_id, forked.wf_run_id, forked.id, saved.home, not foreground, stale)
     if stale:
-        print(f"warning: {', '.join(stale)} completed after {overrides[0].node} in the snapshot and keep their "
-              "outputs; fork the snapshot right after the replaced node to have them run again", file=sys.stderr)
+        print(f"warning: {', '.join(stale)} completed after a replaced node in the snapshot and keep their outputs; "
+              "fork the snapshot right after that node to have them run again", file=sys.stderr)
     out = Output(args)
     record = {"source": made.source, "flow": made.flow, "run": made.run, "checkpoint": made.checkpoint,
               "replaced": [o.target for o in overrides], "handed_to_workers": made.handed_to_workers}  # fmt: skip
