@@ -126,6 +126,7 @@ def test_exit_codes(run, capsys):
         ("fork", after[1], "--set", "s00.result=1", *store(url, prefix)): 2,  # not NODE.output
         ("fork", after[1], "--set", "s02.output=1", *store(url, prefix)): 2,  # not completed in that snapshot
         ("fork", after[1], "--set", "s00.output.content.x=1", *store(url, prefix)): 2,  # a key inside a string
+        ("fork", after[1], "--flows", "tests.no_such_module:flows", *store(url, prefix)): 2,
     }
     for args, code in in_process.items():
         assert main(list(args)) == code, args

@@ -85,7 +85,10 @@ def _fork(args: argparse.Namespace) -> int:
 def _flow(args: argparse.Namespace, flow_id: str):
     from dynamiq_redis_ckpt.worker import load_flow_factory
 
-    factory = load_flow_factory(flows=args.flows, yaml_path=args.yaml)
+    try:
+        factory = load_flow_factory(flows=args.flows, yaml_path=args.yaml)
+    except (ImportError, AttributeError, OSError) as e:
+        raise BadInput(f"cannot load the flows from {args.flows or args.yaml}: {e}") from None
     try:
         return factory(flow_id)
     except KeyError:
