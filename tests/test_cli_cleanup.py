@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from dynamiq.checkpoints.types import CheckpointStatus
 
 from dynamiq_redis_ckpt import RedisCheckpointBackend
 from dynamiq_redis_ckpt.leases import LeaseTicket
-from tests.cli_proc import cli
+from tests.cli_proc import cli, cli_all
 from tests.flows import chain_flow
 
 
@@ -19,12 +18,6 @@ def run_chain(store, flow_id: str, words: int) -> None:
     flow = chain_flow(store, 3, flow_id=flow_id, words=words)
     flow.checkpoint.max_checkpoints = 1000
     flow.run_sync(input_data={})
-
-
-def side_by_side(*calls: tuple) -> list:
-    """Run several command lines at once (each a real process); their results in order."""
-    with ThreadPoolExecutor(len(calls)) as pool:
-        return list(pool.map(lambda args: cli(*args), calls))
 
 
 @pytest.mark.slow
@@ -44,7 +37,7 @@ def test_delete_and_gc_commands(redis_server):
     store.execute(store.store.save(live, ticket=LeaseTicket("take", "pod-7", 0, 600_000)))  # a run holding a lease
     opts = ("--url", redis_server.url, "--prefix", prefix)
 
-    unknown, refused, refused_run, dry, unreachable, bad = side_by_side(
+    unknown, refused, refused_run, dry, unreachable, bad = cli_all(
         ("delete", one, "no-such-id", *opts),
         ("delete", live.id, *opts),
         ("delete", "--run", "live-run", *opts),
@@ -62,7 +55,7 @@ def test_delete_and_gc_commands(redis_server):
     assert store.load(one) is not None and store.load(live.id) is not None
     assert all(store.load(cp.id) is not None for cp in by_run[deleted_run])
 
-    forced, by_run_deleted, unknown_run = side_by_side(
+    forced, by_run_deleted, unknown_run = cli_all(
         ("delete", live.id, one, "--force", "--json", *opts),
         ("delete", "--run", deleted_run, *opts),
         ("delete", "--run", "no-such-run", *opts),
