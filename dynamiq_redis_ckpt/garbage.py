@@ -10,6 +10,7 @@ kind            what goes
 ``pack``        content packs that no stored checkpoint names, directly or as the base of a needed pack
 ``locator``     ``P:id:{id}`` naming a home that does not hold checkpoint ``id``
 ``run_lookup``  homes in ``P:runflows:{run}`` that hold neither a checkpoint nor the lease of ``run``
+``catalog``     catalog entries (:mod:`dynamiq_redis_ckpt.catalog`) of flows with nothing left in any home
 ==============  ==========================================================================================
 
 Such things are left behind by checkpoints that expired (ttl) or were deleted by hand, and by processes that died
@@ -45,6 +46,11 @@ on. Why each removal is safe while runs save, load, resume and delete:
   script after the check: it stalled for about ``grace`` between two requests sent back to back. Then, as a last
   guard, the home is checked once more and a lookup removed in such a race is written back. A server with an LFU
   eviction policy does not track idle time: there lookups are left alone (reported in ``skipped``).
+- ``catalog`` (``forget_flow.lua``, through :func:`catalog.forget_op`): the entry's score is read before the flow's
+  homes are looked at; it goes only if that score is older than :data:`catalog.FORGET_AFTER`, every home was found
+  without a checkpoint, a lease or answers, and the score is still the one read. A save registers its flow (a new
+  score) before its script whenever its process has not done so for :data:`catalog.REGISTER_EVERY`, which any
+  process saving since an entry that old has not; so a save landing meanwhile keeps the entry.
 
 Removed bytes are each kind's payload: a pack's string, a locator's key and value, an index entry's or a run
 lookup's member.
@@ -55,12 +61,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Generator
 
+from dynamiq_redis_ckpt import catalog
 from dynamiq_redis_ckpt.errors import CheckpointStoreError, WrongKeyTypeError
 from dynamiq_redis_ckpt.keys import KINDS, Keys, flow_homes, flow_of, glob_escape, tag
 from dynamiq_redis_ckpt.requests import Batch, Script, Sleep, cmd, text
 
 Op = Generator[Any, Any, Any]
-GARBAGE_KINDS = ("index", "lease_index", "pack", "locator", "run_lookup")
+GARBAGE_KINDS = ("index", "lease_index", "pack", "locator", "run_lookup", "catalog")
 DEFAULT_GRACE_SECONDS = 10.0
 MIN_GRACE_SECONDS = 3.0  # the CLI's floor: idle time counts whole seconds, so a shorter wait proves little
 _SCAN_COUNT = 1000
@@ -108,10 +115,19 @@ def gc_op(keys: Keys, flows: list[str], buckets: int = 1, *, dry_run: bool = Fal
     of what would go; nothing is written then). ``lookups`` False leaves locators and run lookups alone (they need a
     SCAN of the namespace's lookup keys and a wait of ``grace_seconds``, at least 2: the command line asks for
     :data:`MIN_GRACE_SECONDS`; less only makes sense in tests)."""
-    report = Report(dry_run, list(flows))
-    homes = [h for flow in dict.fromkeys(flows) for h in flow_homes(flow, buckets)]
-    for home in homes:
-        yield from _home_op(keys, home, report)
+    flows = list(dict.fromkeys(flows))
+    report = Report(dry_run, flows)
+    scores = yield from catalog.scores_op(keys, flows)  # before the homes are looked at (see catalog.forget_op)
+    homes: list[str] = []
+    for flow, score in zip(flows, scores):
+        left = False
+        for home in flow_homes(flow, buckets):
+            homes.append(home)
+            left = (yield from _home_op(keys, home, report)) or left
+        if left or not catalog.forgettable(score):
+            continue
+        if dry_run or (yield from catalog.forget_op(keys, flow, score)):
+            report.kinds["catalog"].add(flow, len(flow.encode()))
     report.homes = len(homes)
     if lookups and homes:
         yield from _lookups_op(keys, set(homes), report, max(grace_seconds, 2.0))
@@ -124,6 +140,7 @@ def gc_op(keys: Keys, flows: list[str], buckets: int = 1, *, dry_run: bool = Fal
 @dataclass
 class _Home:
     hashes: set[str] = field(default_factory=set)  # checkpoint ids whose hash the SCAN found
+    held: bool = False  # a lease or a person's answers of a run
     indexes: list[str] = field(default_factory=list)  # flow, status and run indexes
     lease_indexes: list[str] = field(default_factory=list)  # lease, due and dead indexes
     packs: set[str] = field(default_factory=set)
@@ -134,6 +151,7 @@ def _scan_home(keys: Keys, home: str) -> Op:
     found = _Home()
     cp, pack, index = keys.checkpoint(home, ""), keys.pack_prefix(home), keys.flow_index(home)
     lease_kinds = {keys.lease_index(home), keys.due_index(home), keys.dead_index(home)}
+    held = (keys.lease(home, ""), keys.inbox(home, ""))
     pattern = f"{glob_escape(keys.prefix)}:*:{glob_escape(tag(home))}*"
     cursor = b"0"
     while True:
@@ -143,6 +161,8 @@ def _scan_home(keys: Keys, home: str) -> Op:
                 found.hashes.add(key[len(cp) :])
             elif key.startswith(pack):
                 found.packs.add(key[len(pack) :])
+            elif key.startswith(held):
+                found.held = True
             elif key in lease_kinds:
                 found.lease_indexes.append(key)
             elif key == index or key.startswith(index + ":st:") or key.startswith(index + ":run:"):
@@ -155,6 +175,7 @@ def _scan_home(keys: Keys, home: str) -> Op:
 
 
 def _home_op(keys: Keys, home: str, report: Report) -> Op:
+    """Collect one home; returns whether it still holds something (a checkpoint, a lease, answers)."""
     found = yield from _scan_home(keys, home)
     # Pack heads first (their bases), then the checkpoints: a pack judged unneeded below is judged again by the
     # removal script anyway; reading in this order only keeps the dry run's answer close to what a pass removes.
@@ -190,9 +211,9 @@ def _home_op(keys: Keys, home: str, report: Report) -> Op:
     if report.dry_run:
         for p in unneeded:
             report.kinds["pack"].add(f"{home} {p}", sizes[p])
-        return
-    if unneeded:
+    elif unneeded:
         yield from _remove_packs(keys, home, ids, packs, unneeded, report)
+    return bool(named) or found.held
 
 
 def _base_of(head: bytes) -> str:

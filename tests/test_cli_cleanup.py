@@ -73,10 +73,10 @@ def test_delete_and_gc_commands(redis_server):
     r.delete(*(keys.checkpoint("d", cp.id) for cp in by_run[leaked_run]))
     survivors = {cp.id: cp.model_dump() for cp in by_run[kept_run] if cp.id != one}
     packs_before = sorted(k.decode() for k in r.scan_iter(match=f"{prefix}:pack:*"))
-    report = cli("gc", "d", "--dry-run", "--json", "-v", *opts)
+    report = cli("gc", "--dry-run", "--json", "-v", *opts)  # every flow of the catalog
     assert report.returncode == 0, report
     found = json.loads(report.stdout)
-    assert found["dry_run"] is True and found["homes"] == 1
+    assert found["dry_run"] is True and found["flows"] == ["d"] and found["homes"] == 1
     kinds = found["kinds"]
     assert kinds["index"]["count"] >= 3 * len(by_run[leaked_run]) and kinds["pack"]["count"] >= 1
     assert kinds["locator"]["count"] == len(by_run[leaked_run])

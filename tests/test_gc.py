@@ -11,8 +11,9 @@ import pytest
 from dynamiq.checkpoints.config import CheckpointBehavior
 from pydantic import PrivateAttr
 
-from dynamiq_redis_ckpt import RedisCheckpointBackend
+from dynamiq_redis_ckpt import RedisCheckpointBackend, catalog
 from dynamiq_redis_ckpt.garbage import gc_op
+from dynamiq_redis_ckpt.keys import Keys
 from tests.flows import chain_flow
 
 GRACE = 2.0  # the smallest the op takes (the command line asks for 3 at least)
@@ -65,10 +66,13 @@ def test_gc_dry_run_reports_garbage_then_gc_removes_it_and_everything_left_loads
     r.zadd(keys.lease_index("g"), {"ghost": 1})
     r.zadd(keys.due_index("g"), {"ghost": 1})
     r.zadd(keys.dead_index("g"), {"ghost-2": 1})
+    old = (time.time() - catalog.FORGET_AFTER - 60) * 1000  # catalog entries old enough to be forgotten
+    r.zadd(keys.catalog(Keys.shard_of("gone")), {"gone": old})  # a flow with nothing left
+    r.zadd(keys.catalog(Keys.shard_of("g")), {"g": old})  # one with checkpoints: kept
     before = raw_keys(r, prefix)
     packs_before = {k: r.get(k) for k in before if k.startswith(keys.pack_prefix("g"))}
 
-    dry = store.execute(gc_op(keys, ["g"], dry_run=True, grace_seconds=GRACE)).to_dict(verbose=True)["kinds"]
+    dry = store.execute(gc_op(keys, ["g", "gone"], dry_run=True, grace_seconds=GRACE)).to_dict(verbose=True)["kinds"]
     assert raw_keys(r, prefix) == before, "a dry run removed something"
     assert {k: r.get(k) for k in packs_before} == packs_before
     assert dry["index"]["count"] >= 3 * len(doomed)  # the flow index, a status index and the run index each
@@ -78,8 +82,9 @@ def test_gc_dry_run_reports_garbage_then_gc_removes_it_and_everything_left_loads
     assert sorted(item.split(" ")[0] for item in dry["locator"]["items"]) == sorted(doomed)
     assert any(item.startswith(f"{doomed_run} -> ") for item in dry["run_lookup"]["items"])
     assert dry["pack"]["count"] >= 1 and dry["pack"]["bytes"] > 0
+    assert dry["catalog"]["items"] == ["gone"]
 
-    done = store.execute(gc_op(keys, ["g"], grace_seconds=GRACE)).to_dict(verbose=True)["kinds"]
+    done = store.execute(gc_op(keys, ["g", "gone"], grace_seconds=GRACE)).to_dict(verbose=True)["kinds"]
     assert {k: (v["count"], sorted(v["items"])) for k, v in done.items()} == \
         {k: (v["count"], sorted(v["items"])) for k, v in dry.items()}  # fmt: skip
     after = raw_keys(r, prefix)
@@ -89,6 +94,7 @@ def test_gc_dry_run_reports_garbage_then_gc_removes_it_and_everything_left_loads
         assert keys.pack("g", item.split(" ")[1]) not in after
     assert r.zcard(keys.lease_index("g")) == r.zcard(keys.due_index("g")) == r.zcard(keys.dead_index("g")) == 0
     assert r.zcard(keys.flow_index("g")) == len(kept)
+    assert store.execute(catalog.scores_op(keys, ["g", "gone"])) == [old, None]
 
     fresh = backend(redis_server, prefix)  # a cold process: every pack read from Redis
     assert {c.id: c.model_dump() for c in fresh.get_list_by_flow("g", limit=None)} == kept

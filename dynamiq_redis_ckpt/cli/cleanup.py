@@ -180,8 +180,6 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _catalog_flows(backend) -> list[str]:
-    try:
-        from dynamiq_redis_ckpt import catalog
-    except ImportError:
-        raise BadInput("name the flows to collect (this version keeps no catalog of flows)") from None
+    from dynamiq_redis_ckpt import catalog
+
     return backend.execute(catalog.all_flows_op(backend.store.keys))
