@@ -11,8 +11,8 @@
 --
 -- Reply: 1 removed | 0 kept (touched since the peek, or no longer names the home) | -1 too early | -2 no idle time
 
-local ok, idle = pcall(redis.call, 'OBJECT', 'IDLETIME', KEYS[1])  -- first: the reads below touch the key
-if not ok then
+local idle = redis.pcall('OBJECT', 'IDLETIME', KEYS[1])  -- first: the reads below touch the key
+if type(idle) == 'table' and idle.err then
   return -2
 end
 if not idle then

@@ -7,8 +7,8 @@
 -- Reply: {idle seconds, server time ms, value | {member, ...}} | {'NOIDLE'} when the server does not track idle
 --        time (an LFU maxmemory policy) | {'NONE'} when the key is absent or of another type
 
-local ok, idle = pcall(redis.call, 'OBJECT', 'IDLETIME', KEYS[1])
-if not ok then
+local idle = redis.pcall('OBJECT', 'IDLETIME', KEYS[1])
+if type(idle) == 'table' and idle.err then
   return {'NOIDLE'}
 end
 if not idle then
