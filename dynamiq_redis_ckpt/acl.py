@@ -14,9 +14,10 @@ from dynamiq_redis_ckpt.keys import KINDS, glob_escape
 
 # Sent by the store and lease operations and inside the Lua scripts, by data type.
 DATA_COMMANDS = (
-    "del", "exists", "get", "getrange", "set", "setrange", "pexpire", "persist", "pttl", "type", "unlink",  # keys, strs
+    "del", "exists", "get", "getrange", "set", "setrange", "strlen", "pexpire", "persist", "pttl", "type", "unlink",
+    "object|idletime",  # keys, strings (gc's lookups: how long a key went untouched)
     "hdel", "hexists", "hget", "hgetall", "hincrby", "hmget", "hset",  # hashes
-    "sadd", "smembers", "spop", "sscan",  # sets
+    "sadd", "smembers", "spop", "srem", "sscan",  # sets
     "zadd", "zcard", "zcount", "zrange", "zrangebyscore", "zrem", "zrevrange", "zrevrangebyscore", "zscore",  # zsets
 )  # fmt: skip
 # Not tied to a key: the scripts' transport, the server clock, health, clear()'s walk, the worker's build info, the

@@ -19,6 +19,7 @@ from redis.exceptions import NoPermissionError
 
 from dynamiq_redis_ckpt import catalog, CheckpointStoreError, RedisCheckpointBackend, as_running_flow, scripts
 from dynamiq_redis_ckpt.acl import COMMANDS, acl_args, acl_rule
+from dynamiq_redis_ckpt.garbage import gc_op
 from dynamiq_redis_ckpt.fork import fork_op, forked_checkpoint
 from dynamiq_redis_ckpt.leases import fleet_op
 from dynamiq_redis_ckpt.registry import REGISTRY
@@ -152,6 +153,10 @@ def test_backend_flows_and_recovery_run_as_the_least_privilege_user(own_redis):
     assert backend.redis.info("server")["redis_version"]  # the worker's build info
     assert "chain-2-acl" in backend.execute(catalog.all_flows_op(backend.store.keys))  # the operator commands' reads
     assert backend.execute(catalog.forget_op(backend.store.keys, "chain-2-acl", 0)) is False
+    leaked = list(admin.scan_iter(match="app:cp:{chain-2-acl}:*"))  # gc as the user: hashes gone as on expiry
+    admin.delete(*leaked)
+    collected = backend.execute(gc_op(backend.store.keys, ["chain-2-acl"], grace_seconds=2))
+    assert collected.kinds["pack"].count and collected.kinds["locator"].count == len(leaked)
     backend.clear()
 
     assert refusals(admin) == [], "nothing the package sent was refused"
