@@ -169,7 +169,7 @@ def _gc(args: argparse.Namespace) -> int:
     done = "would remove" if args.dry_run else "removed"
     out.table([Column("kind", "kind"), Column("count", done, justify="right"),
                Column("bytes", "bytes", size, "right")], rows,
-              title=f"gc of {len(flows)} flow(s), {report.homes} home(s): {done}")  # fmt: skip
+              title=f"{done} ({len(flows)} flows, {report.homes} homes)")  # fmt: skip
     if args.verbose:
         for kind, f in report.kinds.items():
             for item in f.items:
