@@ -28,7 +28,8 @@ on. Why each removal is safe while runs save, load, resume and delete:
   claim.lua itself drops entries whose lease is gone.
 - ``pack`` (``gc_packs.lua``): not judged by reference counts, which leaked hashes leave too high and which a save
   and a delete can move up and back down between gc's reads (a save naming the pack after gc read the checkpoints,
-  and a delete of the checkpoint that named it before: the count is what gc saw, yet a checkpoint needs the pack).
+  and a delete of the checkpoint that named it before: the count is what gc saw, yet a checkpoint needs the pack;
+  tests/test_gc.py's race test loses checkpoints within seconds under that rule).
   The script reads every checkpoint hash of the home itself and walks the chains of the packs they name (bases
   included); it refuses to run (``CHANGED``) when the home's flow index holds a checkpoint gc did not declare, so
   no checkpoint escapes it (a save adds its id to the index in the same script that writes the hash). A pack is
