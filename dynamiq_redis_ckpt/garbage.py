@@ -40,9 +40,10 @@ on. Why each removal is safe while runs save, load, resume and delete:
   a later gc (too high is safe, too low would not be).
 - ``locator`` and ``run_lookup`` (``gc_peek.lua``, ``gc_lookup.lua``): these keys live in slots of their own, so
   no script can look at them and at the home at once (a cluster). A save writes them (SET, SADD) and then, in a
-  second request, its script. gc reads each candidate with ``gc_peek`` (noting the server time), waits ``grace``, checks that the home still holds nothing the key points to, and removes it
-  with ``gc_lookup`` only if still nothing touched it since the peek (its idle time, read before anything touches
-  it: a save's SET or SADD touches it, so does a load's GET) and it still names the home. A save that could slip
+  second request, its script. gc reads each candidate with ``gc_peek`` (noting the server time), waits ``grace``,
+  checks that the home still holds nothing the key points to, and removes it with ``gc_lookup`` only if still
+  nothing touched it since the peek (its idle time, read before anything touches it: a save's SET or SADD touches
+  it, so does a load's GET) and it still names the home. A save that could slip
   through wrote its lookup before the peek (or within the peek's second, idle time counting whole seconds) and its
   script after the check: it stalled for about ``grace`` between two requests sent back to back. Then, as a last
   guard, the home is checked once more and a lookup removed in such a race is written back. A server with an LFU

@@ -141,7 +141,8 @@ def _in_flight_op(keys, targets: list[dict]):
             why = "waiting for its timer"
         else:
             continue
-        reasons.append(f"checkpoint {t['id']} is the head of run {t['run']} (flow {t['flow']}), which is in flight: {why}")
+        reasons.append(f"checkpoint {t['id']} is the head of run {t['run']} (flow {t['flow']}), "
+                       f"which is in flight: {why}")
     return reasons
 
 
