@@ -1,8 +1,8 @@
 """Cleaning up: ``delete`` (checkpoints by id, or a whole run) and ``gc`` (what no snapshot needs any more).
 
 ``delete`` goes through the store's delete (indexes, pack references, locators) and never breaks a run in flight:
-the head checkpoint of a run whose lease is held, or which waits in its flow's lease or timer index for a worker to
-resume it from that head, is refused (exit 3) unless ``--force``. ``gc`` is :mod:`dynamiq_redis_ckpt.garbage`,
+the head checkpoint of a run whose lease is held, which waits in its flow's lease or timer index for a worker to
+resume it from that head, or which is paused for a person, is refused (exit 3) unless ``--force``. ``gc`` is :mod:`dynamiq_redis_ckpt.garbage`,
 safe while runs save (its docstring says why).
 """
 
@@ -116,8 +116,9 @@ def _run_targets_op(core, run: str, flow: str | None):
 
 
 def _in_flight_op(keys, targets: list[dict]):
-    """Why each target that is the head of a run in flight may not go: its run holds a live lease, or waits in its
-    flow's lease index (to be claimed by a worker) or timer index (to be resumed when due)."""
+    """Why each target that is the head of a run in flight may not go: its run holds a live lease, waits in its
+    flow's lease index (to be claimed by a worker) or timer index (to be resumed when due), or is paused for a person.
+    Checked before the delete, not in its script: a run claimed in between loses its head (--force's outcome)."""
     from dynamiq_redis_ckpt.requests import Batch, cmd, text
 
     reads = [cmd("TIME")]
@@ -139,6 +140,8 @@ def _in_flight_op(keys, targets: list[dict]):
             why = "waiting for a worker to resume it"
         elif due is not None:
             why = "waiting for its timer"
+        elif t["status"] in ("paused", "pending_input"):
+            why = "paused, waiting for a person's answer"
         else:
             continue
         reasons.append(f"checkpoint {t['id']} is the head of run {t['run']} (flow {t['flow']}), "
