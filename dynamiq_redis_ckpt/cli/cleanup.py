@@ -2,8 +2,8 @@
 
 ``delete`` goes through the store's delete (indexes, pack references, locators) and never breaks a run in flight:
 the head checkpoint of a run whose lease is held, which waits in its flow's lease or timer index for a worker to
-resume it from that head, or which is paused for a person, is refused (exit 3) unless ``--force``. ``gc`` is :mod:`dynamiq_redis_ckpt.garbage`,
-safe while runs save (its docstring says why).
+resume it from that head, or which is paused for a person, is refused (exit 3) unless ``--force``. ``gc`` is
+:mod:`dynamiq_redis_ckpt.garbage`, safe while runs save (its docstring says why).
 """
 
 from __future__ import annotations
