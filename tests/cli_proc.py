@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str, url: str, prefix: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def cli(*args: str, url: str, prefix: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``dynamiq-redis-ckpt <args> --url <url> --prefix <prefix>``; returns the finished process (text output)."""
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     command = [sys.executable, "-m", "dynamiq_redis_ckpt.cli", *args, "--url", url, "--prefix", prefix]
