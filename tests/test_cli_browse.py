@@ -83,12 +83,9 @@ def test_each_command_as_a_process_without_scanning_the_keyspace(history):
         "runs": ("runs", "orders", "--json"),
         "checkpoints": ("checkpoints", "orders", "--run", history.runs["c"]),
         "show": ("show", fork_point),
-        "full": ("show", in_b, "--full"),
-        "tree": ("chain", in_b),
         "chain": ("chain", in_b, "--json"),
         "stats": ("stats", "--json"),
         "unknown id": ("show", "no-such-checkpoint"),
-        "unknown flow": ("runs", "no-such-flow"),
         "bad cursor": ("checkpoints", "orders", "--cursor", "not-a-cursor"),
     }
     before = scans(history.url)
@@ -100,7 +97,7 @@ def test_each_command_as_a_process_without_scanning_the_keyspace(history):
         done = {name: future.result() for name, future in futures.items()}
     assert scans(history.url) == before, "a browse command sent SCAN or KEYS"
     for name, proc in done.items():
-        assert proc.returncode == {"unknown id": 4, "unknown flow": 4, "bad cursor": 2}.get(name, 0), (name, proc.stderr)
+        assert proc.returncode == {"unknown id": 4, "bad cursor": 2}.get(name, 0), (name, proc.stderr)
     assert unreachable.result().returncode == 5 and "unreachable" in unreachable.result().stderr
 
     flows = done["flows"].stdout.splitlines()
@@ -125,8 +122,6 @@ def test_each_command_as_a_process_without_scanning_the_keyspace(history):
     shown = done["show"].stdout
     assert "children" in shown and any(line.split() == ["children", "2"] for line in shown.splitlines())
     assert any(line.split()[:2] == ["nodes", "completed"] and line.split()[2] == "2/4" for line in shown.splitlines())
-    full = json.loads(done["full"].stdout)
-    assert full == ids[in_b].model_dump(mode="json")
 
     tree = json.loads(done["chain"].stdout)["tree"]
     branch = find(tree, fork_point)
@@ -134,7 +129,6 @@ def test_each_command_as_a_process_without_scanning_the_keyspace(history):
     assert {child["run"] for child in branch["children"]} == {history.runs["a"], history.runs["b"]}
     assert [n["id"] for n in walk(tree) if n["this"]] == [in_b]
     assert {n["id"] for n in walk(tree)} == {cp.id for cp in history.checkpoints if cp.wf_run_id != history.runs["c"]}
-    assert "<- this one" in next(line for line in done["tree"].stdout.splitlines() if in_b in line)
 
     stats = {row["flow"]: row for row in json.loads(done["stats"].stdout)["items"]}
     assert set(stats) == {"orders", "other"} and stats["orders"]["checkpoints"] == len(ids)
@@ -151,6 +145,21 @@ def walk(node: dict):
         n = todo.pop()
         yield n
         todo += n["children"]
+
+
+def test_the_tree_and_the_whole_checkpoint_for_people_and_scripts(history, capsys):
+    in_b = next(cp for cp in history.checkpoints if cp.wf_run_id == history.runs["b"])
+    code, out = in_process(capsys, history, "chain", in_b.id)
+    lines = out.splitlines()
+    assert code == 0 and "<- this one" in next(line for line in lines if in_b.id in line)
+    assert sum("<- this one" in line for line in lines) == 1
+    fork = next(i for i, line in enumerate(lines) if history.fork_point in line)
+    depth = lines[fork].index(history.fork_point)
+    children = [line for line in lines[fork + 1 :] if len(line) > depth + 4 and line[depth + 4 : depth + 5].isalnum()
+                and line[depth : depth + 1] in "├└"]  # fmt: skip
+    assert len(children) == 2  # the fork point's two branches, drawn one level below it
+    code, out = in_process(capsys, history, "show", in_b.id, "--full")
+    assert code == 0 and json.loads(out) == in_b.model_dump(mode="json")
 
 
 def test_paging_visits_every_run_and_checkpoint_once(history, capsys):
@@ -201,6 +210,8 @@ def test_malformed_input_and_unknown_names(history, capsys):
     assert in_process(capsys, history, "chain", "no-such-checkpoint")[0] == 4
     assert in_process(capsys, history, "stats", "no-such-flow")[0] == 4
     assert in_process(capsys, history, "checkpoints", "no-such-flow")[0] == 4
+    assert in_process(capsys, history, "runs", "no-such-flow")[0] == 4
+    assert in_process(capsys, history, "checkpoints", "orders", "--run", "no-such-run")[0] == 4
     assert in_process(capsys, history, "show", "")[0] == 2
     assert in_process(capsys, history, "runs", "orders", "--cursor", "eyJ4IjoxfQ")[0] == 2  # JSON, not a position
     with pytest.raises(SystemExit) as exit:  # argparse: an unknown status

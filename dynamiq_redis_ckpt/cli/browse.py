@@ -9,7 +9,7 @@ import argparse
 from contextlib import contextmanager
 
 from dynamiq_redis_ckpt.cli.common import (
-    BadInput, Column, NotFound, Output, age, connect, page_options, size, store_options)  # fmt: skip
+    BadInput, Column, CommandError, NotFound, Output, age, connect, page_options, size, store_options)  # fmt: skip
 
 STATUSES = ("active", "paused", "pending_input", "completed", "failed", "canceled")  # Dynamiq's CheckpointStatus
 
@@ -127,6 +127,8 @@ def _checkpoints(args: argparse.Namespace) -> int:
     with _cursor_checked():
         rows, next_cursor = backend.execute(checkpoints_page_op(
             backend.store, args.flow, run=args.run, status=args.status, cursor=args.cursor, limit=args.limit))
+    if args.run is not None and not rows and not args.cursor and args.status is None:
+        raise NotFound(f"no run {args.run!r} in flow {args.flow!r}")
     out = Output(args)
     shown = [r.as_dict() for r in rows]
     if not out.json:
@@ -152,8 +154,13 @@ def _checkpoint_id(text: str) -> str:
 def _show(args: argparse.Namespace) -> int:
     from dynamiq_redis_ckpt.history import checkpoint_op
 
+    from dynamiq_redis_ckpt.errors import CheckpointCorruptedError, EncryptionKeyError, UnsupportedFormatError
+
     backend = _backend(args)
-    info = backend.execute(checkpoint_op(backend.store, _checkpoint_id(args.id)))
+    try:
+        info = backend.execute(checkpoint_op(backend.store, _checkpoint_id(args.id)))
+    except (CheckpointCorruptedError, EncryptionKeyError, UnsupportedFormatError) as e:
+        raise CommandError(f"checkpoint {args.id!r} cannot be decoded: {e}") from None
     if info is None:
         raise NotFound(f"no checkpoint {args.id!r}")
     out = Output(args)
