@@ -206,15 +206,16 @@ def runs_page_op(store: StoreCore, flow: str, *, cursor: str = "", limit: int = 
         if not entries:
             break
         hashes = yield Batch(tuple(cmd("HMGET", k.checkpoint(p.home, p.member), "run", "wf", "st") for p in entries))
-        labelled = [(p, run, wf, st) for p, (run, wf, st) in zip(entries, hashes)]
-        keys = [text(wf) or text(run) for _, run, wf, _ in labelled]
-        heads = yield Batch(tuple(cmd("ZREVRANGE", k.run_index(p.home, key), 0, 0) if key else cmd("ECHO", "")
-                                  for (p, *_), key in zip(labelled, keys)))  # fmt: skip
+        keys = [text(wf) or text(run) for run, wf, _ in hashes]  # '' for a hash expired meanwhile
+        labelled = [(p, key) for p, key in zip(entries, keys) if key]
+        heads = (yield Batch(tuple(cmd("ZREVRANGE", k.run_index(p.home, key), 0, 0) for p, key in labelled))
+                 ) if labelled else []  # fmt: skip
+        newest = {p for (p, _), head in zip(labelled, heads) if head and text(head[0]) == p.member}
         stopped = False
-        for (p, run, _, st), key, head in zip(labelled, keys, heads):
+        for p, key, (_, _, st) in zip(entries, keys, hashes):
             after = p
-            if run is None or not key or not head or text(head[0]) != p.member:
-                continue  # expired meanwhile, or not its run's newest: listed at its newest
+            if p not in newest:
+                continue  # expired meanwhile, or not its run's newest: the run is listed at its newest
             rows.append(RunRow(flow, key, p.home, text(st), p.member, p.score / 1e6))
             if len(rows) == limit:
                 stopped = True
