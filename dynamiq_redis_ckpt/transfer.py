@@ -455,7 +455,7 @@ class Importer:
             if count != report.tally(flow).source:
                 report.mismatches.append(f"flow {flow}: the source holds {count} checkpoints now, "
                                          f"{report.tally(flow).source} when they were imported")  # fmt: skip
-        counts = self.backend.execute(_flow_counts_op(self.keys, sorted(report.flows), self.backend.store.buckets))
+        counts = self.backend.execute(flow_counts_op(self.keys, sorted(report.flows), self.backend.store.buckets))
         for flow, count in counts.items():
             tally = report.tally(flow)
             tally.in_redis = count
@@ -498,7 +498,7 @@ def _exists_op(keys, ids: list[str]):
     return [bool(int(r)) for r in replies]
 
 
-def _flow_counts_op(keys, flows: list[str], buckets: int):
+def flow_counts_op(keys, flows: list[str], buckets: int):
     """How many checkpoints each flow's indexes list (over its homes)."""
     if not flows:
         return {}

@@ -108,7 +108,8 @@ def _export(args: argparse.Namespace) -> int:
             os.unlink(temporary)
     summary = {"exported": written, "flows": len(entries), "vanished": exporter.missing,
                "output": "-" if to_stdout else os.path.abspath(args.output)}  # fmt: skip
-    text = f"exported {written} checkpoints of {len(entries)} flows to {'standard output' if to_stdout else args.output}"
+    where = "standard output" if to_stdout else args.output
+    text = f"exported {written} checkpoints of {len(entries)} flows to {where}"
     if exporter.missing:
         text += f" ({exporter.missing} listed were deleted or expired before they were read)"
     if to_stdout:
