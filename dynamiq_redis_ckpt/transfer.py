@@ -14,8 +14,10 @@ A *source* yields Dynamiq checkpoints, parents before children, and says how man
 :class:`Importer` stores a source's checkpoints with the store's plain save: no run lease is taken, so no worker
 resumes an imported run (unless :meth:`Importer.hand_to_workers` is asked to). A checkpoint already stored identical
 is skipped, which makes a second run after an interruption finish the job without duplicating anything; then every
-checkpoint is loaded back and compared with the source's (:meth:`Importer.verify`). :func:`export_op`-style reading
-is :class:`Exporter`: a namespace's checkpoints, flow by flow, parents first, for a JSON lines file.
+checkpoint is loaded back and compared with the source's (:meth:`Importer.verify`).
+
+:class:`Exporter` reads a namespace's checkpoints flow by flow (from the flows' indexes, a page at a time), oldest
+first and parents first, for :func:`write_line` to write as JSON lines.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from typing import IO, Any, TypeVar
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.utils import encode_reversible
 
-from dynamiq_redis_ckpt.keys import flow_homes
+from dynamiq_redis_ckpt.errors import CheckpointCorruptedError, UnsupportedFormatError
+from dynamiq_redis_ckpt.keys import flow_homes, flow_of
 from dynamiq_redis_ckpt.leases import PAUSED, LeaseTicket, lease_head_op, run_key, status_of
 from dynamiq_redis_ckpt.requests import Batch, cmd, score_pairs, text
 
@@ -125,6 +128,10 @@ class Source:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def missing_flows(self) -> list[str]:
+        """The flows asked for that the source holds no checkpoint of."""
+        return sorted(f for f in self.wanted if not self.counts.get(f))
+
     def checkpoints(self) -> Iterator[FlowCheckpoint]:
         """Every checkpoint, each after its parent (when the source holds it); may be called again (to verify)."""
         raise NotImplementedError
@@ -147,12 +154,10 @@ class JsonLinesSource(Source):
     def __init__(self, path: str, flows: Iterable[str] = ()):
         super().__init__(flows)
         self.name = "standard input" if path == "-" else path
-        self._spool = None
         if path == "-":
-            self._spool = tempfile.TemporaryFile()
+            self._file: IO[bytes] = tempfile.TemporaryFile()
             for chunk in iter(lambda: os.read(0, 1 << 20), b""):
-                self._spool.write(chunk)
-            self._file: IO[bytes] = self._spool
+                self._file.write(chunk)
         else:
             try:
                 self._file = open(path, "rb")
@@ -221,6 +226,9 @@ class FileSystemSource(Source):
         # counted by file, per directory (a flow's directory name is its id made safe for file names)
         self.counts = {d.name: len(self._files(d)) for d in self._dirs}
         self.counts = {k: v for k, v in self.counts.items() if v}
+
+    def missing_flows(self) -> list[str]:
+        return sorted(f for f in self.wanted if not self.counts.get(self.backend._safe_id(f)))
 
     @staticmethod
     def _files(flow_dir: Path) -> list[Path]:
@@ -416,8 +424,8 @@ class Importer:
             tally = report.tally(checkpoint.flow_id)
             tally.source += 1
             self._remember_head(checkpoint)
-            stored = self.backend.load(checkpoint.id) if there else None
-            if stored is not None and same(stored, checkpoint):
+            stored = self._stored(checkpoint.id) if there else None
+            if isinstance(stored, FlowCheckpoint) and same(stored, checkpoint):
                 tally.skipped += 1
             else:
                 self.backend.execute(self.backend.store.save(checkpoint))  # plain: no lease taken or touched
@@ -428,6 +436,13 @@ class Importer:
                 if self.pause:
                     time.sleep(self.pause)
             self.progress(1)
+
+    def _stored(self, checkpoint_id: str) -> FlowCheckpoint | str | None:
+        """The stored version of a checkpoint (None: not stored); a damaged one as the reason it cannot be read."""
+        try:
+            return self.backend.load(checkpoint_id)
+        except (CheckpointCorruptedError, UnsupportedFormatError) as e:
+            return f"damaged in Redis: {e}"
 
     def _remember_head(self, checkpoint: FlowCheckpoint) -> None:
         key = run_key(checkpoint)
@@ -442,9 +457,10 @@ class Importer:
         seen: dict[str, int] = defaultdict(int)
         for checkpoint in source.checkpoints():
             seen[checkpoint.flow_id] += 1
-            stored = self.backend.load(checkpoint.id)
-            if stored is None:
-                report.mismatches.append(f"checkpoint {checkpoint.id} of flow {checkpoint.flow_id}: not in Redis")
+            stored = self._stored(checkpoint.id)
+            if stored is None or isinstance(stored, str):
+                report.mismatches.append(f"checkpoint {checkpoint.id} of flow {checkpoint.flow_id}: "
+                                         f"{stored or 'not in Redis'}")  # fmt: skip
             elif not same(stored, checkpoint):
                 report.mismatches.append(f"checkpoint {checkpoint.id} of flow {checkpoint.flow_id}: differs from "
                                          f"the source ({_difference(stored, checkpoint)})")  # fmt: skip
@@ -544,8 +560,6 @@ class Exporter:
 def _entries_op(keys, flows: list[str] | None, run: str | None, buckets: int):
     if flows is None:
         homes = sorted(text(h) for h in (yield cmd("SMEMBERS", keys.run_flows(run))))
-        from dynamiq_redis_ckpt.keys import flow_of
-
         sources = [(flow_of(h), keys.run_index(h, run)) for h in homes]
     else:
         sources = [(flow, keys.run_index(h, run) if run else keys.flow_index(h))

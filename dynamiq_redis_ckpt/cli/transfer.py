@@ -121,11 +121,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _all_flows(backend) -> list[str]:
-    try:
-        from dynamiq_redis_ckpt import catalog
-    except ImportError as e:  # a version without the catalog of flows
-        raise BadInput("name the flows to export (this version keeps no catalog of flows)") from e
-    return backend.execute(catalog.all_flows_op(backend.store.keys))
+    """Every flow of the namespace's catalog, in name order (the order the export writes them)."""
+    from dynamiq_redis_ckpt import catalog
+
+    return sorted(backend.execute(catalog.all_flows_op(backend.store.keys)))
 
 
 def _temporary_beside(path: str):
@@ -154,6 +153,8 @@ def _import(args: argparse.Namespace) -> int:
     logging.getLogger("dynamiq.utils.logger").setLevel(logging.CRITICAL)
     source = _source(args)
     try:
+        if missing := source.missing_flows():
+            raise NotFound(f"{source.name} holds no checkpoints of flow {', '.join(missing)}")
         report = ImportReport()
         with _progress("importing", source.total) as (advance, phase):
             pause = float(os.environ.get(PAUSE_ENV) or 0)
