@@ -226,10 +226,10 @@ def test_imported_runs_are_left_alone_by_a_worker_unless_handed_over(redis_serve
         again = cli("import", *args, "--hand-to-workers")  # a re-run: everything is stored already
         assert again.returncode == 0, again.stderr
         total = plain["totals"]["source"]
-        assert f"{total} checkpoints of 1 flows: 0 saved, 0 updated, {total} skipped" in again.stdout
+        assert f"{total} checkpoints of 1 flow: 0 saved, 0 updated, {total} skipped" in again.stdout
         assert f"verified: {total} of {total} equal in Redis" in again.stdout
         # the interrupted run goes to the workers; the completed one stays as it is
-        assert f"handed to the workers: 1 runs ({run})" in again.stdout
+        assert f"handed to the workers: 1 run ({run})" in again.stdout
         done = wait_for(lambda: (cp := backend.get_latest_by_flow_and_run(flow, run)) is not None
                         and cp.status == CheckpointStatus.COMPLETED and cp)  # fmt: skip
         assert sorted(done.completed_node_ids) == [f"s{i:02d}" for i in range(NODES)]

@@ -109,7 +109,7 @@ def _export(args: argparse.Namespace) -> int:
     summary = {"exported": written, "flows": len(entries), "vanished": exporter.missing,
                "output": "-" if to_stdout else os.path.abspath(args.output)}  # fmt: skip
     where = "standard output" if to_stdout else args.output
-    text = f"exported {written} checkpoints of {len(entries)} flows to {where}"
+    text = f"exported {_count(written, 'checkpoint')} of {_count(len(entries), 'flow')} to {where}"
     if exporter.missing:
         text += f" ({exporter.missing} listed were deleted or expired before they were read)"
     if to_stdout:
@@ -164,17 +164,16 @@ def _import(args: argparse.Namespace) -> int:
                 if not args.no_verify:
                     phase("verifying", report.totals.source)
                     importer.verify(source, report)
-        if args.hand_to_workers:
+        problems = report.unreadable + report.mismatches
+        if args.hand_to_workers and not problems:  # a run whose history differs from the source's is not resumed
             importer.hand_to_workers(report)
     finally:
         source.close()
     _print_import(args, source.name, report)
-    problems = report.unreadable + report.mismatches
     if problems:
-        raise CommandError(f"{len(problems)} problems: "
-                           + ("the source has checkpoints Dynamiq cannot read" if report.unreadable else "")
-                           + (" and " if report.unreadable and report.mismatches else "")
-                           + ("Redis does not hold every checkpoint as the source does" if report.mismatches else ""))
+        unhanded = "; no run was handed to the workers" if args.hand_to_workers else ""
+        raise CommandError(f"{_count(len(problems), 'problem')} (listed above): the source has checkpoints Dynamiq "
+                           f"cannot read, or Redis does not hold every checkpoint as the source does{unhanded}")
     return 0
 
 
@@ -221,15 +220,20 @@ def _print_import(args: argparse.Namespace, source_name: str, report) -> None:
         columns += [Column("verified", "verified", justify="right"), Column("in_redis", "in Redis", justify="right")]
     output.table(columns, rows, title=f"import from {source_name}", empty="the source holds no checkpoints")
     t = report.totals
-    line = (f"{t.source} checkpoints of {len(report.flows)} flows: {t.saved} saved, {t.updated} updated, "
-            f"{t.skipped} skipped (already stored identical)")  # fmt: skip
+    line = (f"{_count(t.source, 'checkpoint')} of {_count(len(report.flows), 'flow')}: {t.saved} saved, "
+            f"{t.updated} updated, {t.skipped} skipped (already stored identical)")  # fmt: skip
     if report.verified:
         line += f"; verified: {t.verified} of {t.source} equal in Redis"
     output.say(line)
     if report.handed_over:
-        output.say(f"handed to the workers: {len(report.handed_over)} runs ({', '.join(report.handed_over[:10])}"
+        output.say(f"handed to the workers: {_count(len(report.handed_over), 'run')} "
+                   f"({', '.join(report.handed_over[:10])}"
                    + (", ..." if len(report.handed_over) > 10 else "") + ")")
     for problem in report.unreadable:
         output.say(f"unreadable: {problem}")
     for problem in report.mismatches:
         output.say(f"mismatch: {problem}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
