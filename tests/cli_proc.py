@@ -1,5 +1,5 @@
-"""Run the command line as a real process: ``python -m dynamiq_redis_ckpt.cli ...`` from the repository root, with
-the repository first on PYTHONPATH (so a worktree's code runs, not an installed copy)."""
+"""Run the command line as a real process: ``python -m dynamiq_redis_ckpt.cli`` from this checkout (never the
+installed console script), with the repository root first on PYTHONPATH."""
 
 from __future__ import annotations
 
@@ -9,10 +9,36 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+COMMAND = (sys.executable, "-m", "dynamiq_redis_ckpt.cli")
 
 
-def cli(*args: str, url: str, prefix: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``dynamiq-redis-ckpt <args> --url <url> --prefix <prefix>``; returns the finished process (text output)."""
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    command = [sys.executable, "-m", "dynamiq_redis_ckpt.cli", *args, "--url", url, "--prefix", prefix]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment a command runs in: this one, the repository root first on PYTHONPATH, and ``extra``."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def cli(*args: str, input: str | None = None, timeout: float = 120, env: dict | None = None,
+        **popen) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run ``dynamiq-redis-ckpt ARGS...`` to its end; stdout and stderr captured as text."""
+    return subprocess.run([*COMMAND, *args], cwd=ROOT, env=cli_env(**(env or {})), input=input, text=True,
+                          capture_output=True, timeout=timeout, **popen)  # fmt: skip
+
+
+def cli_popen(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    """Start ``dynamiq-redis-ckpt ARGS...`` and return at once (the caller waits, signals or kills it)."""
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen([*COMMAND, *args], cwd=ROOT, env=cli_env(**(env or {})), text=True, **popen)
+
+
+def cli_all(*commands: tuple[str, ...], env: dict | None = None, timeout: float = 120, wait: bool = True):
+    """Run several commands at once (each process spends seconds importing Dynamiq): their CompletedProcesses in
+    the order given; with ``wait=False``, a function that waits for them and returns those."""
+    procs = [(args, cli_popen(*args, env=env)) for args in commands]
+
+    def finished() -> list[subprocess.CompletedProcess]:
+        outputs = [p.communicate(timeout=timeout) for _, p in procs]
+        return [subprocess.CompletedProcess(args, p.returncode, *out) for (args, p), out in zip(procs, outputs)]
+
+    return finished() if wait else finished

@@ -19,6 +19,7 @@ from redis.exceptions import NoPermissionError
 
 from dynamiq_redis_ckpt import catalog, CheckpointStoreError, RedisCheckpointBackend, as_running_flow, scripts
 from dynamiq_redis_ckpt.acl import COMMANDS, acl_args, acl_rule
+from dynamiq_redis_ckpt.fork import fork_op, forked_checkpoint
 from dynamiq_redis_ckpt.leases import fleet_op
 from dynamiq_redis_ckpt.registry import REGISTRY
 from dynamiq_redis_ckpt.worker import Recovery
@@ -116,6 +117,8 @@ def test_backend_flows_and_recovery_run_as_the_least_privilege_user(own_redis):
 
     # Real Dynamiq flows holding leases (renewed by the heartbeat), a timer, a person's answer.
     assert chain_flow(backend, 3, flow_id="chain-3-acl", words=20).run_sync({"q": 1}).status.value == "success"
+    forked, _ = forked_checkpoint(backend.get_latest_by_flow("chain-3-acl"))  # time travel: handed to the workers
+    backend.execute(fork_op(backend.store, forked, hand_to_workers=True))
     timer_flow(backend, "timer-acl", seconds=600).run_sync({"q": 1}, config=RunnableConfig(run_id="wf-timer"))
     ask_flow(backend, "ask-acl").run_sync({"input": "ok?"}, config=RunnableConfig(run_id="wf-ask"))
     recovery = Recovery(backend)
@@ -128,7 +131,7 @@ def test_backend_flows_and_recovery_run_as_the_least_privilege_user(own_redis):
     time.sleep(0.8)
     found = set(recovery.find_work())
     expected = {("chain-2-acl", "wf-orphan", "orphan"), ("chain-2-acl", "wf-dead", "orphan"),
-                ("ask-acl", "wf-ask", "due")}
+                ("ask-acl", "wf-ask", "due"), ("chain-3-acl", forked.wf_run_id, "orphan")}
     assert expected <= found
     factory = {"chain-2-acl": lambda f: chain_flow(backend, 2, flow_id=f), "ask-acl": lambda f: ask_flow(backend, f)}
     for flow_id, run, reason in [("chain-2-acl", "wf-orphan", "orphan"), ("ask-acl", "wf-ask", "due")]:

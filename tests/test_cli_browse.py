@@ -98,8 +98,8 @@ def test_each_command_as_a_process_without_scanning_the_keyspace(history):
     before = scans(history.backend)
     with ThreadPoolExecutor(max_workers=4) as pool:  # two cores in CI: each process is mostly imports
         closed = f"redis://127.0.0.1:{free_port()}/0"
-        unreachable = pool.submit(cli, "runs", "orders", url=closed, prefix=history.prefix)
-        futures = {name: pool.submit(cli, *args, url=history.url, prefix=history.prefix)
+        unreachable = pool.submit(cli, "runs", "orders", "--url", closed, "--prefix", history.prefix)
+        futures = {name: pool.submit(cli, *args, "--url", history.url, "--prefix", history.prefix)
                    for name, args in commands.items()}  # fmt: skip
         done = {name: future.result() for name, future in futures.items()}
     assert scans(history.backend) == before, "a browse command sent SCAN or KEYS"
