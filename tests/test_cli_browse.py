@@ -114,7 +114,7 @@ def test_each_command_as_a_process_without_scanning_the_keyspace(history):
 
     runs = {row["run"]: row for row in json.loads(done["runs"].stdout)["items"]}
     assert set(runs) == set(history.runs.values())
-    for key, run in history.runs.items():
+    for run in history.runs.values():
         own = [cp for cp in history.checkpoints if cp.wf_run_id == run]
         assert runs[run]["checkpoints"] == len(own) and runs[run]["stored_bytes"] > 0
         assert runs[run]["newest_checkpoint"] == own[0].id and runs[run]["status"] == own[0].status.value
@@ -138,7 +138,7 @@ def test_each_command_as_a_process_without_scanning_the_keyspace(history):
     assert {n["id"] for n in walk(tree)} == {cp.id for cp in history.checkpoints if cp.wf_run_id != history.runs["c"]}
 
     stats = {row["flow"]: row for row in json.loads(done["stats"].stdout)["items"]}
-    assert set(stats) == {"orders", "other"} and stats["orders"]["checkpoints"] == len(ids)
+    assert {"orders", "other"} <= set(stats) and stats["orders"]["checkpoints"] == len(ids)  # (and "ties", later)
     assert stats["orders"]["runs"] == 3
 
 
