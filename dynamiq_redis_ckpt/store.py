@@ -768,6 +768,17 @@ class StoreCore:
         sources = [(f, self.keys.run_index(f, run_id)) for f in sorted(text(x) for x in flows)]
         return (yield from self._listed(sources, limit))
 
+    def decode_records(self, records: list[Record]) -> Op:
+        """The checkpoints of hashes another operation read (a page of a listing, say), in order; one deleted meanwhile
+        or damaged is left out (a damaged one is counted and logged, as in a list)."""
+        damaged: list[tuple[Record, Exception]] = []
+        found = yield from self._decode(records, damaged=damaged)
+        for rec, error in damaged:
+            self.damaged_skipped += 1
+            logger.warning("left damaged checkpoint %s (flow %s) out: %s", rec.id, rec.flow, error,
+                           extra=ids(rec.flow, checkpoint=rec.id))
+        return found
+
     def _listed(self, sources: list[tuple[str, str]], limit: int | None, *, newest: bool = False, **walk) -> Op:
         """A list's checkpoints. One damaged checkpoint must not take its whole flow down: it is left out, logged and
         counted (``damaged_skipped``), and older ones fill its place; only for ``newest`` does it raise."""
