@@ -113,3 +113,22 @@ def test_clear_removes_the_catalog(backend, raw):
     backend.clear()
     assert backend.execute(catalog.all_flows_op(backend.store.keys)) == []
     assert not raw.keys(f"{backend.prefix}:*")
+
+
+def test_gc_rebuilds_the_catalog_of_older_data_then_collects_it(redis_server, real_backend, capsys):
+    from dynamiq_redis_ckpt.cli import main
+
+    if "cluster" in redis_server.url:
+        return
+    for flow in ("old-a", "old{b}"):
+        _save(real_backend, flow)
+    raw = redis.Redis.from_url(redis_server.url)
+    for shard in range(FLOW_SHARDS):  # as a version before the catalog left it
+        raw.delete(real_backend.store.keys.catalog(shard))
+    where = ["--url", redis_server.url, "--prefix", real_backend.prefix]
+    assert main(["gc", "--dry-run", "--no-lookups", *where]) == 0
+    assert "(0 flows" in capsys.readouterr().out
+    assert main(["gc", "--rebuild-catalog", "--dry-run", "--no-lookups", *where]) == 0
+    out = capsys.readouterr().out
+    assert "catalog: 2 flow(s) added" in out and "(2 flows" in out
+    assert sorted(real_backend.execute(catalog.all_flows_op(real_backend.store.keys))) == ["old-a", "old{b}"]

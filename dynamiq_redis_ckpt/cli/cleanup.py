@@ -34,6 +34,9 @@ def register(commands) -> None:
                     help="wait before removing a lookup, and require it untouched that long (default 10, min 3)")
     gc.add_argument("--no-lookups", action="store_true",
                     help="leave locators and run lookups alone (they need a SCAN of every lookup key)")  # fmt: skip
+    gc.add_argument("--rebuild-catalog", action="store_true",
+                    help="first add to the catalog every flow saved by a version before it (one SCAN of the keyspace; "
+                    "it only adds, so it runs with --dry-run too)")  # fmt: skip
     gc.set_defaults(handler=_gc)
 
 
@@ -160,12 +163,18 @@ def _gc(args: argparse.Namespace) -> int:
         raise BadInput(f"--grace must be at least {garbage.MIN_GRACE_SECONDS:g} seconds, got {args.grace:g}")
     backend = connect(args, leases=False)
     core = backend.store
+    out = Output(args)
+    if args.rebuild_catalog:
+        from dynamiq_redis_ckpt import catalog
+
+        added = backend.execute(catalog.rebuild_op(core.keys))
+        if not out.json:
+            out.say(f"catalog: {added} flow(s) added")
     flows = list(dict.fromkeys(args.flows))
     if not flows:
         flows = _catalog_flows(backend)
     report = backend.execute(garbage.gc_op(core.keys, flows, core.buckets, dry_run=args.dry_run,
                                            grace_seconds=grace, lookups=not args.no_lookups))  # fmt: skip
-    out = Output(args)
     if out.json:
         out.document(report.to_dict(verbose=args.verbose))
         return 0
