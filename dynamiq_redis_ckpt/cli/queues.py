@@ -142,7 +142,8 @@ def _dead(args: argparse.Namespace) -> int:
             raise BadInput("dead list takes at most a FLOW")
         page = _page(args, backend, dead_op)
         rows = [{"flow": r.flow, "run": r.run, "since": r.since_ms / 1000,
-                 "dead_for": (page.now_ms - r.since_ms) / 1000, "attempts": r.attempts, "head": r.head or None} for r in page.items]  # fmt: skip
+                 "dead_for": (page.now_ms - r.since_ms) / 1000, "attempts": r.attempts, "head": r.head or None}
+                for r in page.items]  # fmt: skip
         Output(args).table([
             Column("flow", "flow"), Column("run", "run"), Column("dead_for", "since", lambda s: _ago(s * 1000)),
             Column("attempts", "attempts", justify="right"), Column("head", "head checkpoint"),
