@@ -240,7 +240,7 @@ def snapshot_op(keys: Keys, flows_per_shard: int = 256):
     for home in homes:
         leased, due = keys.lease_index(home), keys.due_index(home)
         reads += [cmd("ZCARD", leased), cmd("ZCOUNT", leased, "-inf", now_ms),
-                  cmd("ZRANGE", leased, 0, 0, "WITHSCORES"),
+                  cmd("ZRANGEBYSCORE", leased, "(0", "+inf", "WITHSCORES", "LIMIT", 0, 1),  # 0: retried, no age
                   cmd("ZCARD", due), cmd("ZCOUNT", due, "-inf", now_ms), cmd("ZCARD", keys.dead_index(home)),
                   cmd("ZRANGE", keys.flow_index(home), -1, -1, "WITHSCORES")]  # fmt: skip
     replies = (yield Batch(tuple(reads))) if reads else []
@@ -253,8 +253,8 @@ def snapshot_op(keys: Keys, flows_per_shard: int = 256):
         row.scheduled += int(timers) - int(due_now)
         row.due += int(due_now)
         row.dead += int(dead)
-        if int(orphans) and first:
-            waited = max(0.0, (now_ms - score_pairs(first)[0][0]) / 1000)
+        if int(orphans) and first and score_pairs(first)[0][0] <= now_ms:
+            waited = (now_ms - score_pairs(first)[0][0]) / 1000
             row.oldest_orphan_seconds = max(row.oldest_orphan_seconds or 0.0, waited)
         if newest:
             age = max(0.0, now_ms / 1000 - score_pairs(newest)[0][0] / 1e6)  # scores are created_at in µs
