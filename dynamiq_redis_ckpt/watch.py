@@ -114,29 +114,29 @@ def _homes_op(keys: Keys, dead: bool, homes: Iterable[str] | None):
 
 def _page_op(keys: Keys, homes: list[str], read: Callable[[str, int, int], Command], cursor: str, limit: int):
     """Walk ``homes`` in order from ``cursor``, reading entries with ``read(home, offset, count)`` (a ZRANGEBYSCORE
-    ... WITHSCORES LIMIT), until ``limit`` entries: [(home, score, member)], next cursor."""
+    ... WITHSCORES LIMIT), until ``limit`` entries: [(home, score, member)], and the cursor of the entry after them
+    ('' when there is none: a page never ends on a cursor to nothing)."""
     start_home, offset = decode_cursor(cursor)
     i = bisect.bisect_left(homes, start_home) if start_home else 0
     if i < len(homes) and homes[i] != start_home:
         offset = 0  # that home has nothing left: go on with the next
-    found: list[tuple[str, float, str]] = []
-    while i < len(homes):
+    found: list[tuple[str, float, str, int]] = []  # (home, score, member, its offset in the home's entries)
+    while i < len(homes) and len(found) <= limit:
         batch = homes[i : i + HOMES_PER_BATCH]
-        need = limit - len(found)
-        replies = yield Batch(tuple(read(h, offset if j == 0 else 0, need + 1) for j, h in enumerate(batch)))
+        need = limit + 1 - len(found)  # one more than shown: where the next page starts, if anywhere
+        replies = yield Batch(tuple(read(h, offset if j == 0 else 0, need) for j, h in enumerate(batch)))
         for j, (home, rows) in enumerate(zip(batch, replies)):
             first = offset if j == 0 else 0
-            entries = score_pairs(rows or [])
-            room = limit - len(found)
-            found += [(home, score, member) for score, member in entries[:room]]
-            if len(entries) > room:
-                return found, encode_cursor(home, first + room)
-            if len(found) == limit:
-                rest = homes[i + j + 1 :]
-                return found, encode_cursor(rest[0], 0) if rest else ""
+            found += [(home, score, member, first + k) for k, (score, member) in enumerate(score_pairs(rows or []))]
+            if len(found) > limit:
+                break
         i += len(batch)
         offset = 0
-    return found, ""
+    shown = [(home, score, member) for home, score, member, _ in found[:limit]]
+    if len(found) > limit:
+        home, _, _, at = found[limit]
+        return shown, encode_cursor(home, at)
+    return shown, ""
 
 
 # ---- listings --------------------------------------------------------------------------------------------------
@@ -290,15 +290,15 @@ def quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
 
 @dataclass(frozen=True)
 class Latency:
-    """One latency from the workers' histograms: p50 and p99 (s) over ``window`` ('interval': the observations
-    since the previous scrape; 'lifetime': all, when none came since), and how many per second came since the
-    previous scrape (None on the first)."""
+    """One latency from the workers' histograms: p50 and p99 (s) over the observations of the last ``window``
+    seconds (all since the workers started when none came in it: ``window`` None), how many in all, and how many
+    per second came in the window (None on the first scrape)."""
 
     p50: float | None
     p99: float | None
     count: float
     per_second: float | None
-    window: str
+    window: float | None
 
 
 @dataclass(frozen=True)
@@ -313,14 +313,19 @@ class Scrape:
     error: str = ""
 
 
-class LatencyScraper:
-    """Scrapes the workers' /metrics endpoints (their histograms added up) and keeps the previous scrape, so
-    each :meth:`scrape` gives the rates and quantiles of the interval since."""
+Buckets = dict[float, float]  # upper bound -> cumulative count, the endpoints' histograms added up
 
-    def __init__(self, urls: list[str], timeout: float = 2.0):
+
+class LatencyScraper:
+    """Scrapes the workers' /metrics endpoints (their histograms added up) and keeps the scrapes of the last
+    ``window_seconds``, so each :meth:`scrape` gives the quantiles and rates of that window, as Prometheus's
+    ``histogram_quantile(rate(...[1m]))`` would."""
+
+    def __init__(self, urls: list[str], timeout: float = 2.0, window_seconds: float = 60.0):
         self.urls = urls
         self.timeout = timeout
-        self._previous: tuple[float, dict[str, dict[float, float]]] | None = None
+        self.window_seconds = window_seconds
+        self._history: list[tuple[float, dict[str, Buckets]]] = []
 
     def _fetch(self, url: str) -> str:
         with urllib.request.urlopen(url, timeout=self.timeout) as reply:
@@ -330,7 +335,7 @@ class LatencyScraper:
         """One scrape of every endpoint."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        buckets: dict[str, dict[float, float]] = {RECOVERY: {}, SAVE: {}}
+        buckets: dict[str, Buckets] = {RECOVERY: {}, SAVE: {}}
         answered, error = 0, ""
         for url in self.urls:
             try:
@@ -349,24 +354,29 @@ class LatencyScraper:
                         continue
                     bound = float(sample.labels["le"])
                     buckets[family.name][bound] = buckets[family.name].get(bound, 0.0) + sample.value
-        at = time.monotonic()
-        previous, self._previous = self._previous, (at, buckets)
         if not answered:
             return Scrape(None, None, 0, len(self.urls), error)
-        latencies = [_latency(buckets[name], previous and (at - previous[0], previous[1].get(name, {})))
+        at = time.monotonic()
+        self._history = [(t, b) for t, b in self._history if at - t <= self.window_seconds]
+        baseline = self._history[0] if self._history else None
+        self._history.append((at, buckets))
+        latencies = [_latency(buckets[name], baseline and (at - baseline[0], baseline[1].get(name, {})))
                      for name in (RECOVERY, SAVE)]  # fmt: skip
         return Scrape(latencies[0], latencies[1], answered, len(self.urls), error)
 
 
-def _latency(now: dict[float, float], previous: tuple[float, dict[float, float]] | None) -> Latency:
+def _latency(now: Buckets, baseline: tuple[float, Buckets] | None) -> Latency:
     total = now.get(float("inf"), 0.0)
-    if previous is None:
-        return Latency(quantile(0.5, list(now.items())), quantile(0.99, list(now.items())), total, None, "lifetime")
-    seconds, before = previous
+    everything = list(now.items())
+    if baseline is None:
+        return Latency(quantile(0.5, everything), quantile(0.99, everything), total, None, None)
+    seconds, before = baseline
     window = {bound: count - before.get(bound, 0.0) for bound, count in now.items()}
+    if any(v < 0 for v in window.values()):  # a worker restarted: its counters began again
+        window = dict(now)
     came = window.get(float("inf"), 0.0)
-    if came < 0 or any(v < 0 for v in window.values()):  # a worker restarted: its counters began again
-        window, came = now, total
     per_second = came / seconds if seconds > 0 else None
-    shown, label = (window, "interval") if came > 0 else (now, "lifetime")
-    return Latency(quantile(0.5, list(shown.items())), quantile(0.99, list(shown.items())), total, per_second, label)
+    if came <= 0:
+        return Latency(quantile(0.5, everything), quantile(0.99, everything), total, per_second, None)
+    shown = list(window.items())
+    return Latency(quantile(0.5, shown), quantile(0.99, shown), total, per_second, seconds)

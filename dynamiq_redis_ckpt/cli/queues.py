@@ -65,15 +65,18 @@ def _blank(value):
     return value if value else "-"
 
 
-def _page(args: argparse.Namespace, backend, op, **options):
-    """Run a listing op for the flow given (its homes) or every flow; a bad cursor is bad input."""
-    from dynamiq_redis_ckpt.keys import flow_homes
+def _page(args: argparse.Namespace, op, **options):
+    """Run a listing op for the flow given (its homes) or every flow, on a backend that takes no leases; a bad
+    cursor is bad input (found before Redis is asked)."""
     from dynamiq_redis_ckpt.watch import decode_cursor
 
     try:
         decode_cursor(args.cursor)
     except ValueError as e:
         raise BadInput(str(e)) from None
+    from dynamiq_redis_ckpt.keys import flow_homes
+
+    backend = connect(args, leases=False)
     homes = flow_homes(args.flow, backend.store.buckets) if args.flow is not None else None
     return backend.execute(op(backend.store.keys, homes=homes, cursor=args.cursor, limit=args.limit, **options))
 
@@ -81,7 +84,7 @@ def _page(args: argparse.Namespace, backend, op, **options):
 def _leases(args: argparse.Namespace) -> int:
     from dynamiq_redis_ckpt.watch import leases_op
 
-    page = _page(args, connect(args, leases=False), leases_op, orphaned=False)
+    page = _page(args, leases_op, orphaned=False)
     rows = [{"run": r.run, "flow": r.flow, "owner": r.owner or None, "token": r.token,
              "expires_at": r.expires_ms / 1000, "expires_in": (r.expires_ms - page.now_ms) / 1000,
              "state": "held" if r.owner else "backing off", "head": r.head, "attempts": r.attempts}
@@ -97,7 +100,7 @@ def _leases(args: argparse.Namespace) -> int:
 def _orphans(args: argparse.Namespace) -> int:
     from dynamiq_redis_ckpt.watch import leases_op
 
-    page = _page(args, connect(args, leases=False), leases_op, orphaned=True)
+    page = _page(args, leases_op, orphaned=True)
     # A score of 0: put back by `dead retry` (claimable at once, no expiry to tell).
     rows = [{"run": r.run, "flow": r.flow, "expired_at": r.expires_ms / 1000 if r.expires_ms else None,
              "expired_for": (page.now_ms - r.expires_ms) / 1000 if r.expires_ms else None,
@@ -118,7 +121,7 @@ def _expired(seconds: float | None) -> str:
 def _timers(args: argparse.Namespace) -> int:
     from dynamiq_redis_ckpt.watch import timers_op
 
-    page = _page(args, connect(args, leases=False), timers_op)
+    page = _page(args, timers_op)
     rows = [{"run": r.run, "flow": r.flow, "due_at": r.due_ms / 1000, "due_in": (r.due_ms - page.now_ms) / 1000,
              "reason": "answered" if r.answered else "timer", "checkpoint": r.checkpoint or None}
             for r in page.items]  # fmt: skip
@@ -134,13 +137,12 @@ def _due(seconds: float) -> str:
 
 
 def _dead(args: argparse.Namespace) -> int:
-    backend = connect(args, leases=False)
     if args.action == "list":
         from dynamiq_redis_ckpt.watch import dead_op
 
         if args.run is not None:
             raise BadInput("dead list takes at most a FLOW")
-        page = _page(args, backend, dead_op)
+        page = _page(args, dead_op)
         rows = [{"flow": r.flow, "run": r.run, "since": r.since_ms / 1000,
                  "dead_for": (page.now_ms - r.since_ms) / 1000, "attempts": r.attempts, "head": r.head or None}
                 for r in page.items]  # fmt: skip
@@ -153,10 +155,9 @@ def _dead(args: argparse.Namespace) -> int:
         raise BadInput(f"dead {args.action} needs FLOW RUN")
     from dynamiq_redis_ckpt.worker import Recovery
 
-    recovery = Recovery(backend)
+    recovery = Recovery(connect(args, leases=False))
     act = recovery.retry_dead if args.action == "retry" else recovery.drop_dead
-    done = act(args.flow, args.run)
-    if not done:
+    if not act(args.flow, args.run):
         raise NotFound(f"run {args.run} of flow {args.flow} is not a dead letter")
     what = "put back: the next worker claims it" if args.action == "retry" else "dropped (its checkpoints stay)"
     Output(args).say(f"run {args.run} of flow {args.flow} {what}")

@@ -205,6 +205,7 @@ def _latency_table(scrape):
         return table
     for name, latency, unit, per in (("recovery", scrape.recovery, "/min", 60), ("save", scrape.save, "/s", 1)):
         rate = "-" if latency.per_second is None else f"{latency.per_second * per:.1f}{unit}"
-        over = f"{latency.window}, {int(latency.count)} in all, {scrape.answered}/{scrape.endpoints} endpoints"
+        window = "since start" if latency.window is None else f"last {_span(latency.window)}"
+        over = f"{window}, {int(latency.count)} in all, {scrape.answered}/{scrape.endpoints} endpoints"
         table.add_row(name, _ms(latency.p50), _ms(latency.p99), rate, over)
     return table
