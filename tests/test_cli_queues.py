@@ -16,7 +16,7 @@ from dynamiq.runnables import RunnableConfig
 from dynamiq_redis_ckpt import RedisCheckpointBackend
 from dynamiq_redis_ckpt.leases import LeaseTicket
 from dynamiq_redis_ckpt.worker import Recovery
-from tests.cli_proc import ROOT, cli, command, env
+from tests.cli_proc import ROOT, command, env
 from tests.flows import timer_flow
 from tests.test_contract import make
 
@@ -74,7 +74,8 @@ def rows_of(table: str) -> list[list[str]]:
     return [line.split() for line in body if line.strip() and not line.startswith("next page")]
 
 
-def test_listings_as_tables_and_json(store):
+@pytest.mark.slow
+def test_listings_paging_retry_and_exit_codes(store):
     leases, leases_json, orphans, first, timers_table, timers, dead, dead_json = run_all(
         ["leases", *where(store)],
         ["leases", "orders", "--json", *where(store)],
@@ -118,21 +119,20 @@ def test_listings_as_tables_and_json(store):
                                                                                   "wf-dead-head")
     assert time.time() - 120 < letter["since"] <= time.time()
 
-    rest = cli("orphans", "--json", "--limit", "1", "--cursor", page["next"], *where(store))
-    second = json.loads(rest.stdout)
-    assert [r["run"] for r in page["items"] + second["items"]] in (["wf-orphan-1", "wf-orphan-2"],
-                                                                  ["wf-orphan-2", "wf-orphan-1"])
-    assert second["next"] is None
-
-
-def test_dead_retry_drop_and_exit_codes(store, redis_server):
-    unknown, bad_cursor, missing_run, unreachable, retried = run_all(
+    # Then, at once: the next page, dead retry (a dead letter and not), bad input, Redis unreachable. The retried
+    # run becomes an orphan of billing, before the next page's place (orders): it cannot change that page.
+    rest, unknown, bad_cursor, missing_run, unreachable, retried = run_all(
+        ["orphans", "--json", "--limit", "1", "--cursor", page["next"], *where(store)],
         ["dead", "retry", "billing", "no-such-run", *where(store)],
         ["orphans", "--cursor", "not-a-cursor", *where(store)],
         ["dead", "drop", "billing", *where(store)],
         ["timers", "--url", "redis://127.0.0.1:1/0"],
         ["dead", "retry", "billing", "wf-dead", "--json", *where(store)],
     )
+    second = json.loads(rest.stdout)
+    assert [r["run"] for r in page["items"] + second["items"]] in (["wf-orphan-1", "wf-orphan-2"],
+                                                                  ["wf-orphan-2", "wf-orphan-1"])
+    assert second["next"] is None
     assert unknown.returncode == 4 and "not a dead letter" in unknown.stderr
     assert bad_cursor.returncode == 2 and "cursor" in bad_cursor.stderr
     assert missing_run.returncode == 2 and "FLOW RUN" in missing_run.stderr
