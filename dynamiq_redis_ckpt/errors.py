@@ -119,6 +119,16 @@ class AlreadyAnsweredError(CheckpointStoreError):
         self.node_id = node_id
 
 
+class RunNotWaitingError(ConfigurationError):
+    """An answer for a run that is not paused waiting for a person: no such run waits (``running`` False), or it is
+    running now under a live lease (``running`` True). A ConfigurationError too, as versions before it raised."""
+
+    def __init__(self, message: str, run_id: str, running: bool = False):
+        super().__init__(message)
+        self.run_id = run_id
+        self.running = running
+
+
 class LeaseLostError(BaseException):
     """This process no longer holds the run's lease: another worker or process took the run over.
 

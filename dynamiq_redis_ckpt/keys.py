@@ -26,6 +26,7 @@ key                             type    holds
 ``P:id:{<id>}``                 string  home of checkpoint <id> (so load needs only the id)
 ``P:runflows:{<run>}``          set     homes that hold checkpoints of run <run>
 ``P:meta:{buckets}``            string  how many buckets per flow the namespace uses (absent: one)
+``P:catalog:{<n>}``             zset    flow ids with checkpoints, score = when a writer last said so (ms), 16 shards
 ==============================  ======  ======================================================
 
 Ids are escaped inside hash tags (``%`` → ``%25``, ``{`` → ``%7B``, ``}`` → ``%7D``, empty → ``%``) so an id
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from dynamiq_redis_ckpt.errors import ConfigurationError
 
 
-KINDS = ("cp", "flow", "pack", "id", "runflows", "lease", "wake", "deadflows", "inbox", "flows", "meta")
+KINDS = ("cp", "flow", "pack", "id", "runflows", "lease", "wake", "deadflows", "inbox", "flows", "meta", "catalog")
 FLOW_SHARDS = 16
 SLOTS = 16384
 HOME_SEP = "\x00"  # in a home: the flow id, then its bucket's salt (a save refuses a flow id holding it)
@@ -171,6 +172,10 @@ class Keys:
     def dead_flows(self, shard: int) -> str:
         """One shard of the set of flows that have had dead letters."""
         return f"{self.prefix}:deadflows:{{{shard}}}"
+
+    def catalog(self, shard: int) -> str:
+        """One shard of the catalog of flows (see :mod:`dynamiq_redis_ckpt.catalog`): flow id -> when last said (ms)."""
+        return f"{self.prefix}:catalog:{{{shard}}}"
 
     def legacy_flow_registry(self, shard: int) -> str:
         """One shard of the registry of flows that versions before the wake shards kept (read once to migrate)."""

@@ -16,7 +16,7 @@ from typing import Any, Generator, Iterable
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.types import CheckpointStatus
 
-from dynamiq_redis_ckpt import codec
+from dynamiq_redis_ckpt import catalog, codec
 from dynamiq_redis_ckpt.codec import micros
 from dynamiq_redis_ckpt.cache import Cache, StoredState, pack_list
 from dynamiq_redis_ckpt.errors import (
@@ -196,6 +196,7 @@ class StoreCore:
         self.damaged_skipped = 0  # damaged checkpoints lists have left out (each one logged)
         self.observer = None  # a metrics.StoreMetrics when metrics are on
         self.sealer = None  # a crypto.Sealer when encryption at rest is on: new packs are sealed, sealed ones opened
+        self.registrations = catalog.Registrations()  # when this process last put each flow in the catalog
 
     # ---- save -------------------------------------------------------------------------------------------------
 
@@ -225,7 +226,8 @@ class StoreCore:
         # locator that names no checkpoint (load answers None), never a checkpoint that cannot be found. An update's
         # checkpoint has them already: it refreshes them after the script agreed, so a refused update writes nothing.
         lookups = self._lookup_writes(checkpoint, flow, status, locate=not must_exist)
-        writes = () if must_exist else lookups
+        registers = not must_exist and self.registrations.due(checkpoint.flow_id)
+        writes = () if must_exist else lookups + ((catalog.register(self.keys, checkpoint.flow_id),) if registers else ())
         # Workers learn of a new lease, a pause or an end from the flow's wake shard, written right after the script
         # in the same pipeline (a no-op for them when the script refused the save).
         after = announce(self.keys, flow) if ticket is not None and ticket.announces(checkpoint) else ()
@@ -255,6 +257,8 @@ class StoreCore:
                 if moved_from is not None:  # one checkpoint per id: the version stored in another flow goes
                     yield from self._delete_elsewhere(moved_from, cp_id)
                 self._last_flow = flow
+                if registers:
+                    self.registrations.done(checkpoint.flow_id)
                 state = StoredState(flow, status, run, wf, parent, ",".join(plan.named), plan.chunk_packs, plan.bases)
                 self.cache.remember(cp_id, state)
                 if plan.new is not None:

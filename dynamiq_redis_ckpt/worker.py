@@ -31,6 +31,7 @@ from dynamiq_redis_ckpt.errors import (
     CheckpointStoreError,
     ConfigurationError,
     LeaseLostError,
+    RunNotWaitingError,
     WrongKeyTypeError,
 )
 from dynamiq_redis_ckpt.inbox import attach_answers
@@ -351,12 +352,13 @@ class Recovery:
                 answer = crypto.seal_text(self.backend.store.sealer, answer, (candidate, run, target))
             reply = self.backend.execute(leases.deliver_op(self.keys, candidate, run, target, answer, keep_ms))
             if reply == "RUNNING":
-                raise ConfigurationError(f"run {run} is running (it holds a live lease), not waiting for input")
+                raise RunNotWaitingError(f"run {run} is running (it holds a live lease), not waiting for input", run,
+                                         running=True)
             if reply == "ANSWERED":
                 raise AlreadyAnsweredError(run, target)
             if reply == "OK":
                 return target
-        raise ConfigurationError(f"no run {run!r} is paused waiting on {node_id or 'a node'}")
+        raise RunNotWaitingError(f"no run {run!r} is paused waiting on {node_id or 'a node'}", run)
 
     def dead_letters(self) -> list[DeadLetter]:
         """Runs moved to dead letters after ``max_attempts`` failed recoveries."""

@@ -17,7 +17,7 @@ from dynamiq.checkpoints.types import CheckpointStatus as S
 from dynamiq.runnables import RunnableConfig
 from redis.exceptions import NoPermissionError
 
-from dynamiq_redis_ckpt import CheckpointStoreError, RedisCheckpointBackend, as_running_flow, scripts
+from dynamiq_redis_ckpt import catalog, CheckpointStoreError, RedisCheckpointBackend, as_running_flow, scripts
 from dynamiq_redis_ckpt.acl import COMMANDS, acl_args, acl_rule
 from dynamiq_redis_ckpt.leases import fleet_op
 from dynamiq_redis_ckpt.registry import REGISTRY
@@ -147,6 +147,8 @@ def test_backend_flows_and_recovery_run_as_the_least_privilege_user(own_redis):
     fleet = backend.execute(fleet_op(backend.store.keys))
     assert fleet.flows >= 1
     assert backend.redis.info("server")["redis_version"]  # the worker's build info
+    assert "chain-2-acl" in backend.execute(catalog.all_flows_op(backend.store.keys))  # the operator commands' reads
+    assert backend.execute(catalog.forget_op(backend.store.keys, "chain-2-acl", 0)) is False
     backend.clear()
 
     assert refusals(admin) == [], "nothing the package sent was refused"

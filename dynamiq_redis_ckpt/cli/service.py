@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import sys
 
-from dynamiq_redis_ckpt.cli.common import connect, store_options
+from dynamiq_redis_ckpt.cli.common import BadInput, NotFound, Refused, connect, store_options
 
 
 def register(commands) -> None:
@@ -155,17 +154,19 @@ def _wait_for_redis(backend, worker, log) -> bool:
 def _resume(args: argparse.Namespace) -> int:
     import json
 
-    from dynamiq_redis_ckpt.errors import AlreadyAnsweredError, ConfigurationError
+    from dynamiq_redis_ckpt.errors import AlreadyAnsweredError, RunNotWaitingError
     from dynamiq_redis_ckpt.worker import Recovery
 
     try:
-        node = Recovery(connect(args)).deliver_input(args.run, json.loads(args.input), node_id=args.node, flow=args.flow)
+        answer = json.loads(args.input)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"--input is not JSON: {e}") from e
+    try:
+        node = Recovery(connect(args)).deliver_input(args.run, answer, node_id=args.node, flow=args.flow)
     except AlreadyAnsweredError as e:
-        print(f"refused: {e}", file=sys.stderr)
-        return 3
-    except (ConfigurationError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise Refused(str(e)) from e
+    except RunNotWaitingError as e:
+        raise (Refused(str(e)) if e.running else NotFound(str(e))) from e
     print(f"answer stored for node {node} of run {args.run}; a worker resumes it")
     return 0
 

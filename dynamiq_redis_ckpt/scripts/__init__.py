@@ -13,7 +13,7 @@ from importlib.resources import files
 
 NAMES = (
     "save", "load", "packs", "delete", "prune", "renew", "release", "claim", "deliver", "wakes", "due", "settle",
-    "retry_dead", "clear_lease", "expire",
+    "retry_dead", "clear_lease", "expire", "forget_flow",
 )
 _WITH_PACKS = ("save", "load", "packs", "delete")
 
