@@ -4,8 +4,9 @@ Prometheus endpoints.
 
 The Redis reads are store operations (generators of :mod:`dynamiq_redis_ckpt.requests`, run by a backend's
 ``execute``), read only, and never scan the keyspace: the flows come from the wake shards (``P:wake:{n}``: every
-flow home with a lease, an orphan or a timer) and the dead-flow shards (``P:deadflows:{n}``), then each home's own
-indexes are read. Times are the server's (``TIME``), in ms since the epoch.
+flow home with a lease, an orphan or a timer), the dead-flow shards (``P:deadflows:{n}``) and, for the live view,
+the catalog's most recently saved flows; then each home's own indexes are read. Times are the server's (``TIME``),
+in ms since the epoch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from dynamiq_redis_ckpt.keys import FLOW_SHARDS, Keys, flow_of
+from dynamiq_redis_ckpt import catalog
+from dynamiq_redis_ckpt.keys import FLOW_SHARDS, Keys, flow_homes, flow_of
 from dynamiq_redis_ckpt.requests import Batch, Command, cmd, score_pairs, text
 
 HOMES_PER_BATCH = 64  # index reads per round trip while a page fills
@@ -225,16 +227,22 @@ class Snapshot:
 STATES = ("leased", "orphaned", "scheduled", "due", "dead")
 
 
-def snapshot_op(keys: Keys, flows_per_shard: int = 256):
-    """A :class:`Snapshot` in two round trips of bounded size: the first ``flows_per_shard`` homes of each wake
-    shard (due soonest) and of each dead-flow shard, then each home's counts, oldest orphan and newest save."""
+def snapshot_op(keys: Keys, buckets: int = 1, flows_per_shard: int = 256, recent_flows: int = 20):
+    """A :class:`Snapshot` in three round trips of bounded size: the first ``flows_per_shard`` homes of each wake
+    shard (due soonest) and of each dead-flow shard, and the ``recent_flows`` flows saved most recently (the
+    catalog); then each home's counts, oldest orphan and newest save (only the newest save of a recent flow's
+    other homes, ``buckets`` per flow: they have nothing queued)."""
     head = [cmd("TIME")]
     head += [cmd("ZRANGE", keys.wake(i), 0, flows_per_shard - 1) for i in range(FLOW_SHARDS)]
     head += [cmd("SSCAN", keys.dead_flows(i), 0, "COUNT", flows_per_shard) for i in range(FLOW_SHARDS)]
     replies = yield Batch(tuple(head))
+    recent: list[str] = []
+    if recent_flows:
+        recent, _ = yield from catalog.flows_op(keys, "", recent_flows)
     now_ms = _server_ms(replies[0])
     wakes, pages = replies[1 : 1 + FLOW_SHARDS], replies[1 + FLOW_SHARDS :]
     homes = sorted({text(h) for reply in wakes for h in reply or ()} | {text(h) for _, ms in pages for h in ms or ()})
+    quiet = sorted({h for flow in recent for h in flow_homes(flow, buckets)} - set(homes))
     truncated = any(len(r or ()) >= flows_per_shard for r in wakes) or any(int(c) != 0 for c, _ in pages)
     reads: list[Command] = []
     for home in homes:
@@ -243,6 +251,7 @@ def snapshot_op(keys: Keys, flows_per_shard: int = 256):
                   cmd("ZRANGEBYSCORE", leased, "(0", "+inf", "WITHSCORES", "LIMIT", 0, 1),  # 0: retried, no age
                   cmd("ZCARD", due), cmd("ZCOUNT", due, "-inf", now_ms), cmd("ZCARD", keys.dead_index(home)),
                   cmd("ZRANGE", keys.flow_index(home), -1, -1, "WITHSCORES")]  # fmt: skip
+    reads += [cmd("ZRANGE", keys.flow_index(home), -1, -1, "WITHSCORES") for home in quiet]
     replies = (yield Batch(tuple(reads))) if reads else []
     flows: dict[str, FlowState] = {}
     for i, home in enumerate(homes):
@@ -256,13 +265,21 @@ def snapshot_op(keys: Keys, flows_per_shard: int = 256):
         if int(orphans) and first and score_pairs(first)[0][0] <= now_ms:
             waited = (now_ms - score_pairs(first)[0][0]) / 1000
             row.oldest_orphan_seconds = max(row.oldest_orphan_seconds or 0.0, waited)
-        if newest:
-            age = max(0.0, now_ms / 1000 - score_pairs(newest)[0][0] / 1e6)  # scores are created_at in µs
-            row.newest_save_seconds = age if row.newest_save_seconds is None else min(row.newest_save_seconds, age)
-    rows = [r for r in flows.values() if any(getattr(r, s) for s in STATES)]
+        _saved(row, newest, now_ms)
+    for home, newest in zip(quiet, replies[7 * len(homes) :]):
+        _saved(flows.setdefault(flow_of(home), FlowState(flow_of(home))), newest, now_ms)
+    shown = set(recent)
+    rows = [r for r in flows.values() if r.flow in shown or any(getattr(r, s) for s in STATES)]
     totals = {s: sum(getattr(r, s) for r in rows) for s in STATES}
     oldest = max((r.oldest_orphan_seconds or 0.0 for r in rows), default=0.0)
     return Snapshot(now_ms, totals, rows, oldest, truncated)
+
+
+def _saved(row: FlowState, newest: list, now_ms: int) -> None:
+    """Take a home's newest checkpoint (ZRANGE ... -1 -1 WITHSCORES of its flow index) into its flow's row."""
+    if newest:
+        age = max(0.0, now_ms / 1000 - score_pairs(newest)[0][0] / 1e6)  # scores are created_at in µs
+        row.newest_save_seconds = age if row.newest_save_seconds is None else min(row.newest_save_seconds, age)
 
 
 # ---- the workers' latencies (Prometheus) ------------------------------------------------------------------------

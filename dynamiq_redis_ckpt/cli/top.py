@@ -48,7 +48,7 @@ def _top(args: argparse.Namespace) -> int:
 
     _check(args)
     backend = connect(args, leases=False, retries=1, socket_timeout=1.0, socket_connect_timeout=1.0)
-    read = lambda: backend.execute(snapshot_op(backend.store.keys))  # noqa: E731
+    read = lambda: backend.execute(snapshot_op(backend.store.keys, backend.store.buckets))  # noqa: E731
     scraper = LatencyScraper(args.metrics) if args.metrics else None
     snapshot = read()  # unreachable at the start: exit code 5 (common.run)
     scrape = scraper.scrape() if scraper else None
