@@ -181,9 +181,8 @@ def _frame(args, backend, snapshot, scrape, error: str, height: int | None = Non
     parts.append(flows if rows else Text("flows: none with leases, orphans, timers or dead letters", style="dim"))
     if len(rows) > room:
         parts.append(Text(f"... {len(rows) - room} more flows", style="dim"))
-    if args.once:
-        return Group(*parts)
-    parts.append(Text("q quits", style="dim"))
+    if not args.once:
+        parts.append(Text("q quits", style="dim"))
     return Group(*parts)
 
 
