@@ -18,10 +18,15 @@ def cli_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
+def command(*args) -> list[str]:
+    """The argv of ``dynamiq-redis-ckpt ARGS...`` run from this checkout (for a terminal the test drives)."""
+    return [*COMMAND, *map(str, args)]
+
+
 def cli(*args: str, input: str | None = None, timeout: float = 120, env: dict | None = None,
         **popen) -> subprocess.CompletedProcess:  # fmt: skip
     """Run ``dynamiq-redis-ckpt ARGS...`` to its end; stdout and stderr captured as text."""
-    return subprocess.run([*COMMAND, *args], cwd=ROOT, env=cli_env(**(env or {})), input=input, text=True,
+    return subprocess.run(command(*args), cwd=ROOT, env=cli_env(**(env or {})), input=input, text=True,
                           capture_output=True, timeout=timeout, **popen)  # fmt: skip
 
 
@@ -29,7 +34,7 @@ def cli_popen(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
     """Start ``dynamiq-redis-ckpt ARGS...`` and return at once (the caller waits, signals or kills it)."""
     popen.setdefault("stdout", subprocess.PIPE)
     popen.setdefault("stderr", subprocess.PIPE)
-    return subprocess.Popen([*COMMAND, *args], cwd=ROOT, env=cli_env(**(env or {})), text=True, **popen)
+    return subprocess.Popen(command(*args), cwd=ROOT, env=cli_env(**(env or {})), text=True, **popen)
 
 
 def cli_all(*commands: tuple[str, ...], env: dict | None = None, timeout: float = 120, wait: bool = True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -249,8 +250,9 @@ def test_dead_letters_from_the_cli(leased, redis_server):
     assert recovery.claim("f", "wf") is None
     base = [sys.executable, "-m", "dynamiq_redis_ckpt.cli", "dead"]
     where = ["--url", leased.url, "--prefix", leased.prefix]
-    listed = subprocess.run(base + ["list"] + where, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert listed.returncode == 0 and listed.stdout.split("\t")[:2] == ["f", "wf"], listed.stderr[-2000:]
+    listed = subprocess.run(base + ["list", "--json"] + where, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert [(d["flow"], d["run"]) for d in json.loads(listed.stdout)["items"]] == [("f", "wf")]
     retried = subprocess.run(base + ["retry", "f", "wf"] + where, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert retried.returncode == 0 and recovery.dead_letters() == []
     assert recovery.find_orphans() == [("f", "wf")]
