@@ -19,7 +19,8 @@ from dynamiq_redis_ckpt.watch import quantile
 from tests.cli_proc import ROOT, command
 from tests.flows import chain_flow
 from tests.redis_proc import free_port
-from tests.test_cli_queues import hold, populate, run_all, where
+from tests.cli_proc import cli_all
+from tests.test_cli_queues import hold, populate, where
 
 STATES = ("leased", "orphaned", "scheduled", "due", "dead")
 
@@ -60,7 +61,7 @@ def test_quantiles_as_prometheus_estimates_them():
 @pytest.mark.slow
 def test_once_json_and_bad_input(store, worker_metrics):
     url, _ = worker_metrics
-    once, table, bad_input, unreachable = run_all(
+    once, table, bad_input, unreachable = cli_all(
         ["top", "--once", "--json", "--metrics", url, *where(store)],
         ["top", "--once", *where(store)],
         ["top", "--interval", "0", "--metrics", "localhost:9", *where(store)],
