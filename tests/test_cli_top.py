@@ -16,10 +16,9 @@ from dynamiq_redis_ckpt import RedisCheckpointBackend
 from dynamiq_redis_ckpt.leases import fleet_op
 from dynamiq_redis_ckpt.metrics import StoreMetrics, WorkerMetrics, serve
 from dynamiq_redis_ckpt.watch import quantile
-from tests.cli_proc import ROOT, command
+from tests.cli_proc import ROOT, cli_all, command
 from tests.flows import chain_flow
 from tests.redis_proc import free_port
-from tests.cli_proc import cli_all
 from tests.test_cli_queues import hold, populate, where
 
 STATES = ("leased", "orphaned", "scheduled", "due", "dead")
