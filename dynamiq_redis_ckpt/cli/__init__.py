@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # In the order ``--help`` lists them.
 GROUPS = ("service", "browse", "diff", "fork", "queues", "cleanup", "transfer", "top")
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, and return its exit code."""
     from dynamiq_redis_ckpt.cli.common import run
 
+    if not sys.warnoptions:  # Dynamiq's imports warn of their own deprecated pydantic use: nothing an operator can do
+        warnings.simplefilter("ignore", DeprecationWarning)
     args = build_parser().parse_args(argv)
     return run(args.handler, args)
 
