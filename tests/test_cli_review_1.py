@@ -110,3 +110,23 @@ def test_gc_works_on_a_namespace_with_flow_buckets(redis_server):
         assert json.loads(done.stdout)["homes"] == 5  # the flow's own home and its 4 buckets
     finally:
         backend.clear()
+
+
+def test_delete_refuses_the_head_of_a_dead_lettered_run(redis_server, live):
+    """A dead-lettered run waits for an operator's `retry`, which puts it back for a worker to resume from its head.
+    delete refuses the head of a run in flight, yet deletes a dead letter's head without --force (exit 0): a later
+    retry then hands the workers a run whose head is gone. (The dead letter here is made by the workers' own claim:
+    a fork handed to workers, claimed once with max_attempts 0.)"""
+    from dynamiq_redis_ckpt.leases import claim_op, dead_letters_op
+
+    backend, prefix, snapshots = live
+    forked = cli("fork", snapshots[1].id, "--json", *store(redis_server.url, prefix))
+    assert forked.returncode == 0, forked.stderr
+    fork = json.loads(forked.stdout)
+    keys = backend.store.keys
+    assert backend.execute(claim_op(keys, fork["flow"], fork["run"], "w1", 15_000, "orphan", 0)) == "DEAD"
+    dead = backend.execute(dead_letters_op(keys))
+    assert fork["run"] in json.dumps(dead, default=str)
+    done = cli("delete", fork["checkpoint"], *store(redis_server.url, prefix))
+    assert done.returncode == 3, f"exit {done.returncode}: {done.stdout[-300:]}"
+    assert backend.load(fork["checkpoint"]) is not None
