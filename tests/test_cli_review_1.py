@@ -130,3 +130,23 @@ def test_delete_refuses_the_head_of_a_dead_lettered_run(redis_server, live):
     done = cli("delete", fork["checkpoint"], *store(redis_server.url, prefix))
     assert done.returncode == 3, f"exit {done.returncode}: {done.stdout[-300:]}"
     assert backend.load(fork["checkpoint"]) is not None
+
+
+def test_import_of_a_checkpoint_the_store_cannot_take_reports_it_and_goes_on(redis_server, live, tmp_path):
+    """A source line Dynamiq reads but the store refuses (a flow id holding NUL, which a save rejects): the import
+    dies with a traceback (exit 1) at that line, and every checkpoint after it is not imported. It should name the
+    checkpoint (as it does for unreadable lines), store the rest, and exit 1 without a traceback."""
+    backend, _, snapshots = live
+    refused = snapshots[0].model_copy(update={"id": str(uuid.uuid4()), "flow_id": "a\x00b"}, deep=True)
+    fine = snapshots[0].model_copy(update={"id": str(uuid.uuid4()), "flow_id": "fine"}, deep=True)
+    path = tmp_path / "nul.jsonl"
+    path.write_text(refused.model_dump_json() + "\n" + fine.model_dump_json() + "\n")
+    prefix = f"rv1n{uuid.uuid4().hex[:8]}"
+    target = RedisCheckpointBackend(url=redis_server.url, prefix=prefix)
+    try:
+        done = cli("import", str(path), *store(redis_server.url, prefix))
+        assert "Traceback" not in done.stderr, done.stderr[-600:]
+        assert done.returncode == 1 and refused.id in done.stdout + done.stderr
+        assert target.load(fine.id) is not None
+    finally:
+        target.clear()
