@@ -5,7 +5,9 @@ code is not changed here.
 - import over an id Redis already holds with other content replaces it silently (exit 0, "updated");
 - import of an id Redis holds in another flow moves it out of that flow (its run's chain loses a snapshot);
 - fork in a namespace whose runs save with a ttl makes the source's packs and the flow's indexes permanent;
-- every command refuses a namespace whose flows are spread over buckets, with no option to say so.
+- every command refuses a namespace whose flows are spread over buckets, with no option to say so;
+- delete takes the head of a dead-lettered run (which `retry` resumes from) without --force;
+- import dies with a traceback on a checkpoint the store refuses, and imports nothing after it.
 """
 
 from __future__ import annotations
