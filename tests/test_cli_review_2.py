@@ -230,3 +230,43 @@ def test_checkpoint_paging_while_writers_save_and_delete(redis_server, capsys):
         assert [i for i in seen if i in throughout] == throughout
     finally:
         backend.clear()
+
+
+# ---- a damaged checkpoint among healthy ones ----------------------------------------------------------------------
+
+
+def test_a_non_numeric_hash_field_is_an_error_not_a_traceback(orders, capsys):
+    """int('abc') of a damaged 'size' escapes checkpoints and show as a ValueError; runs calls it bad input (exit 2)
+    because the ValueError surfaces inside the cursor check."""
+    damaged = orders.ids[1]
+    orders.redis.hset(orders.keys.checkpoint("orders", damaged), "size", "abc")
+    for args in (("checkpoints", "orders", "--json"), ("show", damaged, "--json"), ("runs", "orders", "--json")):
+        code, out, err = run_cli(capsys, orders, *args)
+        assert code in (0, 1), (args, code, err)
+        if code == 0:
+            json.loads(out)
+
+
+def test_a_checkpoint_missing_its_status_and_time_is_not_listed_as_healthy_data(orders, capsys):
+    """Listed with status null and created_at 0.0 (shown '20787d ago'), exit 0, nothing in the JSON saying so."""
+    damaged = orders.ids[0]
+    orders.redis.hdel(orders.keys.checkpoint("orders", damaged), "st", "ts")
+    code, out, err = run_cli(capsys, orders, "checkpoints", "orders", "--json")
+    rows = {row["id"]: row for row in json.loads(out)["items"]} if code == 0 else {}
+    assert damaged not in rows or rows[damaged].get("damaged"), rows.get(damaged)
+
+
+def test_one_damaged_pack_does_not_blank_the_healthy_rows_of_its_page(orders, capsys):
+    """The page is decoded as one batch: a pack of the wrong type under the newest checkpoint makes the node counts
+    of every row unknown ('?'), though each older checkpoint still loads (show prints it)."""
+    newest = orders.ids[0]
+    pack = orders.redis.hget(orders.keys.checkpoint("orders", newest), "pk").decode().split(",")[0]
+    key = orders.keys.pack("orders", pack)
+    orders.redis.delete(key)
+    orders.redis.hset(key, "a", "b")
+    code, out, err = run_cli(capsys, orders, "checkpoints", "orders", "--json")
+    assert code == 0, err
+    rows = {row["id"]: row for row in json.loads(out)["items"]}
+    oldest = orders.ids[-1]
+    assert run_cli(capsys, orders, "show", oldest, "--json")[0] == 0  # healthy (3 = refused before this, too)
+    assert rows[oldest]["nodes_completed"] is not None, rows[oldest]
