@@ -270,3 +270,40 @@ def test_one_damaged_pack_does_not_blank_the_healthy_rows_of_its_page(orders, ca
     oldest = orders.ids[-1]
     assert run_cli(capsys, orders, "show", oldest, "--json")[0] == 0  # healthy (3 = refused before this, too)
     assert rows[oldest]["nodes_completed"] is not None, rows[oldest]
+
+
+def test_chain_of_a_cycle_of_parent_links_is_an_error_not_a_traceback(orders, capsys):
+    """lineage_op raises CheckpointStoreError('its parent links form a cycle'), which run() does not map."""
+    oldest, newest = orders.ids[-1], orders.ids[0]
+    orders.redis.hset(orders.keys.checkpoint("orders", oldest), "par", newest)
+    code, out, err = run_cli(capsys, orders, "chain", orders.ids[2], "--json")
+    assert code == 1 and "cycle" in err and out == ""
+
+
+# ---- export while retention deletes ------------------------------------------------------------------------------
+
+
+def test_export_keeps_every_checkpoint_present_throughout_while_old_ones_are_deleted(orders, capsys, tmp_path,
+                                                                                      monkeypatch):  # fmt: skip
+    """The export lists a flow's index by offset (ZRANGE i..i+page): when an older checkpoint is deleted between two
+    pages (retention does exactly that, oldest first), every later entry shifts down one and one checkpoint that was
+    there all along is skipped; the export still says it exported everything (exit 0, 'vanished': 0)."""
+    from dynamiq_redis_ckpt import transfer
+
+    oldest_first = list(reversed(orders.ids))
+    monkeypatch.setattr(transfer, "_PAGE", 2)  # the same race at any page size, with 5 checkpoints instead of 2000
+    real_pairs, pages = transfer.score_pairs, []
+
+    def pairs_then_retention_deletes_the_oldest(reply):
+        pages.append(reply)
+        if len(pages) == 1:
+            orders.backend.delete(oldest_first[0])  # between the first page and the next
+        return real_pairs(reply)
+
+    monkeypatch.setattr(transfer, "score_pairs", pairs_then_retention_deletes_the_oldest)
+    out = tmp_path / "out.jsonl"
+    code, _, err = run_cli(capsys, orders, "export", "orders", "-o", str(out))
+    assert code == 0, err
+    exported = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert len(exported) == len(set(exported))
+    assert set(exported) == set(oldest_first[1:]), f"missing: {set(oldest_first[1:]) - set(exported)}"
