@@ -36,7 +36,7 @@ from typing import IO, Any, TypeVar
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.utils import encode_reversible
 
-from dynamiq_redis_ckpt.errors import CheckpointCorruptedError, UnsupportedFormatError
+from dynamiq_redis_ckpt.errors import CheckpointCorruptedError, CheckpointStoreError, UnsupportedFormatError
 from dynamiq_redis_ckpt.keys import flow_homes, flow_of
 from dynamiq_redis_ckpt.leases import PAUSED, LeaseTicket, lease_head_op, run_key, status_of
 from dynamiq_redis_ckpt.requests import Batch, cmd, score_pairs, text
@@ -352,13 +352,15 @@ def _dsn_connection(conninfo: dict[str, str]):
 
 @dataclass
 class Tally:
-    """One flow's checkpoints in an import: in the source, newly stored, stored again because Redis held another
-    version, already stored identical (skipped); then found equal in Redis by the verification."""
+    """One flow's checkpoints in an import: in the source, newly stored, stored again (Redis held a damaged version,
+    or another one and the import was told to overwrite), already stored identical (skipped), left alone because
+    Redis holds another version (conflicts); then found equal in Redis by the verification."""
 
     source: int = 0
     saved: int = 0
     updated: int = 0
     skipped: int = 0
+    conflicts: int = 0
     verified: int = 0
     in_redis: int | None = None
 
@@ -370,6 +372,8 @@ class ImportReport:
     flows: dict[str, Tally] = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)  # stored versions that differ, left as they are
+    refused: list[str] = field(default_factory=list)  # checkpoints the store would not take (a typed error each)
     verified: bool = False
     handed_over: list[str] = field(default_factory=list)
 
@@ -382,6 +386,7 @@ class ImportReport:
         for t in self.flows.values():
             out.source, out.saved, out.updated = out.source + t.source, out.saved + t.saved, out.updated + t.updated
             out.skipped, out.verified = out.skipped + t.skipped, out.verified + t.verified
+            out.conflicts += t.conflicts
         return out
 
 
@@ -396,8 +401,11 @@ class _Head:
 class Importer:
     """Stores a source's checkpoints in a backend's namespace with plain saves (no lease)."""
 
-    def __init__(self, backend, *, progress: Callable[[int], None] | None = None, pause: float = 0.0):
+    def __init__(self, backend, *, progress: Callable[[int], None] | None = None, pause: float = 0.0,
+                 overwrite: bool = False):  # fmt: skip
         self.backend = backend
+        self.overwrite = overwrite  # replace a stored version that differs (else it is kept and reported)
+        self.left_alone: set[str] = set()  # ids whose stored version differs and was kept, or that were refused
         self.keys = backend.store.keys
         self.progress = progress or (lambda n: None)
         self.pause = pause  # seconds after each stored checkpoint (tests slow an import down to interrupt it)
@@ -427,12 +435,25 @@ class Importer:
             stored = self._stored(checkpoint.id) if there else None
             if isinstance(stored, FlowCheckpoint) and same(stored, checkpoint):
                 tally.skipped += 1
+            elif isinstance(stored, FlowCheckpoint) and not self.overwrite:
+                # Another version (an older backup, another namespace's export): never replaced silently, and
+                # never moved out of the flow that holds it (a save under another flow id would delete it there).
+                where = f" in flow {stored.flow_id}" if stored.flow_id != checkpoint.flow_id else ""
+                report.conflicts.append(f"checkpoint {checkpoint.id} of flow {checkpoint.flow_id}: Redis holds another "
+                                        f"version{where} ({_difference(stored, checkpoint)}); kept")  # fmt: skip
+                tally.conflicts += 1
+                self.left_alone.add(checkpoint.id)
             else:
-                self.backend.execute(self.backend.store.save(checkpoint))  # plain: no lease taken or touched
-                if stored is None:
-                    tally.saved += 1
+                try:
+                    self.backend.execute(self.backend.store.save(checkpoint))  # plain: no lease taken or touched
+                except CheckpointStoreError as e:  # a checkpoint the store refuses (a NUL in its flow id, too large)
+                    report.refused.append(f"checkpoint {checkpoint.id} of flow {checkpoint.flow_id!r}: {e}")
+                    self.left_alone.add(checkpoint.id)
                 else:
-                    tally.updated += 1
+                    if stored is None:
+                        tally.saved += 1
+                    else:
+                        tally.updated += 1
                 if self.pause:
                     time.sleep(self.pause)
             self.progress(1)
@@ -457,6 +478,9 @@ class Importer:
         seen: dict[str, int] = defaultdict(int)
         for checkpoint in source.checkpoints():
             seen[checkpoint.flow_id] += 1
+            if checkpoint.id in self.left_alone:  # reported already, as a conflict or a refusal
+                self.progress(1)
+                continue
             stored = self._stored(checkpoint.id)
             if stored is None or isinstance(stored, str):
                 report.mismatches.append(f"checkpoint {checkpoint.id} of flow {checkpoint.flow_id}: "
