@@ -18,7 +18,8 @@ DATA_COMMANDS = (
     "object|idletime",  # keys, strings (gc's lookups: how long a key went untouched)
     "hdel", "hexists", "hget", "hgetall", "hincrby", "hmget", "hset",  # hashes
     "sadd", "smembers", "spop", "srem", "sscan",  # sets
-    "zadd", "zcard", "zcount", "zrange", "zrangebyscore", "zrem", "zrevrange", "zrevrangebyscore", "zscore",  # zsets
+    "zadd", "zcard", "zcount", "zrange", "zrangebylex", "zrangebyscore", "zrem", "zrevrange", "zrevrangebyscore",
+    "zscore",  # zsets
 )  # fmt: skip
 # Not tied to a key: the scripts' transport, the server clock, health, clear()'s walk, the worker's build info, the
 # eviction check (maxmemory-policy, read from INFO memory: CONFIG GET could read requirepass).

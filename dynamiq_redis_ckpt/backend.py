@@ -87,6 +87,8 @@ class RedisCheckpointBackend(CheckpointBackend):
                                      "else 1, and 48 on a Redis Cluster. Fixed per namespace (docs/cluster.md)")
     replica_ack_timeout_seconds: float = Field(default=0.5, description="How long one WAIT for replica_acks lasts "
                                                "before the request is retried")
+    adopt_flow_buckets: bool = Field(default=False, description="Use the flow_buckets the namespace recorded (one "
+                                     "when none is), never refused and never recording one: for operator tools")
 
     _owns_client: bool = PrivateAttr(default=True)
     _namespace: str = PrivateAttr()
@@ -187,7 +189,8 @@ class RedisCheckpointBackend(CheckpointBackend):
         eviction = None
         if "server" not in kwargs:  # fakeredis (an in-process server) evicts nothing
             eviction = EvictionCheck(allow=self.allow_eviction, ttl=bool(self.ttl_seconds), leases=self.leases)
-        checks = Preflight(BucketsCheck(self._core.keys, buckets), eviction)
+        adopt = self._adopt_buckets if self.adopt_flow_buckets else None
+        checks = Preflight(BucketsCheck(self._core.keys, buckets, adopt), eviction)
         self._sync.preflight = self._async.preflight = checks
         if "ssl_cert_reqs" in kwargs:
             # a plain port times out a TLS client, and a server that requires client certificates may just close
@@ -207,6 +210,9 @@ class RedisCheckpointBackend(CheckpointBackend):
     @property
     def _tls_files(self) -> bool:
         return bool(self.tls_ca_file or self.tls_cert_file or self.tls_key_file)
+
+    def _adopt_buckets(self, buckets: int) -> None:
+        self._core.buckets = buckets
 
     def _observe_with(self, metrics: Any) -> None:
         from dynamiq_redis_ckpt.metrics import StoreMetrics  # imported only when metrics are on

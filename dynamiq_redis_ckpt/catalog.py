@@ -1,8 +1,9 @@
 """The catalog of flows: which flows a namespace holds checkpoints of, without a scan of the keyspace.
 
 Sixteen sorted sets, ``P:catalog:{0..15}``, by :meth:`Keys.shard_of`; a member is a flow id, its score the last time
-(client ms) a process saving a checkpoint of that flow said so. Every save of a new checkpoint sends that ``ZADD``
-in the pipeline of its lookup keys, before its script, at most once per :data:`REGISTER_EVERY` seconds per flow and
+(client ms) a process saving a checkpoint of that flow said so; beside each, ``P:catalog:{n}:names`` holds the same
+ids at score 0, so a listing pages through flows in id order and a flow saved again meanwhile keeps its place.
+Every save of a new checkpoint sends those two ``ZADD`` in the pipeline of its lookup keys, before its script, at most once per :data:`REGISTER_EVERY` seconds per flow and
 process (see :class:`Registrations`), so an entry's score is never older than the flow's last save by more than that.
 
 An entry outlives its flow's checkpoints until ``gc`` removes it (:func:`forget_op`): only when its score is older
@@ -18,7 +19,7 @@ import json
 import time
 
 from dynamiq_redis_ckpt.keys import FLOW_SHARDS, HOME_SEP, Keys, glob_escape
-from dynamiq_redis_ckpt.requests import Batch, Script, cmd, score_pairs, text
+from dynamiq_redis_ckpt.requests import Batch, Script, cmd, text
 
 REGISTER_EVERY = 60.0  # seconds between one process's registrations of one flow
 FORGET_AFTER = 600.0  # seconds: gc forgets only an entry older than this (a save registers every REGISTER_EVERY)
@@ -44,55 +45,47 @@ class Registrations:
         self._at[flow_id] = time.monotonic()
 
 
-def register(keys: Keys, flow_id: str):
-    """The command that registers ``flow_id`` (sent before the save script, in the same pipeline)."""
-    return cmd("ZADD", keys.catalog(Keys.shard_of(flow_id)), int(time.time() * 1000), flow_id)
+def register(keys: Keys, flow_id: str) -> tuple:
+    """The commands that register ``flow_id`` (sent before the save script, in the same pipeline)."""
+    shard = Keys.shard_of(flow_id)
+    return (cmd("ZADD", keys.catalog(shard), int(time.time() * 1000), flow_id),
+            cmd("ZADD", keys.catalog_names(shard), 0, flow_id))  # fmt: skip
 
 
-def _cursor(score: float, flow: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([score, flow]).encode()).decode().rstrip("=")
+def _cursor(flow: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps(flow).encode()).decode().rstrip("=")
 
 
-def _position(cursor: str) -> tuple[float, str | None]:
-    """(score, flow) a page ends at; (inf, None) for the first page. A malformed cursor is a ValueError."""
+def _after(cursor: str) -> str | None:
+    """The flow id a page ends at (None for the first page). A malformed cursor is a ValueError."""
     if not cursor:
-        return float("inf"), None
+        return None
     try:
-        score, flow = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return float(score), str(flow)
+        flow = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (ValueError, TypeError) as e:
         raise ValueError(f"not a cursor this command printed: {cursor!r}") from e
+    if not isinstance(flow, str):
+        raise ValueError(f"not a cursor this command printed: {cursor!r}")
+    return flow
 
 
 def flows_op(keys: Keys, cursor: str = "", limit: int = 100):
-    """One page of the catalog, most recently saved flows first: ``(flow ids, next cursor)``, the cursor ``""``
-    after the last page. One round trip of at most 2 x 16 bounded reads (the entries after the cursor, and those
-    sharing its score), whatever the namespace holds."""
-    top, after = _position(cursor)
-    high = "+inf" if after is None else f"({top!r}"
-    reads = []
-    for shard in range(FLOW_SHARDS):
-        key = keys.catalog(shard)
-        reads.append(cmd("ZREVRANGEBYSCORE", key, high, "-inf", "WITHSCORES", "LIMIT", 0, limit + 1))
-        if after is not None:  # entries of the cursor's own score that sort after it
-            reads.append(cmd("ZREVRANGEBYSCORE", key, repr(top), repr(top), "WITHSCORES"))
-    replies = yield Batch(tuple(reads))
-    rows = {(score, flow) for reply in replies for score, flow in score_pairs(reply)}
-    if after is not None:
-        rows = {(s, f) for s, f in rows if s < top or f < after}
-    ordered = sorted(rows, key=lambda row: (-row[0], _desc(row[1])))
-    page = ordered[:limit]
-    more = len(ordered) > limit
-    return [flow for _, flow in page], (_cursor(*page[-1]) if more and page else "")
-
-
-def _desc(flow: str) -> tuple:
-    # equal scores: reverse order of the flow ids (ZREVRANGEBYSCORE's order within a score)
-    return tuple(-b for b in flow.encode()) + (1,)
+    """One page of the catalog in flow id order (bytewise): ``(flow ids, next cursor)``, the cursor ``""`` after the
+    last page. One round trip of 16 bounded reads, whatever the namespace holds; a flow saved again between pages
+    keeps its place, so every flow present throughout is listed once."""
+    after = _after(cursor)
+    low = "-" if after is None else b"(" + after.encode()
+    reads = tuple(cmd("ZRANGEBYLEX", keys.catalog_names(shard), low, "+", "LIMIT", 0, limit + 1)
+                  for shard in range(FLOW_SHARDS))  # fmt: skip
+    replies = yield Batch(reads)
+    ordered = sorted({bytes(f) if isinstance(f, (bytes, bytearray)) else str(f).encode()
+                      for reply in replies for f in reply})  # fmt: skip
+    page = [f.decode() for f in ordered[:limit]]
+    return page, (_cursor(page[-1]) if len(ordered) > limit and page else "")
 
 
 def all_flows_op(keys: Keys, page: int = 1000):
-    """Every flow of the catalog, most recently saved first (pages of ``page``)."""
+    """Every flow of the catalog, in id order (pages of ``page``)."""
     flows: list[str] = []
     cursor = ""
     while True:
@@ -113,7 +106,8 @@ def scores_op(keys: Keys, flows: list[str]):
 def forget_op(keys: Keys, flow: str, score: float):
     """Remove ``flow`` from the catalog if its score is still ``score`` (read before the caller found the flow empty):
     a save registering it since keeps it. True if removed."""
-    removed = yield Script("forget_flow", (keys.catalog(Keys.shard_of(flow)),), (flow, repr(score)))
+    shard = Keys.shard_of(flow)
+    removed = yield Script("forget_flow", (keys.catalog(shard), keys.catalog_names(shard)), (flow, repr(score)))
     return removed == 1
 
 
@@ -139,8 +133,12 @@ def rebuild_op(keys: Keys, count: int = 1000):
     if not found:
         return 0
     now = int(time.time() * 1000)
-    replies = yield Batch(tuple(cmd("ZADD", keys.catalog(Keys.shard_of(f)), "NX", now, f) for f in sorted(found)))
-    return sum(int(r) for r in replies)
+    adds = []
+    for f in sorted(found):
+        shard = Keys.shard_of(f)
+        adds += [cmd("ZADD", keys.catalog(shard), "NX", now, f), cmd("ZADD", keys.catalog_names(shard), 0, f)]
+    replies = yield Batch(tuple(adds))
+    return sum(int(r) for r in replies[::2])
 
 
 def _flow_of_index(keys: Keys, key: str) -> str | None:

@@ -27,6 +27,7 @@ key                             type    holds
 ``P:runflows:{<run>}``          set     homes that hold checkpoints of run <run>
 ``P:meta:{buckets}``            string  how many buckets per flow the namespace uses (absent: one)
 ``P:catalog:{<n>}``             zset    flow ids with checkpoints, score = when a writer last said so (ms), 16 shards
+``P:catalog:{<n>}:names``       zset    the same flow ids, score 0: in id order, for pages that hold still
 ==============================  ======  ======================================================
 
 Ids are escaped inside hash tags (``%`` → ``%25``, ``{`` → ``%7B``, ``}`` → ``%7D``, empty → ``%``) so an id
@@ -176,6 +177,10 @@ class Keys:
     def catalog(self, shard: int) -> str:
         """One shard of the catalog of flows (see :mod:`dynamiq_redis_ckpt.catalog`): flow id -> when last said (ms)."""
         return f"{self.prefix}:catalog:{{{shard}}}"
+
+    def catalog_names(self, shard: int) -> str:
+        """The flow ids of a catalog shard again, all of score 0, so pages go in id order (ZRANGEBYLEX)."""
+        return f"{self.prefix}:catalog:{{{shard}}}:names"
 
     def legacy_flow_registry(self, shard: int) -> str:
         """One shard of the registry of flows that versions before the wake shards kept (read once to migrate)."""

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Generator, Iterable
+from typing import Any, Callable, Generator, Iterable
 
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 from dynamiq.checkpoints.types import CheckpointStatus
@@ -145,16 +145,23 @@ class Record:
 class BucketsCheck:
     """The once-per-backend check that every backend of a namespace spreads a flow's runs over the same number of
     buckets (keys.flow_homes): the first one with more than one records its number (``P:meta:{buckets}``); a
-    backend configured otherwise is refused, since it would list only some of a flow's runs."""
+    backend configured otherwise is refused, since it would list only some of a flow's runs. A backend that
+    *adopts* (the operator's command line) takes the recorded number instead, or one when none is recorded, and
+    records nothing."""
 
-    def __init__(self, keys: Keys, buckets: int):
+    def __init__(self, keys: Keys, buckets: int, adopt: Callable[[int], None] | None = None):
         self.keys = keys
         self.buckets = buckets
+        self.adopt = adopt
         self.passed = False
 
     def op(self) -> Op:
         meta = self.keys.buckets_meta()
-        if self.buckets > 1:
+        if self.adopt is not None:
+            found = yield cmd("GET", meta)
+            self.buckets = int(text(found)) if found is not None and text(found).isdigit() else 1
+            self.adopt(self.buckets)
+        elif self.buckets > 1:
             found = (yield Batch((cmd("SET", meta, self.buckets, "NX"), cmd("GET", meta))))[1]
         else:
             found = yield cmd("GET", meta)
@@ -227,7 +234,7 @@ class StoreCore:
         # checkpoint has them already: it refreshes them after the script agreed, so a refused update writes nothing.
         lookups = self._lookup_writes(checkpoint, flow, status, locate=not must_exist)
         registers = not must_exist and self.registrations.due(checkpoint.flow_id)
-        writes = () if must_exist else lookups + ((catalog.register(self.keys, checkpoint.flow_id),) if registers else ())
+        writes = () if must_exist else lookups + (catalog.register(self.keys, checkpoint.flow_id) if registers else ())
         # Workers learn of a new lease, a pause or an end from the flow's wake shard, written right after the script
         # in the same pipeline (a no-op for them when the script refused the save).
         after = announce(self.keys, flow) if ticket is not None and ticket.announces(checkpoint) else ()

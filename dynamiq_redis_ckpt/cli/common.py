@@ -61,6 +61,9 @@ def store_options(parser: argparse.ArgumentParser, *, json_output: bool = True) 
     that print no results (``worker``)."""
     parser.add_argument("--url", help="Redis url (default $DYNAMIQ_REDIS_CKPT_URL, else redis://localhost:6379/0)")
     parser.add_argument("--prefix", default=None, help="key namespace (default dynamiq:ckpt)")
+    parser.add_argument("--ttl", type=_positive_float, default=None, metavar="SECONDS",
+                        help="the namespace's retention, given to what this command writes (default "
+                        f"${TTL_ENV}; unset: written checkpoints do not expire)")  # fmt: skip
     parser.add_argument("--tls-ca", help="rediss://: CA file the server's certificate must chain to "
                         "(default $DYNAMIQ_REDIS_CKPT_TLS_CA, else the system's CAs)")  # fmt: skip
     parser.add_argument("--tls-cert", help="rediss://: client certificate file (default $DYNAMIQ_REDIS_CKPT_TLS_CERT)")
@@ -75,6 +78,30 @@ def page_options(parser: argparse.ArgumentParser, limit: int = 50) -> None:
     parser.add_argument("--cursor", default="", help="where to go on: the 'next' cursor an earlier page printed")
 
 
+TTL_ENV = "DYNAMIQ_REDIS_CKPT_TTL_SECONDS"
+TRACEBACK_ENV = "DYNAMIQ_REDIS_CKPT_TRACEBACK"
+
+
+def _env_ttl() -> float | None:
+    import os
+
+    value = os.environ.get(TTL_ENV)
+    try:
+        return _positive_float(value) if value else None
+    except argparse.ArgumentTypeError as e:
+        raise BadInput(f"${TTL_ENV} {e}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -83,11 +110,21 @@ def _positive_int(text: str) -> int:
 
 
 def connect(args: argparse.Namespace, **options):
-    """The backend the options describe. Commands that only inspect or repair pass ``leases=False``."""
+    """The backend the options describe. Commands that only inspect or repair pass ``leases=False``. It spreads flows
+    over the buckets the namespace recorded (``$DYNAMIQ_REDIS_CKPT_FLOW_BUCKETS`` when set), and writes with the
+    namespace's retention when ``--ttl`` (``$DYNAMIQ_REDIS_CKPT_TTL_SECONDS``) says what it is."""
+    import os
+
     from dynamiq_redis_ckpt.backend import RedisCheckpointBackend
+    from dynamiq_redis_ckpt.config import BUCKETS_ENV
 
     if args.prefix:
         options["prefix"] = args.prefix
+    if not os.environ.get(BUCKETS_ENV):
+        options.setdefault("adopt_flow_buckets", True)
+    ttl = getattr(args, "ttl", None) or _env_ttl()
+    if ttl:
+        options.setdefault("ttl_seconds", ttl)
     for option in ("tls_ca", "tls_cert", "tls_key"):
         if getattr(args, option, None):
             options[f"{option}_file"] = getattr(args, option)
@@ -96,8 +133,11 @@ def connect(args: argparse.Namespace, **options):
 
 def run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run a command's handler and turn what it raises into a message on stderr and an exit code."""
+    import os
+
     from dynamiq_redis_ckpt.errors import (
-        CheckpointNotFoundError, ConfigurationError, StoreUnavailableError, WrongKeyTypeError)  # fmt: skip
+        CheckpointNotFoundError, CheckpointStoreError, ConfigurationError, StoreUnavailableError,
+        WrongKeyTypeError)  # fmt: skip
 
     try:
         return handler(args) or OK
@@ -121,6 +161,14 @@ def run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Name
         return INTERRUPTED
     except BrokenPipeError:  # `... | head`: the reader left; nothing more to say
         return OK
+    except CheckpointStoreError as e:  # damaged data, an encryption key missing, ...: the message says which
+        _error(f"{type(e).__name__}: {e}")
+        return FAILED
+    except Exception as e:  # a bug: one line for the operator, the traceback when asked for
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        _error(f"unexpected {type(e).__name__}: {e} (set {TRACEBACK_ENV}=1 for the traceback)")
+        return FAILED
 
 
 def _error(message: str) -> None:

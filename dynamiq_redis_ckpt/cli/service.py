@@ -77,8 +77,9 @@ def _run_worker(args: argparse.Namespace) -> int:
         from prometheus_client import CollectorRegistry
 
         registry = CollectorRegistry()
-    backend = connect(args, lease_ttl_seconds=args.lease_ttl, metrics=registry, allow_eviction=args.allow_eviction,
-                       metrics_flow_label=args.metrics_flow_label)  # fmt: skip
+    # A worker writes runs on: it keeps the namespace's bucket count check (no adopting; see flow_buckets).
+    backend = connect(args, adopt_flow_buckets=False, lease_ttl_seconds=args.lease_ttl, metrics=registry,
+                      allow_eviction=args.allow_eviction, metrics_flow_label=args.metrics_flow_label)
     log.info("worker on %s, prefix %s", mask_url(backend.url or resolve_url(None)), backend.prefix)
     factory = load_flow_factory(flows=args.flows, yaml_path=args.yaml)
     metrics = None
@@ -114,8 +115,8 @@ def _serve_worker(args: argparse.Namespace, registry, worker) -> None:
 
     # Readiness and the fleet read ask Redis with their own short deadline, no retries: a frozen Redis answers 503
     # within a second, and a scrape is never held up for long.
-    probe = connect(args, socket_timeout=0.5, socket_connect_timeout=0.5, retries=0, leases=False,
-                     allow_eviction=args.allow_eviction)  # not ready on a Redis that may evict
+    probe = connect(args, adopt_flow_buckets=False, socket_timeout=0.5, socket_connect_timeout=0.5, retries=0,
+                    leases=False, allow_eviction=args.allow_eviction)  # not ready on a Redis that may evict
 
     def server_info():
         return (yield Each(cmd("INFO", "server")))[0]  # a cluster's first primary

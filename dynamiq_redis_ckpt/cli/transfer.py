@@ -16,7 +16,7 @@ import sys
 from contextlib import contextmanager
 
 from dynamiq_redis_ckpt.cli.common import (
-    UNREACHABLE, BadInput, Column, CommandError, NotFound, Output, connect, store_options)  # fmt: skip
+    UNREACHABLE, BadInput, Column, CommandError, NotFound, Output, Refused, connect, store_options)  # fmt: skip
 
 # Tests set this to slow an import down (seconds after each checkpoint stored) so they can kill it midway.
 PAUSE_ENV = "CKPT_TEST_IMPORT_PAUSE"
@@ -41,6 +41,9 @@ def register(commands) -> None:
     imp.add_argument("--table", default="flow_checkpoints", help="the table (default: Dynamiq's flow_checkpoints)")
     imp.add_argument("--flow", action="append", default=[], metavar="F", help="only this flow (repeatable)")
     imp.add_argument("--no-verify", action="store_true", help="do not load every checkpoint back to compare")
+    imp.add_argument("--overwrite", action="store_true",
+                     help="replace a checkpoint Redis holds in another version (default: keep it, report a conflict, "
+                     "exit 3), even one held under another flow id")  # fmt: skip
     imp.add_argument("--hand-to-workers", action="store_true",
                      help="runs whose newest checkpoint is active become orphans the workers resume; paused runs "
                      "wait for their timer or answer as paused runs do (default: imported runs are left alone)")
@@ -158,14 +161,14 @@ def _import(args: argparse.Namespace) -> int:
         report = ImportReport()
         with _progress("importing", source.total) as (advance, phase):
             pause = float(os.environ.get(PAUSE_ENV) or 0)
-            importer = Importer(backend, progress=advance, pause=pause)
+            importer = Importer(backend, progress=advance, pause=pause, overwrite=args.overwrite)
             with _source_errors():
                 importer.run(source, report)
                 if not args.no_verify:
                     phase("verifying", report.totals.source)
                     importer.verify(source, report)
-        problems = report.unreadable + report.mismatches
-        if args.hand_to_workers and not problems:  # a run whose history differs from the source's is not resumed
+        problems = report.unreadable + report.mismatches + report.refused
+        if args.hand_to_workers and not problems and not report.conflicts:  # a run whose history differs from the source's is not resumed
             importer.hand_to_workers(report)
     finally:
         source.close()
@@ -174,6 +177,9 @@ def _import(args: argparse.Namespace) -> int:
         unhanded = "; no run was handed to the workers" if args.hand_to_workers else ""
         raise CommandError(f"{_count(len(problems), 'problem')} (listed above): the source has checkpoints Dynamiq "
                            f"cannot read, or Redis does not hold every checkpoint as the source does{unhanded}")
+    if report.conflicts:
+        raise Refused(f"{_count(len(report.conflicts), 'checkpoint')} kept as Redis holds them, in another version "
+                      "(listed above; --overwrite replaces them)")  # fmt: skip
     return 0
 
 
@@ -211,11 +217,14 @@ def _print_import(args: argparse.Namespace, source_name: str, report) -> None:
         totals.pop("in_redis")
         output.document({"source": source_name, "flows": rows, "totals": totals, "verified": report.verified,
                          "unreadable": report.unreadable, "mismatches": report.mismatches,
+                         "conflicts": report.conflicts, "refused": report.refused,
                          "handed_to_workers": report.handed_over})  # fmt: skip
         return
     columns = [Column("flow", "flow"), Column("source", "source", justify="right"),
                Column("saved", "saved", justify="right"), Column("updated", "updated", justify="right"),
                Column("skipped", "skipped", justify="right")]  # fmt: skip
+    if report.totals.conflicts:
+        columns.append(Column("conflicts", "conflicts", justify="right"))
     if report.verified:
         columns += [Column("verified", "verified", justify="right"), Column("in_redis", "in Redis", justify="right")]
     output.table(columns, rows, title=f"import from {source_name}", empty="the source holds no checkpoints")
@@ -233,6 +242,10 @@ def _print_import(args: argparse.Namespace, source_name: str, report) -> None:
         output.say(f"unreadable: {problem}")
     for problem in report.mismatches:
         output.say(f"mismatch: {problem}")
+    for problem in report.conflicts:
+        output.say(f"conflict: {problem}")
+    for problem in report.refused:
+        output.say(f"refused: {problem}")
 
 
 def _count(n: int, noun: str) -> str:
