@@ -52,7 +52,7 @@ def test_import_does_not_silently_replace_a_stored_checkpoint_that_differs(redis
     fresh = RedisCheckpointBackend(url=redis_server.url, prefix=prefix)
     assert fresh.load(head.id).model_dump(mode="json") == stored_before, (
         f"import (exit {done.returncode}) replaced checkpoint {head.id}: {done.stdout[-400:]}")
-    assert done.returncode != 0
+    assert done.returncode == 3 and "conflict" in done.stdout, (done.stdout[-600:], done.stderr[-600:])
 
 
 def test_import_does_not_move_a_checkpoint_out_of_its_flow(redis_server, tmp_path):
@@ -91,8 +91,13 @@ def test_fork_in_a_namespace_with_a_ttl_keeps_the_sources_content_expiring(redis
                                                                   keys.flow_index("ttl").encode()))}  # fmt: skip
         assert packs_and_indexes
         head = max(backend.get_list_by_flow("ttl", limit=50), key=lambda c: c.created_at)
-        forked = cli("fork", head.id, "--json", *store(redis_server.url, prefix))
+        stored = len(backend.get_list_by_flow("ttl", limit=50))
+        refused = cli("fork", head.id, "--json", *store(redis_server.url, prefix))  # no retention given
+        assert refused.returncode == 2 and "--ttl" in refused.stderr, refused.stderr
+        assert len(backend.get_list_by_flow("ttl", limit=50)) == stored, "a refused fork stores nothing"
+        forked = cli("fork", head.id, "--json", "--ttl", "3600", *store(redis_server.url, prefix))
         assert forked.returncode == 0, forked.stderr
+        assert 0 < r.pttl(keys.checkpoint("ttl", json.loads(forked.stdout)["checkpoint"])) <= 3600_000
         made_permanent = sorted(k.decode() for k in packs_and_indexes if r.pttl(k) == -1)
         assert not made_permanent, f"the fork made these keys of the source permanent: {made_permanent}"
     finally:

@@ -120,7 +120,8 @@ def _run_targets_op(core, run: str, flow: str | None):
 
 def _in_flight_op(keys, targets: list[dict]):
     """Why each target that is the head of a run in flight may not go: its run holds a live lease, waits in its
-    flow's lease index (to be claimed by a worker) or timer index (to be resumed when due), or is paused for a person.
+    flow's lease index (to be claimed by a worker) or timer index (to be resumed when due), is dead-lettered (a
+    `dead retry` hands it to the workers again, from this head), or is paused for a person.
     Checked before the delete, not in its script: a run claimed in between loses its head (--force's outcome)."""
     from dynamiq_redis_ckpt.requests import Batch, cmd, text
 
@@ -128,13 +129,14 @@ def _in_flight_op(keys, targets: list[dict]):
     for t in targets:
         home, run = t["home"], t["run"]
         reads += [cmd("HMGET", keys.lease(home, run), "owner", "exp", "head"),
-                  cmd("ZSCORE", keys.lease_index(home), run), cmd("ZSCORE", keys.due_index(home), run)]  # fmt: skip
+                  cmd("ZSCORE", keys.lease_index(home), run), cmd("ZSCORE", keys.due_index(home), run),
+                  cmd("ZSCORE", keys.dead_index(home), run)]  # fmt: skip
     replies = yield Batch(tuple(reads))
     seconds, micros = replies[0]
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     reasons = []
     for i, t in enumerate(targets):
-        (owner, exp, head), leased, due = replies[1 + 3 * i : 4 + 3 * i]
+        (owner, exp, head), leased, due, dead = replies[1 + 4 * i : 5 + 4 * i]
         if text(head) != t["id"]:
             continue
         if owner and text(owner) and int(text(exp) or 0) > now_ms:
@@ -143,6 +145,8 @@ def _in_flight_op(keys, targets: list[dict]):
             why = "waiting for a worker to resume it"
         elif due is not None:
             why = "waiting for its timer"
+        elif dead is not None:
+            why = "dead-lettered, waiting for `dead retry` or `dead drop`"
         elif t["status"] in ("paused", "pending_input"):
             why = "paused, waiting for a person's answer"
         else:

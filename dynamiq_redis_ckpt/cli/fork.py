@@ -59,6 +59,7 @@ def _fork(args: argparse.Namespace) -> int:
     source = backend.load(args.id)
     if source is None:
         raise NotFound(f"no checkpoint {args.id}")
+    _check_retention(backend, source.id)
     try:
         forked, stale = forked_checkpoint(source, overrides)
     except ForkError as e:
@@ -80,6 +81,24 @@ def _fork(args: argparse.Namespace) -> int:
             out.say("handed to the workers: a dynamiq-redis-ckpt worker claims and resumes it")
         return OK
     return _run_here(out, backend, flow, made, record)
+
+
+def _check_retention(backend, checkpoint_id: str) -> None:
+    """Refuse to fork, without --ttl, a snapshot that expires: a save without a ttl keeps what it names for ever, the
+    source's content too (packs are shared), so the namespace's retention must be given."""
+    from dynamiq_redis_ckpt.requests import cmd
+
+    if backend.ttl_seconds:
+        return
+    left_ms = backend.execute(_pttl(cmd("PTTL", backend.store.keys.locator(checkpoint_id))))
+    if left_ms is not None and int(left_ms) > 0:
+        raise BadInput(f"checkpoint {checkpoint_id} expires (in {int(left_ms) / 1000:.0f} s): this namespace keeps "
+                       "checkpoints for a ttl; give it with --ttl SECONDS (or $DYNAMIQ_REDIS_CKPT_TTL_SECONDS), or the "
+                       "fork would keep the source's content for ever")  # fmt: skip
+
+
+def _pttl(command):
+    return (yield command)
 
 
 def _flow(args: argparse.Namespace, flow_id: str):
