@@ -588,19 +588,27 @@ def _entries_op(keys, flows: list[str] | None, run: str | None, buckets: int):
     else:
         sources = [(flow, keys.run_index(h, run) if run else keys.flow_index(h))
                    for flow in flows for h in flow_homes(flow, buckets)]  # fmt: skip
+    # Paged by score, not offset: a checkpoint deleted between two pages (retention) must not shift a later one past
+    # the next page's start. Each page starts at the last score read (inclusive: entries may share a score) and asks
+    # for as many more as it had seen at that score.
     found: dict[str, dict[str, float]] = defaultdict(dict)
-    offsets = [0] * len(sources)
+    last: list[float | None] = [None] * len(sources)
+    at_last = [0] * len(sources)
     pending = list(range(len(sources)))
     while pending:
-        pages = yield Batch(tuple(cmd("ZRANGE", sources[i][1], offsets[i], offsets[i] + _PAGE - 1, "WITHSCORES")
-                                  for i in pending))  # fmt: skip
+        wants = [_PAGE + at_last[i] for i in pending]
+        pages = yield Batch(tuple(cmd("ZRANGEBYSCORE", sources[i][1], "-inf" if last[i] is None else repr(last[i]),
+                                      "+inf", "WITHSCORES", "LIMIT", 0, want)
+                                  for i, want in zip(pending, wants)))  # fmt: skip
         still = []
-        for i, rows in zip(pending, pages):
+        for i, want, rows in zip(pending, wants, pages):
             pairs = score_pairs(rows)
             for score, member in pairs:
                 found[sources[i][0]].setdefault(member, score)
-            offsets[i] += len(pairs)
-            if len(pairs) == _PAGE:
+            if pairs:
+                last[i] = pairs[-1][0]
+                at_last[i] = sum(1 for score, _ in pairs if score == last[i])
+            if len(pairs) == want:
                 still.append(i)
         pending = still
     return {flow: sorted(((s, m) for m, s in members.items())) for flow, members in found.items() if members}
