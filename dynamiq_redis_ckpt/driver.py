@@ -134,6 +134,9 @@ class RetryPolicy:
 def _translate(error: Exception, request: Any, hint: str | None = None) -> Exception:
     if tls_failure(error):
         return TLSError(f"TLS certificate problem talking to Redis, not retried: {_tls_advice(error)}: {error}")
+    index = getattr(error, "request_index", None)
+    if isinstance(request, Batch) and isinstance(index, int) and index < len(request.commands):
+        request = request.commands[index]
     keys = getattr(request, "keys", ()) or tuple(a for a in getattr(request, "args", ())[1:2] if isinstance(a, str))
     if isinstance(error, ResponseError) and "WRONGTYPE" in str(error):
         return WrongKeyTypeError(str(error), tuple(keys))
@@ -206,8 +209,9 @@ async def _refresh_async(client: Any) -> None:
 
 
 def _first_error(replies: list) -> list:
-    for reply in replies:
+    for i, reply in enumerate(replies):
         if isinstance(reply, Exception):
+            reply.request_index = i  # which command of a batch failed: its keys name the culprit (_translate)
             raise reply
     return replies
 
