@@ -19,7 +19,8 @@ from dynamiq.checkpoints.types import CheckpointStatus
 from dynamiq_redis_ckpt import RedisCheckpointBackend
 from dynamiq_redis_ckpt.cli.transfer import PAUSE_ENV
 from dynamiq_redis_ckpt.leases import lease_head_op
-from dynamiq_redis_ckpt.transfer import FileSystemSource, Importer, JsonLinesSource, SourceError, flow_counts_op
+from dynamiq_redis_ckpt.sources import FileSystemSource, JsonLinesSource, SourceError
+from dynamiq_redis_ckpt.transfer import Importer, flow_counts_op
 from dynamiq_redis_ckpt.worker import Recovery
 from tests.cli_proc import cli, cli_popen
 from tests.flows import PREFIX_ENV, RunInterrupted, chain_flow

@@ -184,7 +184,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _source(args: argparse.Namespace):
-    from dynamiq_redis_ckpt.transfer import FileSystemSource, JsonLinesSource, PostgresSource
+    from dynamiq_redis_ckpt.sources import FileSystemSource, JsonLinesSource, PostgresSource
 
     with _source_errors():
         if args.file is not None:
@@ -197,7 +197,7 @@ def _source(args: argparse.Namespace):
 @contextmanager
 def _source_errors():
     """A source's errors as exit codes: malformed 2, unreachable 5, not there 4."""
-    from dynamiq_redis_ckpt.transfer import SourceError, SourceNotFound, SourceUnavailable
+    from dynamiq_redis_ckpt.sources import SourceError, SourceNotFound, SourceUnavailable
 
     try:
         yield
