@@ -247,7 +247,9 @@ def fleet_op(keys: Keys, flows_per_shard: int = 64):
     counts: list[Command] = []
     for flow in live:
         leased, due = keys.lease_index(flow), keys.due_index(flow)
-        counts += [cmd("ZCARD", leased), cmd("ZCOUNT", leased, "-inf", now_ms), cmd("ZRANGE", leased, 0, 0, "WITHSCORES"),
+        # the oldest expiry: a run put back by `dead retry` (score 0, claimable at once) has no age to report
+        oldest_expiry = cmd("ZRANGEBYSCORE", leased, "(0", now_ms, "WITHSCORES", "LIMIT", 0, 1)
+        counts += [cmd("ZCARD", leased), cmd("ZCOUNT", leased, "-inf", now_ms), oldest_expiry,
                    cmd("ZCARD", due), cmd("ZCOUNT", due, "-inf", now_ms)]  # fmt: skip
     counts += [cmd("ZCARD", keys.dead_index(flow)) for flow in dead]
     replies = (yield Batch(tuple(counts))) if counts else []

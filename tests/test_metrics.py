@@ -223,6 +223,10 @@ def test_fleet_read_counts_runs_by_state_without_a_scan(own_redis):
     fleet = backend.execute(fleet_op(keys))
     assert fleet.runs == {"leased": 2, "orphaned": 1, "scheduled": 1, "due": 1, "dead": 1}
     assert 4.0 <= fleet.oldest_orphan_seconds < 60 and fleet.flows == 2
+    raw.zadd(keys.lease_index("fleet-0"), {"retried": 0})  # put back by `dead retry`: claimable, but no age
+    again = backend.execute(fleet_op(keys))
+    assert again.runs["orphaned"] == 2 and 4.0 <= again.oldest_orphan_seconds < 60, again
+    raw.zrem(keys.lease_index("fleet-0"), "retried")
     stats = raw.info("commandstats")
     assert not any(name in stats for name in ("cmdstat_scan", "cmdstat_keys")), "bounded reads only"
     assert not fleet.truncated
