@@ -9,7 +9,6 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 
 import pytest
@@ -26,6 +25,7 @@ from tests.cli_proc import cli, cli_popen
 from tests.flows import PREFIX_ENV, RunInterrupted, chain_flow
 from tests.pg_proc import PostgresServer
 from tests.redis_proc import free_port
+from tests.test_worker import wait_for
 
 NODES = 6  # chain-6-*: the test workers' flow registry (tests.flows.worker_flows) builds these flows too
 WORDS = 60  # as worker_flows builds them
@@ -77,16 +77,6 @@ def pg_store(tmp_path_factory):
     yield server, backend, history
     backend.close()
     server.stop()
-
-
-def wait_for(predicate, timeout=120.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
 
 
 def stored(backend: RedisCheckpointBackend, flows: list[str]) -> int:

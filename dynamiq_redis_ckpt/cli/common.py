@@ -288,12 +288,14 @@ def age(epoch_seconds: float | None, now: float | None = None) -> str:
     if epoch_seconds is None:
         return "-"
     delta = (now if now is not None else time.time()) - epoch_seconds
-    text = _span(abs(delta))
+    text = span(abs(delta))
     return f"{text} ago" if delta >= 0 else f"in {text}"
 
 
-def _span(seconds: float) -> str:
+def span(seconds: float) -> str:
+    """A length of time for people: 4.2s under a minute, then whole minutes, hours or days (3m, 5h, 2d)."""
+    seconds = abs(seconds)
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= length:
             return f"{int(seconds // length)}{unit}"
-    return f"{int(seconds)}s"
+    return f"{seconds:.1f}s"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from dynamiq_redis_ckpt.cli.common import (
-    BadInput, Column, NotFound, Output, connect, page_options, store_options)  # fmt: skip
+    BadInput, Column, NotFound, Output, connect, page_options, span, store_options)  # fmt: skip
 
 
 def register(commands) -> None:
@@ -44,13 +44,7 @@ def _listing(parser: argparse.ArgumentParser) -> None:
 
 
 def _span_ms(ms: float) -> str:
-    seconds = abs(ms) / 1000
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= length:
-            return f"{int(seconds // length)}{unit}"
-    return f"{int(seconds)}s"
+    return span(ms / 1000)
 
 
 def _in(ms):

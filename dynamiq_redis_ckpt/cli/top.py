@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from dynamiq_redis_ckpt.cli.common import BadInput, Output, connect, store_options
+from dynamiq_redis_ckpt.cli.common import BadInput, Output, connect, span, store_options
 
 HEADINGS = ("leased", "orphaned", "scheduled", "due", "dead")
 
@@ -127,14 +127,7 @@ class _Keys:
 
 
 def _span(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= length:
-            return f"{seconds / length:.1f}{unit}"
-    return f"{seconds:.0f}s"
+    return "-" if seconds is None else span(seconds)
 
 
 def _ms(seconds: float | None) -> str:
