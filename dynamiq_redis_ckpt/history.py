@@ -419,8 +419,8 @@ def _fill_checkpoints(store: StoreCore, rows: list[CheckpointRow]) -> Op:
         cp = decoded.get(row.id)
         if cp is not None:
             row.nodes_completed, row.nodes_total = len(cp.completed_node_ids), node_count(cp)
-        elif row.id in damaged and not row.damaged:
-            row.damaged = damaged[row.id]
+        elif row.id in damaged:
+            row.damaged = "; ".join(filter(None, (row.damaged, damaged[row.id])))
     runs = list(dict.fromkeys((row.home, row.run) for row in rows))
     leases = dict(zip(runs, (yield from leases_op(store, runs))))
     for row in rows:
@@ -761,4 +761,5 @@ def _measure_packs(store: StoreCore, home: str, named: set[str], stats: FlowStat
         stats.raw_bytes = None
     except CheckpointStoreError as e:  # a pack truncated, or its base gone: damaged
         stats.raw_bytes = None
-        stats.damaged = stats.damaged or f"pack damaged: {e}"
+        reason = f"{e.reason} (key {e.key})" if isinstance(e, CheckpointCorruptedError) and e.key else str(e)
+        stats.damaged = "; ".join(filter(None, (stats.damaged, f"a pack is damaged: {reason}")))

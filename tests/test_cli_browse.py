@@ -263,3 +263,21 @@ def test_stats_and_chain_page_by_position_while_retention_deletes(redis_server, 
         assert json.loads(out)["checkpoints"] == len(oldest_first)  # the whole run, its root read before the delete
     finally:
         backend.clear()
+
+
+def test_stats_of_a_truncated_pack_says_the_data_is_damaged(redis_server, capsys):
+    """A pack cut short cannot be measured: stats says it is damaged (not '-', which means sealed without the key)."""
+    backend = RedisCheckpointBackend(url=redis_server.url, prefix=f"browse{uuid.uuid4().hex[:8]}")
+    try:
+        chain_flow(backend, 2, flow_id="orders", words=20).run_sync({"order": 1})
+        newest = backend.get_latest_by_flow("orders").id
+        pack = backend.redis.hget(backend.store.keys.checkpoint("orders", newest), "pk").decode().split(",")[0]
+        key = backend.store.keys.pack("orders", pack)
+        backend.redis.set(key, backend.redis.get(key)[:20])
+        code, out = in_process(capsys, backend, "stats", "orders", "--json")
+        (row,) = json.loads(out)["items"]
+        assert code == 0 and row["raw_bytes"] is None and key in row["damaged"]
+        code, out = in_process(capsys, backend, "stats", "orders")
+        assert code == 0 and "DAMAGED" in out.splitlines()[2] and key in out
+    finally:
+        backend.clear()
