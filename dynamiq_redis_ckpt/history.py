@@ -4,7 +4,12 @@ figures. Store operations (generators of :mod:`requests <dynamiq_redis_ckpt.requ
 
 Every read starts from a key it can name: a flow's indexes (``keys.flow_homes``), a run's index, a checkpoint's
 locator, never a scan of the keyspace. A listing pages by position in a flow's index: the score (created_at, µs),
-then the home and id, so equal scores neither repeat nor drop an entry; its cursor is that position, encoded.
+then the home and id, so equal scores neither repeat nor drop an entry; its cursor is that position, encoded. (Never
+by offset: a delete between two pages would shift the later entries down and one would be skipped.)
+
+Damaged data is reported as such, never as data and never as a traceback: a row whose hash fields are missing or
+not numbers, or whose content cannot be decoded, carries ``damaged`` (the reason); a lease key of another type is a
+damaged lease, not a refusal of the checkpoints it decorates.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from typing import Any, Generator
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 
 from dynamiq_redis_ckpt import codec
-from dynamiq_redis_ckpt.errors import CheckpointStoreError
+from dynamiq_redis_ckpt.errors import (
+    CheckpointCorruptedError, CheckpointStoreError, EncryptionKeyError, StoreUnavailableError, UnsupportedFormatError,
+    WrongKeyTypeError)  # fmt: skip
 from dynamiq_redis_ckpt.keys import flow_homes, flow_of
 from dynamiq_redis_ckpt.requests import Batch, cmd, pairs, score_pairs, text
 from dynamiq_redis_ckpt.store import Record, StoreCore
@@ -26,6 +33,47 @@ Op = Generator[Any, Any, Any]
 _CHUNK = 200  # index entries (and hashes) read per round trip
 _PACK_COUNT = 8  # a pack string starts with its reference count, 8 ASCII digits (see save.lua)
 _MAX_LINEAGE = 1_000_000  # checkpoints a history tree may hold (a guard against a cycle of parent links)
+_LEASE_FIELDS = ("owner", "token", "exp", "head")
+_NUMERIC_FIELDS = ("ts", "size", "raw", "kids", "fmt")  # hash fields that hold integers
+
+
+class ParentCycleError(CheckpointStoreError):
+    """The parent links of a flow's checkpoints form a cycle (damaged hashes): a history tree has no root."""
+
+
+def _int(value: str | None, default: int | None = 0) -> int | None:
+    """A hash field as an int: ``default`` when absent or empty, None when it is not a number (damaged)."""
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def field_damage(fields: dict[str, str]) -> str:
+    """Why a checkpoint hash's fields are damaged ('' when they are whole): its status or time missing, a numeric
+    field that is not a number."""
+    problems = [f"no {name!r}" for name in ("st", "ts") if not fields.get(name)]
+    problems += [f"{name}={fields[name]!r}" for name in _NUMERIC_FIELDS
+                 if fields.get(name) and _int(fields[name]) is None]  # fmt: skip
+    return f"hash fields damaged: {', '.join(problems)}" if problems else ""
+
+
+def _ascending_page(key: str, low: int | str, after: tuple[int, str] | None, count: int) -> Op:
+    """Up to about ``count`` entries (score, member) of the sorted set ``key`` from score ``low`` up, oldest first,
+    that follow ``after`` (an entry already read), and whether more may follow. Paged by position (score, then
+    member), not by offset, so an entry deleted between pages does not make the next page skip one."""
+    if after is None:
+        reply = yield cmd("ZRANGEBYSCORE", key, low, "+inf", "WITHSCORES", "LIMIT", 0, count)
+        entries = [(int(score), member) for score, member in score_pairs(reply)]
+        return entries, len(entries) == count
+    score, member = after
+    same, higher = yield Batch((cmd("ZRANGEBYSCORE", key, score, score, "WITHSCORES"),
+                                cmd("ZRANGEBYSCORE", key, f"({score}", "+inf", "WITHSCORES", "LIMIT", 0, count)))
+    entries = [(score, m) for _, m in score_pairs(same) if m.encode() > member.encode()]  # ZRANGE's order of ties
+    following = [(int(s), m) for s, m in score_pairs(higher)]
+    return entries + following, len(following) == count
 
 
 # ---- positions and cursors -------------------------------------------------------------------------------------
@@ -99,18 +147,39 @@ class Lease:
     expires_ms: int
     live: bool
     head: str
+    damaged: str = ""  # why the lease cannot be read ('' when it can): the run's checkpoints are still shown
 
     def as_dict(self) -> dict:
         return {"owner": self.owner or None, "token": self.token, "expires_at": self.expires_ms / 1000 or None,
-                "live": self.live, "head": self.head or None}  # fmt: skip
+                "live": self.live, "head": self.head or None, "damaged": self.damaged or None}  # fmt: skip
 
 
 def _lease(reply: list, now_ms: int) -> Lease | None:
     owner, token, exp, head = (text(v) for v in reply)
     if not token and not head:
         return None
-    expires = int(exp or 0)
-    return Lease(owner, int(token or 0), expires, bool(owner) and expires > now_ms, head)
+    expires, number = _int(exp), _int(token)
+    if expires is None or number is None:
+        return Lease(owner, 0, 0, False, head, f"lease fields damaged: token={token!r}, exp={exp!r}")
+    return Lease(owner, number, expires, bool(owner) and expires > now_ms, head)
+
+
+def leases_op(store: StoreCore, runs: list[tuple[str, str]]) -> Op:
+    """The lease of each (home, run key), in order (None for a run without one). The lease only decorates a listing:
+    a lease key of another type is a damaged :class:`Lease`, not a refusal of the listing."""
+    if not runs:
+        return []
+    now_ms = yield from _now_ms()
+    reads = tuple(cmd("HMGET", store.keys.lease(h, r), *_LEASE_FIELDS) for h, r in runs)
+    try:
+        return [_lease(reply, now_ms) for reply in (yield Batch(reads))]
+    except WrongKeyTypeError:  # rare: find which, and read the others
+        types = [text(t) for t in (yield Batch(tuple(cmd("TYPE", store.keys.lease(h, r)) for h, r in runs)))]
+        readable = [i for i, kind in enumerate(types) if kind in ("hash", "none")]
+        replies = dict(zip(readable, (yield Batch(tuple(reads[i] for i in readable))) if readable else []))
+        return [_lease(replies[i], now_ms) if i in replies
+                else Lease("", 0, 0, False, "", f"lease key {store.keys.lease(h, r)} holds a {types[i]}, not a hash")
+                for i, (h, r) in enumerate(runs)]  # fmt: skip
 
 
 def _now_ms() -> Op:
@@ -173,50 +242,71 @@ def flow_exists_op(store: StoreCore, flow: str) -> Op:
 
 @dataclass
 class RunRow:
-    """One run of a flow: its key (wf_run_id), its newest checkpoint's id, status and time, how many checkpoints it
-    has and the bytes their saves stored (new content, compressed), and its lease."""
+    """One run of a flow: its key (wf_run_id), when it started (its oldest checkpoint still stored), its newest
+    checkpoint's id, status and time, how many checkpoints it has and the bytes their saves stored (new content,
+    compressed), its lease, and why its data is damaged ('' when it is whole)."""
 
     flow: str
     run: str
     home: str
     status: str
     newest: str
-    created_at: float
+    created_at: float | None
+    started_at: float
     checkpoints: int = 0
     stored_bytes: int = 0
     lease: Lease | None = None
+    damaged: str = ""
 
     def as_dict(self) -> dict:
-        return {"run": self.run, "flow": self.flow, "status": self.status, "checkpoints": self.checkpoints,
-                "stored_bytes": self.stored_bytes, "created_at": self.created_at, "newest_checkpoint": self.newest,
-                "lease": self.lease.as_dict() if self.lease else None}  # fmt: skip
+        return {"run": self.run, "flow": self.flow, "status": self.status or None, "checkpoints": self.checkpoints,
+                "stored_bytes": self.stored_bytes, "started_at": self.started_at, "created_at": self.created_at,
+                "newest_checkpoint": self.newest, "lease": self.lease.as_dict() if self.lease else None,
+                "damaged": self.damaged or None}  # fmt: skip
 
 
 def runs_page_op(store: StoreCore, flow: str, *, cursor: str = "", limit: int = 50, status: str | None = None) -> Op:
-    """A page of ``flow``'s runs, newest first, and the next page's cursor ('' after the last). A run is listed at
-    its newest checkpoint (the head of its run index), so it appears on exactly one page; with ``status`` only runs
-    whose newest checkpoint has that status (the status index is walked, not the whole flow)."""
+    """A page of ``flow``'s runs, the latest started first, and the next page's cursor ('' after the last).
+
+    A run is listed at its oldest checkpoint still stored (the tail of its run index), which a save does not move:
+    a run that saves between two pages keeps its place and appears on exactly one page. (A run whose oldest
+    checkpoint is deleted between pages moves to its next one, newer: it may land on a page already printed.) With
+    ``status`` only runs whose newest checkpoint has that status; each run's newest is read, so the whole flow
+    index is walked."""
     k, after = store.keys, decode_cursor(cursor)
     homes = flow_homes(flow, store.buckets)
-    sources = [(h, k.status_index(h, status) if status else k.flow_index(h)) for h in homes]
+    sources = [(h, k.flow_index(h)) for h in homes]
     rows: list[RunRow] = []
     next_cursor = ""
     while len(rows) < limit:
         entries, more = yield from _index_page(sources, after, _CHUNK)
         if not entries:
             break
-        hashes = yield Batch(tuple(cmd("HMGET", k.checkpoint(p.home, p.member), "run", "wf", "st") for p in entries))
-        keys = [text(wf) or text(run) for run, wf, _ in hashes]  # '' for a hash expired meanwhile
+        hashes = yield Batch(tuple(cmd("HMGET", k.checkpoint(p.home, p.member), "run", "wf") for p in entries))
+        keys = [text(wf) or text(run) for run, wf in hashes]  # '' for a hash expired meanwhile
         labelled = [(p, key) for p, key in zip(entries, keys) if key]
-        heads = (yield Batch(tuple(cmd("ZREVRANGE", k.run_index(p.home, key), 0, 0) for p, key in labelled))
-                 ) if labelled else []  # fmt: skip
-        newest = {p for (p, _), head in zip(labelled, heads) if head and text(head[0]) == p.member}
+        run_indexes = [k.run_index(p.home, key) for p, key in labelled]
+        ends_of = [c for index in run_indexes for c in (cmd("ZRANGE", index, 0, 0), cmd("ZREVRANGE", index, 0, 0))]
+        ends = (yield Batch(tuple(ends_of))) if ends_of else []  # each run's oldest and newest checkpoint
+        firsts: dict[Position, tuple[str, str]] = {}  # a run's oldest checkpoint -> (run key, its newest checkpoint)
+        for i, (p, key) in enumerate(labelled):
+            oldest, newest = ends[2 * i], ends[2 * i + 1]
+            if oldest and newest and text(oldest[0]) == p.member:
+                firsts[p] = (key, text(newest[0]))
+        heads = yield from _fields_of(store, [(p.home, newest) for p, (_, newest) in firsts.items()], "st", "ts")
+        newest_fields = {p: (text(st), text(ts)) for p, (st, ts) in zip(firsts, heads)}
         stopped = False
-        for p, key, (_, _, st) in zip(entries, keys, hashes):
+        for p in entries:
             after = p
-            if p not in newest:
-                continue  # expired meanwhile, or not its run's newest: the run is listed at its newest
-            rows.append(RunRow(flow, key, p.home, text(st), p.member, p.score / 1e6))
+            if p not in firsts:
+                continue  # expired meanwhile, or not its run's oldest: the run is listed at its oldest
+            (key, newest), (st, ts) = firsts[p], newest_fields[p]
+            if status is not None and st != status:
+                continue
+            created = _int(ts, None)
+            damage = "" if st and created is not None else f"newest checkpoint {newest}: no status or time"
+            rows.append(RunRow(flow, key, p.home, st, newest, created and created / 1e6, p.score / 1e6,
+                               damaged=damage))  # fmt: skip
             if len(rows) == limit:
                 stopped = True
                 break
@@ -232,22 +322,21 @@ def runs_page_op(store: StoreCore, flow: str, *, cursor: str = "", limit: int = 
 
 
 def _fill_runs(store: StoreCore, rows: list[RunRow]) -> Op:
-    """Each run's checkpoint count, stored bytes (the sum of its checkpoints' ``size``) and lease."""
+    """Each run's checkpoint count, stored bytes (the sum of its checkpoints' ``size``) and lease; a checkpoint
+    whose size is not a number marks its run damaged."""
     k = store.keys
-    now_ms = yield from _now_ms()
-    reads = []
-    for row in rows:
-        reads += [cmd("ZRANGE", k.run_index(row.home, row.run), 0, -1),
-                  cmd("HMGET", k.lease(row.home, row.run), "owner", "token", "exp", "head")]  # fmt: skip
-    replies = yield Batch(tuple(reads))
-    members = [[text(m) for m in replies[2 * i]] for i in range(len(rows))]
-    for row, reply in zip(rows, replies[1::2]):
-        row.lease = _lease(reply, now_ms)
+    replies = yield Batch(tuple(cmd("ZRANGE", k.run_index(row.home, row.run), 0, -1) for row in rows))
+    members = [[text(m) for m in reply] for reply in replies]
+    for row, lease in zip(rows, (yield from leases_op(store, [(row.home, row.run) for row in rows]))):
+        row.lease = lease
     sizes = yield from _fields_of(store, [(row.home, m) for row, ms in zip(rows, members) for m in ms], "size")
     i = 0
     for row, ms in zip(rows, members):
-        found = [s for (s,) in sizes[i : i + len(ms)] if s is not None]
-        row.checkpoints, row.stored_bytes = len(found), sum(int(text(s) or 0) for s in found)
+        found = [(m, text(s)) for m, (s,) in zip(ms, sizes[i : i + len(ms)]) if s is not None]
+        bad = [m for m, s in found if _int(s) is None]
+        row.checkpoints, row.stored_bytes = len(found), sum(_int(s) or 0 for _, s in found)
+        if bad and not row.damaged:
+            row.damaged = f"checkpoint {bad[0]}: hash field size is not a number"
         i += len(ms)
 
 
@@ -263,7 +352,8 @@ def _fields_of(store: StoreCore, checkpoints: list[tuple[str, str]], *names: str
 @dataclass
 class CheckpointRow:
     """One checkpoint of a listing: its hash's fields, its decoded node counts (None when it could not be decoded),
-    and its run's lease."""
+    its run's lease, and why it is damaged ('' when it is whole: its fields are, and it decodes, or it is sealed
+    with a key this process lacks)."""
 
     flow: str
     home: str
@@ -272,6 +362,7 @@ class CheckpointRow:
     nodes_completed: int | None = None
     nodes_total: int | None = None
     lease: Lease | None = None
+    damaged: str = ""
 
     @property
     def run(self) -> str:
@@ -279,16 +370,18 @@ class CheckpointRow:
 
     def as_dict(self) -> dict:
         f = self.fields
+        created = _int(f.get("ts"), None)
         return {"id": self.id, "flow": self.flow, "run": self.run, "run_id": f.get("run"), "status": f.get("st"),
                 "parent": f.get("par") or None, "nodes_completed": self.nodes_completed,
-                "nodes_total": self.nodes_total, "stored_bytes": int(f.get("size") or 0),
-                "raw_bytes": int(f.get("raw") or 0), "created_at": int(f.get("ts") or 0) / 1e6,
-                "lease": self.lease.as_dict() if self.lease else None}  # fmt: skip
+                "nodes_total": self.nodes_total, "stored_bytes": _int(f.get("size")),
+                "raw_bytes": _int(f.get("raw")), "created_at": None if created is None else created / 1e6,
+                "lease": self.lease.as_dict() if self.lease else None, "damaged": self.damaged or None}  # fmt: skip
 
 
 def checkpoints_page_op(store: StoreCore, flow: str, *, run: str | None = None, status: str | None = None,
                         cursor: str = "", limit: int = 50) -> Op:  # fmt: skip
-    """A page of ``flow``'s checkpoints, newest first (of one run, one status, or both), and the next cursor."""
+    """A page of ``flow``'s checkpoints, newest first (of one run, one status, or both), and the next cursor. A
+    damaged checkpoint is listed with ``damaged`` set, never as healthy data."""
     k, after = store.keys, decode_cursor(cursor)
     homes = flow_homes(flow, store.buckets)
     if run is not None:
@@ -305,7 +398,7 @@ def checkpoints_page_op(store: StoreCore, flow: str, *, run: str | None = None, 
         for p, fields in zip(entries, hashes):
             fields = _decoded(pairs(fields) if isinstance(fields, list) else fields)
             if fields and (run is None or status is None or fields.get("st") == status):
-                rows.append(CheckpointRow(flow, p.home, p.member, fields))
+                rows.append(CheckpointRow(flow, p.home, p.member, fields, damaged=field_damage(fields)))
         after = entries[-1]
         if not more:
             break
@@ -316,24 +409,47 @@ def checkpoints_page_op(store: StoreCore, flow: str, *, run: str | None = None, 
 
 
 def _fill_checkpoints(store: StoreCore, rows: list[CheckpointRow]) -> Op:
-    """Node counts (the checkpoints decoded, a page at a time) and the leases of their runs."""
+    """Node counts (the checkpoints decoded, a page at a time; one by one when the page fails, so one damaged
+    checkpoint does not blank the others) and the leases of their runs."""
     if not rows:
         return
     records = [Record(row.home, row.id, {name: value.encode() for name, value in row.fields.items()}) for row in rows]
-    try:
-        decoded = {cp.id: cp for cp in (yield from store.decode_records(records))}
-    except CheckpointStoreError:  # sealed without the key, say: the rest of the row still helps
-        decoded = {}
+    decoded, damaged = yield from _decode_each(store, records)
     for row in rows:
         cp = decoded.get(row.id)
         if cp is not None:
             row.nodes_completed, row.nodes_total = len(cp.completed_node_ids), node_count(cp)
-    now_ms = yield from _now_ms()
+        elif row.id in damaged:
+            row.damaged = "; ".join(filter(None, (row.damaged, damaged[row.id])))
     runs = list(dict.fromkeys((row.home, row.run) for row in rows))
-    replies = yield Batch(tuple(cmd("HMGET", store.keys.lease(h, r), "owner", "token", "exp", "head") for h, r in runs))
-    leases = {where: _lease(reply, now_ms) for where, reply in zip(runs, replies)}
+    leases = dict(zip(runs, (yield from leases_op(store, runs))))
     for row in rows:
         row.lease = leases[(row.home, row.run)]
+
+
+def _decode_each(store: StoreCore, records: list[Record]) -> Op:
+    """The checkpoints of ``records`` that decode, by id, and why each damaged one does not. The page is decoded at
+    once; when that fails (a pack key of another type fails the whole read) each record is decoded alone. A sealed
+    checkpoint without its key is neither: its content is unknown here, not damaged."""
+    damaged: list[tuple[Record, Exception]] = []
+    try:
+        found = yield from store._decode(records, damaged=damaged)
+        return {cp.id: cp for cp in found}, {rec.id: str(e) for rec, e in damaged}
+    except StoreUnavailableError:
+        raise
+    except CheckpointStoreError:
+        pass
+    decoded, reasons = {}, {}
+    for rec in records:
+        damaged = []
+        try:
+            decoded |= {cp.id: cp for cp in (yield from store._decode([rec], damaged=damaged))}
+        except (CheckpointCorruptedError, UnsupportedFormatError, WrongKeyTypeError) as e:
+            damaged.append((rec, e))
+        except EncryptionKeyError:
+            pass
+        reasons |= {r.id: str(e) for r, e in damaged}
+    return decoded, reasons
 
 
 def node_count(checkpoint: FlowCheckpoint) -> int:
@@ -346,7 +462,8 @@ def node_count(checkpoint: FlowCheckpoint) -> int:
 
 @dataclass
 class CheckpointInfo:
-    """One checkpoint, decoded, with what its hash says about it (sizes, children) and its run's lease."""
+    """One checkpoint, decoded, with what its hash says about it (sizes, children), its run's lease, and why its
+    hash fields are damaged ('' when they are whole; its content decoded)."""
 
     checkpoint: FlowCheckpoint
     home: str
@@ -354,20 +471,24 @@ class CheckpointInfo:
     pack_bytes: int  # the packs it names, as stored
     lease: Lease | None
 
+    @property
+    def damaged(self) -> str:
+        return field_damage(self.fields)
+
     def as_dict(self) -> dict:
         cp, f = self.checkpoint, self.fields
         return {
             "id": cp.id, "flow": cp.flow_id, "run_id": cp.run_id, "wf_run_id": cp.wf_run_id,
-            "status": cp.status.value, "parent": cp.parent_checkpoint_id, "children": int(f.get("kids") or 0),
+            "status": cp.status.value, "parent": cp.parent_checkpoint_id, "children": _int(f.get("kids")),
             "created_at": cp.created_at.timestamp(), "updated_at": cp.updated_at.timestamp(),
             "nodes_completed": len(cp.completed_node_ids), "nodes_total": node_count(cp),
             "nodes": [{"id": node_id, "status": state.status, "completed": node_id in cp.completed_node_ids}
                       for node_id, state in cp.node_states.items()]
             + [{"id": node_id, "status": "pending", "completed": False}
                for node_id in cp.pending_node_ids if node_id not in cp.node_states],
-            "raw_bytes": int(f.get("raw") or 0),
-            "stored_bytes": int(f.get("size") or 0), "pack_bytes": self.pack_bytes, "format": int(f.get("fmt") or 0),
-            "lease": self.lease.as_dict() if self.lease else None,
+            "raw_bytes": _int(f.get("raw")),
+            "stored_bytes": _int(f.get("size")), "pack_bytes": self.pack_bytes, "format": _int(f.get("fmt")),
+            "lease": self.lease.as_dict() if self.lease else None, "damaged": self.damaged or None,
         }  # fmt: skip
 
 
@@ -383,11 +504,9 @@ def checkpoint_op(store: StoreCore, checkpoint_id: str) -> Op:
         return None
     fields = _decoded((yield cmd("HGETALL", k.checkpoint(home, checkpoint_id))) or {})
     named = [p for p in (fields.get("pk") or "").split(",") if p]
-    now_ms = yield from _now_ms()
-    run = checkpoint.wf_run_id or checkpoint.run_id
-    replies = yield Batch((cmd("HMGET", k.lease(home, run), "owner", "token", "exp", "head"),
-                           *(cmd("STRLEN", k.pack(home, p)) for p in named)))  # fmt: skip
-    return CheckpointInfo(checkpoint, home, fields, sum(int(n) for n in replies[1:]), _lease(replies[0], now_ms))
+    (lease,) = yield from leases_op(store, [(home, checkpoint.wf_run_id or checkpoint.run_id)])
+    lengths = (yield Batch(tuple(cmd("STRLEN", k.pack(home, p)) for p in named))) if named else []
+    return CheckpointInfo(checkpoint, home, fields, sum(int(n) for n in lengths), lease)
 
 
 # ---- a run's history as a tree ---------------------------------------------------------------------------------
@@ -402,13 +521,14 @@ class Snapshot:
     children: list["Snapshot"] = field(default_factory=list)
 
     @property
-    def created_at(self) -> float:
-        return int(self.fields.get("ts") or 0) / 1e6
+    def created_at(self) -> float | None:
+        created = _int(self.fields.get("ts"), None)
+        return None if created is None else created / 1e6
 
     def as_dict(self, marked: str) -> dict:
         f = self.fields
         return {"id": self.id, "run": _run_key(f), "status": f.get("st"), "created_at": self.created_at,
-                "raw_bytes": int(f.get("raw") or 0), "this": self.id == marked,
+                "raw_bytes": _int(f.get("raw")), "this": self.id == marked, "damaged": field_damage(f) or None,
                 "children": [child.as_dict(marked) for child in self.children]}  # fmt: skip
 
 
@@ -435,8 +555,9 @@ def lineage_op(store: StoreCore, checkpoint_id: str) -> Op:
     """The :class:`Lineage` of ``checkpoint_id`` (None when it is not stored).
 
     Up: parent links, a run at a time (one read of the run's index and hashes, then its first checkpoint's parent in
-    another run, say a fork's). Down: the home's flow index from the root's time on, oldest first, attaching every
-    checkpoint whose parent is in the tree; it stops once the tree holds as many children as its hashes count
+    another run, say a fork's); a cycle of them raises :class:`ParentCycleError` naming it. Down: the home's flow
+    index from the root's time on, oldest first (paged by position, so a delete meanwhile skips nothing), attaching
+    every checkpoint whose parent is in the tree; it stops once the tree holds as many children as its hashes count
     (``kids``, kept by the save and delete scripts), else at the index's end."""
     k = store.keys
     home = yield cmd("GET", k.locator(checkpoint_id))
@@ -456,7 +577,7 @@ def lineage_op(store: StoreCore, checkpoint_id: str) -> Op:
     if checkpoint_id not in known:
         return None
     read_runs: set[str] = set()
-    root, seen, gone = checkpoint_id, {checkpoint_id}, ""
+    root, seen, gone = checkpoint_id, {checkpoint_id: None}, ""
     while parent := known[root]["par"]:
         if parent not in known and (run := _run_key(known[root])) not in read_runs:
             read_runs.add(run)
@@ -466,26 +587,33 @@ def lineage_op(store: StoreCore, checkpoint_id: str) -> Op:
         if parent not in known:
             gone = parent
             break
-        if parent in seen or len(seen) >= _MAX_LINEAGE:
-            raise CheckpointStoreError(f"checkpoint {checkpoint_id}: its parent links form a cycle")
-        seen.add(parent)
+        if parent in seen:
+            walked = list(seen)
+            loop = " -> ".join(walked[walked.index(parent) :] + [parent])
+            raise ParentCycleError(f"checkpoint {checkpoint_id}: its parent links form a cycle ({loop}); "
+                                   "their hashes are damaged")  # fmt: skip
+        if len(seen) >= _MAX_LINEAGE:
+            raise ParentCycleError(f"checkpoint {checkpoint_id}: more than {_MAX_LINEAGE} ancestors (a cycle?)")
+        seen[parent] = None
         root = parent
     nodes = {root: Snapshot(root, known[root])}
-    pending = int(known[root]["kids"] or 0)
+    pending = _int(known[root]["kids"]) or 0
     waiting: dict[str, list[str]] = {}  # parent id -> children read before it joined the tree
-    start, offset = int(known[root]["ts"] or 0), 0
+    start, last, read_down = _int(known[root]["ts"]) or 0, None, set()
     while pending > 0 and len(nodes) < _MAX_LINEAGE:
-        members = [text(m) for m in (yield cmd("ZRANGEBYSCORE", k.flow_index(home), start, "+inf",
-                                                 "LIMIT", offset, _CHUNK))]  # fmt: skip
-        offset += len(members)
+        entries, more = yield from _ascending_page(k.flow_index(home), start, last, _CHUNK)
+        if entries:
+            last = entries[-1]
+        members = [m for _, m in entries if m not in read_down]
+        read_down.update(members)
         yield from fetch(members)
         for member in members:
             if member in known and member not in nodes:
                 pending += _attach(nodes, waiting, member, known)
-        if len(members) < _CHUNK:
+        if not more:
             break
     for node in nodes.values():
-        node.children.sort(key=lambda child: (child.created_at, child.id))
+        node.children.sort(key=lambda child: (child.created_at or 0, child.id))
     return Lineage(flow_of(home), nodes[root], checkpoint_id, gone, len(nodes))
 
 
@@ -502,7 +630,7 @@ def _attach(nodes: dict[str, Snapshot], waiting: dict[str, list[str]], cp_id: st
         child = todo.pop()
         node = nodes[child] = Snapshot(child, known[child])
         nodes[known[child]["par"]].children.append(node)
-        change += int(known[child]["kids"] or 0) - 1
+        change += (_int(known[child]["kids"]) or 0) - 1
         todo += waiting.pop(child, [])
     return change
 
@@ -514,8 +642,9 @@ def _attach(nodes: dict[str, Snapshot], waiting: dict[str, list[str]], cp_id: st
 class FlowStats:
     """A flow's figures. ``logical_bytes``: the sum of each checkpoint's raw size (what Dynamiq's own backends would
     store, uncompressed); ``raw_bytes``: the content the packs hold before compression (each pack's chunks: what is
-    left after deduplication), None when a pack is sealed and this process lacks its key; ``pack_bytes`` and
-    ``hash_bytes``: what Redis holds (pack strings, and the checkpoint hashes' fields and values)."""
+    left after deduplication), None when a pack is sealed and this process lacks its key, or is damaged (then
+    ``damaged`` says why); ``pack_bytes`` and ``hash_bytes``: what Redis holds (pack strings, and the checkpoint
+    hashes' fields and values)."""
 
     flow: str
     checkpoints: int = 0
@@ -525,6 +654,7 @@ class FlowStats:
     hash_bytes: int = 0
     logical_bytes: int = 0
     raw_bytes: int | None = 0
+    damaged: str = ""
 
     @property
     def stored_bytes(self) -> int:
@@ -544,7 +674,7 @@ class FlowStats:
         return {"flow": self.flow, "checkpoints": self.checkpoints, "runs": self.runs, "packs": self.packs,
                 "stored_bytes": self.stored_bytes, "pack_bytes": self.pack_bytes, "hash_bytes": self.hash_bytes,
                 "raw_bytes": self.raw_bytes, "logical_bytes": self.logical_bytes, "compression": self.compression,
-                "dedup": self.dedup}  # fmt: skip
+                "dedup": self.dedup, "damaged": self.damaged or None}  # fmt: skip
 
 
 def _ratio(over: int | None, under: int | None) -> float | None:
@@ -553,28 +683,31 @@ def _ratio(over: int | None, under: int | None) -> float | None:
 
 def flow_stats_op(store: StoreCore, flow: str) -> Op:
     """The :class:`FlowStats` of ``flow``: every checkpoint hash of its homes (their indexes, a page at a time), the
-    packs they name and the bases below them (read whole, and decoded to measure their content)."""
+    packs they name and the bases below them (read whole, and decoded to measure their content). The index is paged
+    by position, so a checkpoint deleted meanwhile does not make another one be skipped."""
     stats, runs = FlowStats(flow), set()
     for home in flow_homes(flow, store.buckets):
         named: set[str] = set()
-        offset = 0
+        last = None
         while True:
-            members = [text(m) for m in (yield cmd("ZRANGE", store.keys.flow_index(home), offset,
-                                                     offset + _CHUNK - 1))]  # fmt: skip
-            offset += len(members)
-            if members:
+            entries, more = yield from _ascending_page(store.keys.flow_index(home), "-inf", last, _CHUNK)
+            members = [m for _, m in entries]
+            if entries:
+                last = entries[-1]
                 hashes = yield Batch(tuple(cmd("HGETALL", store.keys.checkpoint(home, m)) for m in members))
-                for raw in hashes:
+                for member, raw in zip(members, hashes):
                     raw = pairs(raw) if isinstance(raw, list) else raw
                     if not raw:
                         continue  # expired, its index entry not pruned yet
                     fields = _decoded(raw)
                     stats.checkpoints += 1
                     stats.hash_bytes += sum(len(k) + len(v) for k, v in raw.items())
-                    stats.logical_bytes += int(fields.get("raw") or 0)
+                    stats.logical_bytes += _int(fields.get("raw")) or 0
+                    if (damage := field_damage(fields)) and not stats.damaged:
+                        stats.damaged = f"checkpoint {text(member)}: {damage}"
                     runs.add((home, _run_key(fields)))
                     named.update(p for p in (fields.get("pk") or "").split(",") if p)
-            if len(members) < _CHUNK:
+            if not more:
                 break
         yield from _measure_packs(store, home, named, stats)
     stats.runs = len(runs)
@@ -624,5 +757,9 @@ def _measure_packs(store: StoreCore, home: str, named: set[str], stats: FlowStat
                         del decoded[base.id]
                 if not users.get(p):
                     del decoded[p]
-    except CheckpointStoreError:  # a sealed pack and no key, a base gone: the content cannot be measured
+    except EncryptionKeyError:  # a sealed pack and no key: the content cannot be measured here
         stats.raw_bytes = None
+    except CheckpointStoreError as e:  # a pack truncated, or its base gone: damaged
+        stats.raw_bytes = None
+        reason = f"{e.reason} (key {e.key})" if isinstance(e, CheckpointCorruptedError) and e.key else str(e)
+        stats.damaged = "; ".join(filter(None, (stats.damaged, f"a pack is damaged: {reason}")))

@@ -225,3 +225,59 @@ def test_malformed_input_and_unknown_names(history, capsys):
     with pytest.raises(SystemExit) as exit:  # argparse: an unknown status
         in_process(capsys, history, "runs", "orders", "--status", "sleeping")
     assert exit.value.code == 2
+
+
+def test_stats_and_chain_page_by_position_while_retention_deletes(redis_server, capsys, monkeypatch):
+    """stats and chain's downward walk read a flow index a page at a time: when the oldest checkpoint is deleted
+    between two pages (retention deletes oldest first), paging by offset would shift every later entry down one and
+    skip one; by position, every checkpoint present throughout is still read."""
+    from dynamiq_redis_ckpt import history as history_ops
+
+    backend = RedisCheckpointBackend(url=redis_server.url, prefix=f"browse{uuid.uuid4().hex[:8]}")
+    try:
+        chain_flow(backend, 3, flow_id="orders", words=20).run_sync({"order": 1})
+        oldest_first = [cp.id for cp in reversed(backend.get_list_by_flow("orders", limit=None))]
+        raw = {i: int(backend.redis.hget(backend.store.keys.checkpoint("orders", i), "raw")) for i in oldest_first}
+        monkeypatch.setattr(history_ops, "_CHUNK", 2)  # the same race at any page size, with 5 checkpoints
+        real_page = history_ops._ascending_page
+
+        def page_then_retention_deletes(*args):
+            pages.append((yield from real_page(*args)))
+            if len(pages) == 1:
+                backend.delete(oldest_first[0])  # read on the first page, gone before the next
+            return pages[-1]
+
+        monkeypatch.setattr(history_ops, "_ascending_page", page_then_retention_deletes)
+        pages = []
+        code, out = in_process(capsys, backend, "stats", "orders", "--json")
+        assert code == 0 and len(pages) > 2
+        (row,) = json.loads(out)["items"]
+        throughout = oldest_first[1:]  # the deleted one's hash is read after the delete: not counted
+        assert row["checkpoints"] == len(throughout) and row["logical_bytes"] == sum(raw[i] for i in throughout)
+
+        chain_flow(backend, 3, flow_id="orders", words=20).run_sync({"order": 2})
+        oldest_first = [cp.id for cp in reversed(backend.get_list_by_flow("orders", limit=5))]  # the new run
+        pages = []
+        code, out = in_process(capsys, backend, "chain", oldest_first[0], "--json")
+        assert code == 0 and len(pages) > 2
+        assert json.loads(out)["checkpoints"] == len(oldest_first)  # the whole run, its root read before the delete
+    finally:
+        backend.clear()
+
+
+def test_stats_of_a_truncated_pack_says_the_data_is_damaged(redis_server, capsys):
+    """A pack cut short cannot be measured: stats says it is damaged (not '-', which means sealed without the key)."""
+    backend = RedisCheckpointBackend(url=redis_server.url, prefix=f"browse{uuid.uuid4().hex[:8]}")
+    try:
+        chain_flow(backend, 2, flow_id="orders", words=20).run_sync({"order": 1})
+        newest = backend.get_latest_by_flow("orders").id
+        pack = backend.redis.hget(backend.store.keys.checkpoint("orders", newest), "pk").decode().split(",")[0]
+        key = backend.store.keys.pack("orders", pack)
+        backend.redis.set(key, backend.redis.get(key)[:20])
+        code, out = in_process(capsys, backend, "stats", "orders", "--json")
+        (row,) = json.loads(out)["items"]
+        assert code == 0 and row["raw_bytes"] is None and key in row["damaged"]
+        code, out = in_process(capsys, backend, "stats", "orders")
+        assert code == 0 and "DAMAGED" in out.splitlines()[2] and key in out
+    finally:
+        backend.clear()

@@ -1,6 +1,11 @@
 """Commands that look around a namespace: ``flows``, ``runs FLOW``, ``checkpoints FLOW``, ``show ID``, ``chain ID`` and
 ``stats [FLOW]``. They only read (the operations are in :mod:`dynamiq_redis_ckpt.history`); listings page by cursor,
 never scanning the keyspace.
+
+Damaged data is listed as damaged, never as data: a listing still exits 0 (the healthy rows are the answer), and a
+damaged row carries ``"damaged": reason`` in JSON and shows DAMAGED in the table, its reason printed below it.
+A command that cannot answer at all (``show`` of an undecodable checkpoint, ``chain`` through a cycle of parent
+links) exits 1 with the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ def register(commands) -> None:
     page_options(flows)
     flows.set_defaults(handler=_flows)
 
-    runs = commands.add_parser("runs", help="a flow's runs, newest first: status, checkpoints, bytes, lease")
+    runs = commands.add_parser("runs", help="a flow's runs, the latest started first (by their oldest checkpoint "
+                               "still stored, so a run saving while you page keeps its place): status, checkpoints, "
+                               "bytes, lease")  # fmt: skip
     runs.add_argument("flow", help="the flow id")
     runs.add_argument("--status", choices=STATUSES, help="only runs whose newest checkpoint has this status")
     store_options(runs)
@@ -70,13 +77,13 @@ def _cursor_checked():
 def _known_flow(backend, flow: str) -> None:
     from dynamiq_redis_ckpt.history import flow_exists_op
 
-    if not flow:
-        raise BadInput("the flow id is empty")
     if not backend.execute(flow_exists_op(backend.store, flow)):
         raise NotFound(f"no flow {flow!r} in namespace {backend.prefix!r}")
 
 
 def _lease_text(lease: dict | None) -> str:
+    if lease and lease.get("damaged"):
+        return "damaged"
     if not lease or not lease.get("owner"):
         return "-"
     return f"{lease['owner']} ({'live' if lease['live'] else 'expired'})"
@@ -84,6 +91,22 @@ def _lease_text(lease: dict | None) -> str:
 
 def _ratio_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+def _damaged_table(out: Output, columns: list, rows: list[dict], *, name: str, mark: str = "status",
+                   next_cursor: str = "", empty: str) -> None:  # fmt: skip
+    """A listing whose damaged rows show DAMAGED in column ``mark`` (in the table; JSON rows carry ``damaged``),
+    each with its reason below the table."""
+    if not out.json:
+        for row in rows:
+            if row.get("damaged"):
+                row[mark] = "DAMAGED"
+    out.table(columns, rows, next_cursor=next_cursor, empty=empty)
+    if not out.json:
+        for row in rows:
+            if row.get("damaged"):
+                out.console.print(f"damaged: {name} {row[name]}: {row['damaged']}", style="bold red",
+                                  highlight=False, markup=False)  # fmt: skip
 
 
 # ---- flows, runs, checkpoints ----------------------------------------------------------------------------------
@@ -113,9 +136,10 @@ def _runs(args: argparse.Namespace) -> int:
                                                          limit=args.limit, status=args.status))  # fmt: skip
     columns = [Column("run", "RUN"), Column("status", "STATUS"),
                Column("checkpoints", "CHECKPOINTS", justify="right"),
-               Column("stored_bytes", "STORED", size, justify="right"), Column("created_at", "AGE", age),
-               Column("lease", "LEASE", _lease_text)]  # fmt: skip
-    Output(args).table(columns, [r.as_dict() for r in rows], next_cursor=next_cursor, empty="no runs")
+               Column("stored_bytes", "STORED", size, justify="right"), Column("started_at", "STARTED", age),
+               Column("created_at", "LAST SAVE", age), Column("lease", "LEASE", _lease_text)]  # fmt: skip
+    _damaged_table(Output(args), columns, [r.as_dict() for r in rows], name="run", next_cursor=next_cursor,
+                   empty="no runs")  # fmt: skip
     return 0
 
 
@@ -138,7 +162,7 @@ def _checkpoints(args: argparse.Namespace) -> int:
     columns = [Column("id", "ID"), Column("run", "RUN"), Column("status", "STATUS"), Column("nodes", "NODES"),
                Column("stored_bytes", "STORED", size, justify="right"), Column("created_at", "AGE", age),
                Column("lease", "LEASE", _lease_text)]  # fmt: skip
-    out.table(columns, shown, next_cursor=next_cursor, empty="no checkpoints")
+    _damaged_table(out, columns, shown, name="id", next_cursor=next_cursor, empty="no checkpoints")
     return 0
 
 
@@ -172,6 +196,8 @@ def _show(args: argparse.Namespace) -> int:
         out.document(record)
         return 0
     nodes = record.pop("nodes")
+    if not record["damaged"]:
+        record.pop("damaged")
     record["lease"] = _lease_text(record["lease"])
     record["nodes_completed"] = f"{record['nodes_completed']}/{record.pop('nodes_total')}"
     shown = {"created_at": age, "updated_at": age, "raw_bytes": size, "stored_bytes": size, "pack_bytes": size}
@@ -184,10 +210,13 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _chain(args: argparse.Namespace) -> int:
-    from dynamiq_redis_ckpt.history import lineage_op
+    from dynamiq_redis_ckpt.history import ParentCycleError, field_damage, lineage_op
 
     backend = _backend(args)
-    lineage = backend.execute(lineage_op(backend.store, _checkpoint_id(args.id)))
+    try:
+        lineage = backend.execute(lineage_op(backend.store, _checkpoint_id(args.id)))
+    except ParentCycleError as e:
+        raise CommandError(str(e)) from None
     if lineage is None:
         raise NotFound(f"no checkpoint {args.id!r}")
     out = Output(args)
@@ -201,6 +230,8 @@ def _chain(args: argparse.Namespace) -> int:
         f = node.fields
         line = Text(node.id, style="bold" if node.id == lineage.marked else "")
         line.append(f"  run {(f.get('wf') or f.get('run'))}  {f.get('st')}  {age(node.created_at)}", style="dim")
+        if damage := field_damage(f):
+            line.append(f"  DAMAGED ({damage})", style="bold red")
         if node.id == lineage.marked:
             line.append("  <- this one", style="bold")
         return line
@@ -237,9 +268,14 @@ def _stats(args: argparse.Namespace) -> int:
     columns = [Column("flow", "FLOW"), Column("checkpoints", "CHECKPOINTS", justify="right"),
                Column("runs", "RUNS", justify="right"), Column("packs", "PACKS", justify="right"),
                Column("stored_bytes", "STORED", size, justify="right"),
-               Column("raw_bytes", "RAW", size, justify="right"),
+               Column("raw_bytes", "RAW", _size_or_mark, justify="right"),
                Column("logical_bytes", "LOGICAL", size, justify="right"),
                Column("compression", "COMPRESSION", _ratio_text, justify="right"),
                Column("dedup", "DEDUP", _ratio_text, justify="right")]  # fmt: skip
-    Output(args).table(columns, rows, next_cursor=next_cursor, empty="no flows")
+    _damaged_table(Output(args), columns, rows, name="flow", mark="raw_bytes", next_cursor=next_cursor,
+                   empty="no flows")  # fmt: skip
     return 0
+
+
+def _size_or_mark(value) -> str:
+    return value if isinstance(value, str) else size(value)
