@@ -1,5 +1,5 @@
-"""Reading a namespace's history for people: pages of runs and checkpoints, a run's history as a tree, per-flow
-figures. Store operations (generators of :mod:`requests <dynamiq_redis_ckpt.requests>`, run by
+"""Reading a namespace's history for people: pages of runs and checkpoints, one checkpoint (a run's history as a
+tree is :mod:`dynamiq_redis_ckpt.lineage`, per-flow figures :mod:`dynamiq_redis_ckpt.flow_stats`). Store operations (generators of :mod:`requests <dynamiq_redis_ckpt.requests>`, run by
 ``backend.execute``), written for the command line (:mod:`dynamiq_redis_ckpt.cli.browse`); nothing here prints.
 
 Every read starts from a key it can name: a flow's indexes (``keys.flow_homes``), a run's index, a checkpoint's
@@ -16,32 +16,25 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generator
 
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint
 
-from dynamiq_redis_ckpt import codec
 from dynamiq_redis_ckpt.errors import (
     CheckpointCorruptedError, CheckpointStoreError, EncryptionKeyError, StoreUnavailableError, UnsupportedFormatError,
     WrongKeyTypeError)  # fmt: skip
-from dynamiq_redis_ckpt.keys import flow_homes, flow_of
+from dynamiq_redis_ckpt.keys import flow_homes
 from dynamiq_redis_ckpt.requests import Batch, cmd, pairs, score_pairs, text
 from dynamiq_redis_ckpt.store import Record, StoreCore
 
 Op = Generator[Any, Any, Any]
-_CHUNK = 200  # index entries (and hashes) read per round trip
-_PACK_COUNT = 8  # a pack string starts with its reference count, 8 ASCII digits (see save.lua)
-_MAX_LINEAGE = 1_000_000  # checkpoints a history tree may hold (a guard against a cycle of parent links)
+CHUNK = 200  # index entries (and hashes) read per round trip
 _LEASE_FIELDS = ("owner", "token", "exp", "head")
 _NUMERIC_FIELDS = ("ts", "size", "raw", "kids", "fmt")  # hash fields that hold integers
 
 
-class ParentCycleError(CheckpointStoreError):
-    """The parent links of a flow's checkpoints form a cycle (damaged hashes): a history tree has no root."""
-
-
-def _int(value: str | None, default: int | None = 0) -> int | None:
+def int_field(value: str | None, default: int | None = 0) -> int | None:
     """A hash field as an int: ``default`` when absent or empty, None when it is not a number (damaged)."""
     if not value:
         return default
@@ -56,11 +49,11 @@ def field_damage(fields: dict[str, str]) -> str:
     field that is not a number."""
     problems = [f"no {name!r}" for name in ("st", "ts") if not fields.get(name)]
     problems += [f"{name}={fields[name]!r}" for name in _NUMERIC_FIELDS
-                 if fields.get(name) and _int(fields[name]) is None]  # fmt: skip
+                 if fields.get(name) and int_field(fields[name]) is None]  # fmt: skip
     return f"hash fields damaged: {', '.join(problems)}" if problems else ""
 
 
-def _ascending_page(key: str, low: int | str, after: tuple[int, str] | None, count: int) -> Op:
+def ascending_page(key: str, low: int | str, after: tuple[int, str] | None, count: int) -> Op:
     """Up to about ``count`` entries (score, member) of the sorted set ``key`` from score ``low`` up, oldest first,
     that follow ``after`` (an entry already read), and whether more may follow. Paged by position (score, then
     member), not by offset, so an entry deleted between pages does not make the next page skip one."""
@@ -158,7 +151,7 @@ def _lease(reply: list, now_ms: int) -> Lease | None:
     owner, token, exp, head = (text(v) for v in reply)
     if not token and not head:
         return None
-    expires, number = _int(exp), _int(token)
+    expires, number = int_field(exp), int_field(token)
     if expires is None or number is None:
         return Lease(owner, 0, 0, False, head, f"lease fields damaged: token={token!r}, exp={exp!r}")
     return Lease(owner, number, expires, bool(owner) and expires > now_ms, head)
@@ -187,11 +180,13 @@ def _now_ms() -> Op:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def _run_key(fields: dict[str, str]) -> str:
+def run_key_of(fields: dict[str, str]) -> str:
+    """The run a checkpoint hash belongs to: its wf_run_id, else its run_id (as leases key runs)."""
     return fields.get("wf") or fields.get("run", "")
 
 
-def _decoded(fields: dict) -> dict[str, str]:
+def decoded_fields(fields: dict) -> dict[str, str]:
+    """A hash as redis-py returns it (bytes) as text."""
     return {text(k): text(v) for k, v in fields.items()}
 
 
@@ -279,7 +274,7 @@ def runs_page_op(store: StoreCore, flow: str, *, cursor: str = "", limit: int = 
     rows: list[RunRow] = []
     next_cursor = ""
     while len(rows) < limit:
-        entries, more = yield from _index_page(sources, after, _CHUNK)
+        entries, more = yield from _index_page(sources, after, CHUNK)
         if not entries:
             break
         hashes = yield Batch(tuple(cmd("HMGET", k.checkpoint(p.home, p.member), "run", "wf") for p in entries))
@@ -293,7 +288,7 @@ def runs_page_op(store: StoreCore, flow: str, *, cursor: str = "", limit: int = 
             oldest, newest = ends[2 * i], ends[2 * i + 1]
             if oldest and newest and text(oldest[0]) == p.member:
                 firsts[p] = (key, text(newest[0]))
-        heads = yield from _fields_of(store, [(p.home, newest) for p, (_, newest) in firsts.items()], "st", "ts")
+        heads = yield from fields_op(store, [(p.home, newest) for p, (_, newest) in firsts.items()], "st", "ts")
         newest_fields = {p: (text(st), text(ts)) for p, (st, ts) in zip(firsts, heads)}
         stopped = False
         for p in entries:
@@ -303,7 +298,7 @@ def runs_page_op(store: StoreCore, flow: str, *, cursor: str = "", limit: int = 
             (key, newest), (st, ts) = firsts[p], newest_fields[p]
             if status is not None and st != status:
                 continue
-            created = _int(ts, None)
+            created = int_field(ts, None)
             damage = "" if st and created is not None else f"newest checkpoint {newest}: no status or time"
             rows.append(RunRow(flow, key, p.home, st, newest, created and created / 1e6, p.score / 1e6,
                                damaged=damage))  # fmt: skip
@@ -329,22 +324,22 @@ def _fill_runs(store: StoreCore, rows: list[RunRow]) -> Op:
     members = [[text(m) for m in reply] for reply in replies]
     for row, lease in zip(rows, (yield from leases_op(store, [(row.home, row.run) for row in rows]))):
         row.lease = lease
-    sizes = yield from _fields_of(store, [(row.home, m) for row, ms in zip(rows, members) for m in ms], "size")
+    sizes = yield from fields_op(store, [(row.home, m) for row, ms in zip(rows, members) for m in ms], "size")
     i = 0
     for row, ms in zip(rows, members):
         found = [(m, text(s)) for m, (s,) in zip(ms, sizes[i : i + len(ms)]) if s is not None]
-        bad = [m for m, s in found if _int(s) is None]
-        row.checkpoints, row.stored_bytes = len(found), sum(_int(s) or 0 for _, s in found)
+        bad = [m for m, s in found if int_field(s) is None]
+        row.checkpoints, row.stored_bytes = len(found), sum(int_field(s) or 0 for _, s in found)
         if bad and not row.damaged:
             row.damaged = f"checkpoint {bad[0]}: hash field size is not a number"
         i += len(ms)
 
 
-def _fields_of(store: StoreCore, checkpoints: list[tuple[str, str]], *names: str) -> Op:
-    """HMGET ``names`` of each (home, id), in round trips of ``_CHUNK``."""
+def fields_op(store: StoreCore, checkpoints: list[tuple[str, str]], *names: str) -> Op:
+    """HMGET ``names`` of each (home, id), in round trips of ``CHUNK``."""
     out: list = []
-    for start in range(0, len(checkpoints), _CHUNK):
-        page = checkpoints[start : start + _CHUNK]
+    for start in range(0, len(checkpoints), CHUNK):
+        page = checkpoints[start : start + CHUNK]
         out += yield Batch(tuple(cmd("HMGET", store.keys.checkpoint(h, m), *names) for h, m in page))
     return out
 
@@ -366,15 +361,15 @@ class CheckpointRow:
 
     @property
     def run(self) -> str:
-        return _run_key(self.fields)
+        return run_key_of(self.fields)
 
     def as_dict(self) -> dict:
         f = self.fields
-        created = _int(f.get("ts"), None)
+        created = int_field(f.get("ts"), None)
         return {"id": self.id, "flow": self.flow, "run": self.run, "run_id": f.get("run"), "status": f.get("st"),
                 "parent": f.get("par") or None, "nodes_completed": self.nodes_completed,
-                "nodes_total": self.nodes_total, "stored_bytes": _int(f.get("size")),
-                "raw_bytes": _int(f.get("raw")), "created_at": None if created is None else created / 1e6,
+                "nodes_total": self.nodes_total, "stored_bytes": int_field(f.get("size")),
+                "raw_bytes": int_field(f.get("raw")), "created_at": None if created is None else created / 1e6,
                 "lease": self.lease.as_dict() if self.lease else None, "damaged": self.damaged or None}  # fmt: skip
 
 
@@ -391,12 +386,12 @@ def checkpoints_page_op(store: StoreCore, flow: str, *, run: str | None = None, 
     rows: list[CheckpointRow] = []
     next_cursor = ""
     while len(rows) < limit:
-        entries, more = yield from _index_page(sources, after, min(_CHUNK, limit - len(rows)))
+        entries, more = yield from _index_page(sources, after, min(CHUNK, limit - len(rows)))
         if not entries:
             break
         hashes = yield Batch(tuple(cmd("HGETALL", k.checkpoint(p.home, p.member)) for p in entries))
         for p, fields in zip(entries, hashes):
-            fields = _decoded(pairs(fields) if isinstance(fields, list) else fields)
+            fields = decoded_fields(pairs(fields) if isinstance(fields, list) else fields)
             if fields and (run is None or status is None or fields.get("st") == status):
                 rows.append(CheckpointRow(flow, p.home, p.member, fields, damaged=field_damage(fields)))
         after = entries[-1]
@@ -479,15 +474,15 @@ class CheckpointInfo:
         cp, f = self.checkpoint, self.fields
         return {
             "id": cp.id, "flow": cp.flow_id, "run_id": cp.run_id, "wf_run_id": cp.wf_run_id,
-            "status": cp.status.value, "parent": cp.parent_checkpoint_id, "children": _int(f.get("kids")),
+            "status": cp.status.value, "parent": cp.parent_checkpoint_id, "children": int_field(f.get("kids")),
             "created_at": cp.created_at.timestamp(), "updated_at": cp.updated_at.timestamp(),
             "nodes_completed": len(cp.completed_node_ids), "nodes_total": node_count(cp),
             "nodes": [{"id": node_id, "status": state.status, "completed": node_id in cp.completed_node_ids}
                       for node_id, state in cp.node_states.items()]
             + [{"id": node_id, "status": "pending", "completed": False}
                for node_id in cp.pending_node_ids if node_id not in cp.node_states],
-            "raw_bytes": _int(f.get("raw")),
-            "stored_bytes": _int(f.get("size")), "pack_bytes": self.pack_bytes, "format": _int(f.get("fmt")),
+            "raw_bytes": int_field(f.get("raw")),
+            "stored_bytes": int_field(f.get("size")), "pack_bytes": self.pack_bytes, "format": int_field(f.get("fmt")),
             "lease": self.lease.as_dict() if self.lease else None, "damaged": self.damaged or None,
         }  # fmt: skip
 
@@ -502,264 +497,8 @@ def checkpoint_op(store: StoreCore, checkpoint_id: str) -> Op:
     checkpoint = yield from store.load(checkpoint_id)
     if checkpoint is None:
         return None
-    fields = _decoded((yield cmd("HGETALL", k.checkpoint(home, checkpoint_id))) or {})
+    fields = decoded_fields((yield cmd("HGETALL", k.checkpoint(home, checkpoint_id))) or {})
     named = [p for p in (fields.get("pk") or "").split(",") if p]
     (lease,) = yield from leases_op(store, [(home, checkpoint.wf_run_id or checkpoint.run_id)])
     lengths = (yield Batch(tuple(cmd("STRLEN", k.pack(home, p)) for p in named))) if named else []
     return CheckpointInfo(checkpoint, home, fields, sum(int(n) for n in lengths), lease)
-
-
-# ---- a run's history as a tree ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Snapshot:
-    """A node of a history tree: one checkpoint (from its hash) and the checkpoints saved from it."""
-
-    id: str
-    fields: dict[str, str]
-    children: list["Snapshot"] = field(default_factory=list)
-
-    @property
-    def created_at(self) -> float | None:
-        created = _int(self.fields.get("ts"), None)
-        return None if created is None else created / 1e6
-
-    def as_dict(self, marked: str) -> dict:
-        f = self.fields
-        return {"id": self.id, "run": _run_key(f), "status": f.get("st"), "created_at": self.created_at,
-                "raw_bytes": _int(f.get("raw")), "this": self.id == marked, "damaged": field_damage(f) or None,
-                "children": [child.as_dict(marked) for child in self.children]}  # fmt: skip
-
-
-@dataclass
-class Lineage:
-    """The history around a checkpoint: the tree from its oldest stored ancestor, every branch of it included, and
-    the id of a parent the root names that is no longer stored ('' when the root has none)."""
-
-    flow: str
-    root: Snapshot
-    marked: str
-    gone_parent: str
-    size: int
-
-    def as_dict(self) -> dict:
-        return {"flow": self.flow, "checkpoint": self.marked, "gone_parent": self.gone_parent or None,
-                "checkpoints": self.size, "tree": self.root.as_dict(self.marked)}  # fmt: skip
-
-
-_SNAPSHOT_FIELDS = ("par", "run", "wf", "st", "ts", "raw", "kids")
-
-
-def lineage_op(store: StoreCore, checkpoint_id: str) -> Op:
-    """The :class:`Lineage` of ``checkpoint_id`` (None when it is not stored).
-
-    Up: parent links, a run at a time (one read of the run's index and hashes, then its first checkpoint's parent in
-    another run, say a fork's); a cycle of them raises :class:`ParentCycleError` naming it. Down: the home's flow
-    index from the root's time on, oldest first (paged by position, so a delete meanwhile skips nothing), attaching
-    every checkpoint whose parent is in the tree; it stops once the tree holds as many children as its hashes count
-    (``kids``, kept by the save and delete scripts), else at the index's end."""
-    k = store.keys
-    home = yield cmd("GET", k.locator(checkpoint_id))
-    if home is None:
-        return None
-    home = text(home)
-    known: dict[str, dict[str, str]] = {}
-
-    def fetch(ids: list[str]) -> Op:
-        wanted = [i for i in ids if i not in known]
-        replies = yield from _fields_of(store, [(home, i) for i in wanted], *_SNAPSHOT_FIELDS)
-        for i, values in zip(wanted, replies):
-            if values[0] is not None or values[4] is not None:
-                known[i] = {name: text(v) for name, v in zip(_SNAPSHOT_FIELDS, values)}
-
-    yield from fetch([checkpoint_id])
-    if checkpoint_id not in known:
-        return None
-    read_runs: set[str] = set()
-    root, seen, gone = checkpoint_id, {checkpoint_id: None}, ""
-    while parent := known[root]["par"]:
-        if parent not in known and (run := _run_key(known[root])) not in read_runs:
-            read_runs.add(run)
-            yield from fetch([text(m) for m in (yield cmd("ZRANGE", k.run_index(home, run), 0, -1))])
-        if parent not in known:
-            yield from fetch([parent])
-        if parent not in known:
-            gone = parent
-            break
-        if parent in seen:
-            walked = list(seen)
-            loop = " -> ".join(walked[walked.index(parent) :] + [parent])
-            raise ParentCycleError(f"checkpoint {checkpoint_id}: its parent links form a cycle ({loop}); "
-                                   "their hashes are damaged")  # fmt: skip
-        if len(seen) >= _MAX_LINEAGE:
-            raise ParentCycleError(f"checkpoint {checkpoint_id}: more than {_MAX_LINEAGE} ancestors (a cycle?)")
-        seen[parent] = None
-        root = parent
-    nodes = {root: Snapshot(root, known[root])}
-    pending = _int(known[root]["kids"]) or 0
-    waiting: dict[str, list[str]] = {}  # parent id -> children read before it joined the tree
-    start, last, read_down = _int(known[root]["ts"]) or 0, None, set()
-    while pending > 0 and len(nodes) < _MAX_LINEAGE:
-        entries, more = yield from _ascending_page(k.flow_index(home), start, last, _CHUNK)
-        if entries:
-            last = entries[-1]
-        members = [m for _, m in entries if m not in read_down]
-        read_down.update(members)
-        yield from fetch(members)
-        for member in members:
-            if member in known and member not in nodes:
-                pending += _attach(nodes, waiting, member, known)
-        if not more:
-            break
-    for node in nodes.values():
-        node.children.sort(key=lambda child: (child.created_at or 0, child.id))
-    return Lineage(flow_of(home), nodes[root], checkpoint_id, gone, len(nodes))
-
-
-def _attach(nodes: dict[str, Snapshot], waiting: dict[str, list[str]], cp_id: str, known: dict) -> int:
-    """Put ``cp_id`` into the tree when its parent is there (then the children read before it, down their
-    branches), else into ``waiting``; returns how the count of children the tree lacks changes (each node brings
-    its ``kids`` and is one of them)."""
-    parent = known[cp_id]["par"]
-    if parent not in nodes:
-        waiting.setdefault(parent, []).append(cp_id)
-        return 0
-    change, todo = 0, [cp_id]
-    while todo:
-        child = todo.pop()
-        node = nodes[child] = Snapshot(child, known[child])
-        nodes[known[child]["par"]].children.append(node)
-        change += (_int(known[child]["kids"]) or 0) - 1
-        todo += waiting.pop(child, [])
-    return change
-
-
-# ---- figures per flow ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FlowStats:
-    """A flow's figures. ``logical_bytes``: the sum of each checkpoint's raw size (what Dynamiq's own backends would
-    store, uncompressed); ``raw_bytes``: the content the packs hold before compression (each pack's chunks: what is
-    left after deduplication), None when a pack is sealed and this process lacks its key, or is damaged (then
-    ``damaged`` says why); ``pack_bytes`` and ``hash_bytes``: what Redis holds (pack strings, and the checkpoint
-    hashes' fields and values)."""
-
-    flow: str
-    checkpoints: int = 0
-    runs: int = 0
-    packs: int = 0
-    pack_bytes: int = 0
-    hash_bytes: int = 0
-    logical_bytes: int = 0
-    raw_bytes: int | None = 0
-    damaged: str = ""
-
-    @property
-    def stored_bytes(self) -> int:
-        return self.pack_bytes + self.hash_bytes
-
-    @property
-    def compression(self) -> float | None:
-        """raw / pack bytes: what zstd (against base packs) saved."""
-        return _ratio(self.raw_bytes, self.pack_bytes)
-
-    @property
-    def dedup(self) -> float | None:
-        """logical / raw: what sharing unchanged content between checkpoints saved."""
-        return _ratio(self.logical_bytes, self.raw_bytes)
-
-    def as_dict(self) -> dict:
-        return {"flow": self.flow, "checkpoints": self.checkpoints, "runs": self.runs, "packs": self.packs,
-                "stored_bytes": self.stored_bytes, "pack_bytes": self.pack_bytes, "hash_bytes": self.hash_bytes,
-                "raw_bytes": self.raw_bytes, "logical_bytes": self.logical_bytes, "compression": self.compression,
-                "dedup": self.dedup, "damaged": self.damaged or None}  # fmt: skip
-
-
-def _ratio(over: int | None, under: int | None) -> float | None:
-    return round(over / under, 3) if over is not None and under else None
-
-
-def flow_stats_op(store: StoreCore, flow: str) -> Op:
-    """The :class:`FlowStats` of ``flow``: every checkpoint hash of its homes (their indexes, a page at a time), the
-    packs they name and the bases below them (read whole, and decoded to measure their content). The index is paged
-    by position, so a checkpoint deleted meanwhile does not make another one be skipped."""
-    stats, runs = FlowStats(flow), set()
-    for home in flow_homes(flow, store.buckets):
-        named: set[str] = set()
-        last = None
-        while True:
-            entries, more = yield from _ascending_page(store.keys.flow_index(home), "-inf", last, _CHUNK)
-            members = [m for _, m in entries]
-            if entries:
-                last = entries[-1]
-                hashes = yield Batch(tuple(cmd("HGETALL", store.keys.checkpoint(home, m)) for m in members))
-                for member, raw in zip(members, hashes):
-                    raw = pairs(raw) if isinstance(raw, list) else raw
-                    if not raw:
-                        continue  # expired, its index entry not pruned yet
-                    fields = _decoded(raw)
-                    stats.checkpoints += 1
-                    stats.hash_bytes += sum(len(k) + len(v) for k, v in raw.items())
-                    stats.logical_bytes += _int(fields.get("raw")) or 0
-                    if (damage := field_damage(fields)) and not stats.damaged:
-                        stats.damaged = f"checkpoint {text(member)}: {damage}"
-                    runs.add((home, _run_key(fields)))
-                    named.update(p for p in (fields.get("pk") or "").split(",") if p)
-            if not more:
-                break
-        yield from _measure_packs(store, home, named, stats)
-    stats.runs = len(runs)
-    return stats
-
-
-def _measure_packs(store: StoreCore, home: str, named: set[str], stats: FlowStats) -> Op:
-    """Add the packs ``named`` and their bases (down the chains) to ``stats``: their stored size, and their content
-    before compression (decoded bases first; a base's body is dropped once every pack built on it is decoded)."""
-    blobs: dict[str, bytes] = {}
-    frontier = sorted(named)
-    while frontier:
-        page, frontier = frontier[:_CHUNK], frontier[_CHUNK:]
-        for pack_id, blob in zip(page, (yield Batch(tuple(cmd("GET", store.keys.pack(home, p)) for p in page)))):
-            if blob is None:
-                continue  # deleted meanwhile
-            blobs[pack_id] = blob[_PACK_COUNT:]
-            base = codec.pack_base(blobs[pack_id])
-            if base and base not in blobs and base not in frontier:
-                frontier.append(base)
-    stats.packs += len(blobs)
-    stats.pack_bytes += sum(len(b) + _PACK_COUNT for b in blobs.values())
-    if stats.raw_bytes is None:
-        return
-    bases = {p: codec.pack_base(b) for p, b in blobs.items()}
-    users: dict[str, int] = {}
-    for base in bases.values():
-        if base:
-            users[base] = users.get(base, 0) + 1
-    decoded: dict[str, codec.Pack] = {}
-    try:
-        for pack_id in list(blobs):
-            chain = [pack_id]  # the pack, then its bases not decoded yet, decoded oldest first
-            while (base := bases.get(chain[-1])) and base not in decoded and base in blobs:
-                chain.append(base)
-            for p in reversed(chain):
-                if p in decoded or p not in blobs:
-                    continue
-                base = decoded.get(bases[p]) if bases[p] else None
-                pack = codec.read_pack(p, blobs.pop(p), "-", store.keys.pack(home, p), base, sealer=store.sealer,
-                                       flow=home)  # fmt: skip
-                stats.raw_bytes += sum(len(chunk) for chunk in pack.chunks.values())
-                decoded[p] = pack
-                if base is not None:
-                    users[base.id] -= 1
-                    if not users[base.id]:
-                        del decoded[base.id]
-                if not users.get(p):
-                    del decoded[p]
-    except EncryptionKeyError:  # a sealed pack and no key: the content cannot be measured here
-        stats.raw_bytes = None
-    except CheckpointStoreError as e:  # a pack truncated, or its base gone: damaged
-        stats.raw_bytes = None
-        reason = f"{e.reason} (key {e.key})" if isinstance(e, CheckpointCorruptedError) and e.key else str(e)
-        stats.damaged = "; ".join(filter(None, (stats.damaged, f"a pack is damaged: {reason}")))

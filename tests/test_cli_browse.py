@@ -238,8 +238,8 @@ def test_stats_and_chain_page_by_position_while_retention_deletes(redis_server, 
         chain_flow(backend, 3, flow_id="orders", words=20).run_sync({"order": 1})
         oldest_first = [cp.id for cp in reversed(backend.get_list_by_flow("orders", limit=None))]
         raw = {i: int(backend.redis.hget(backend.store.keys.checkpoint("orders", i), "raw")) for i in oldest_first}
-        monkeypatch.setattr(history_ops, "_CHUNK", 2)  # the same race at any page size, with 5 checkpoints
-        real_page = history_ops._ascending_page
+        monkeypatch.setattr(history_ops, "CHUNK", 2)  # the same race at any page size, with 5 checkpoints
+        real_page = history_ops.ascending_page
 
         def page_then_retention_deletes(*args):
             pages.append((yield from real_page(*args)))
@@ -247,7 +247,7 @@ def test_stats_and_chain_page_by_position_while_retention_deletes(redis_server, 
                 backend.delete(oldest_first[0])  # read on the first page, gone before the next
             return pages[-1]
 
-        monkeypatch.setattr(history_ops, "_ascending_page", page_then_retention_deletes)
+        monkeypatch.setattr(history_ops, "ascending_page", page_then_retention_deletes)
         pages = []
         code, out = in_process(capsys, backend, "stats", "orders", "--json")
         assert code == 0 and len(pages) > 2

@@ -210,7 +210,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _chain(args: argparse.Namespace) -> int:
-    from dynamiq_redis_ckpt.history import ParentCycleError, field_damage, lineage_op
+    from dynamiq_redis_ckpt.history import field_damage
+    from dynamiq_redis_ckpt.lineage import ParentCycleError, lineage_op
 
     backend = _backend(args)
     try:
@@ -253,7 +254,7 @@ def _chain(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from dynamiq_redis_ckpt.history import flow_stats_op
+    from dynamiq_redis_ckpt.flow_stats import flow_stats_op
 
     backend = _backend(args)
     if args.flow is not None:
