@@ -15,6 +15,7 @@ from dynamiq_redis_ckpt import RedisCheckpointBackend
 from dynamiq_redis_ckpt.cli import main
 from dynamiq_redis_ckpt.worker import Recovery
 from tests.test_cli_queues import hold
+from tests.test_contract import make
 
 
 @pytest.fixture
@@ -73,3 +74,54 @@ def test_orphans_paging_lists_an_orphan_present_throughout_when_an_earlier_one_i
         seen += [r["run"] for r in page["items"]]
         cursor = page["next"]
     assert sorted(seen) == ["wf-o2", "wf-o3"], seen
+
+
+@pytest.fixture
+def bucketed(redis_server):
+    """A namespace whose flows spread over 4 buckets on one server (flow_buckets=4, recorded on the first save)."""
+    b = RedisCheckpointBackend(url=redis_server.url, prefix=f"r3b{uuid.uuid4().hex[:8]}", flow_buckets=4)
+    yield b
+    b.clear()
+
+
+def test_a_flow_spread_over_four_buckets_lists_its_leases_orphans_and_dead_letters(capsys, bucketed):
+    runs = [f"wf-{i}" for i in range(6)]
+    for run in runs:
+        hold(bucketed, "orders", run, "pod-a:1:x", 600_000)
+    hold(bucketed, "orders", "wf-dead", "pod-gone:1:x", 50)
+    time.sleep(0.1)
+    recovery = Recovery(bucketed, max_attempts=1, backoff_seconds=0.01)
+    assert recovery.hand_back(recovery.claim("orders", "wf-dead"), failed=True)
+    time.sleep(0.05)
+    assert recovery.claim("orders", "wf-dead") is None  # dead-lettered in its bucket home
+    everything = listed(capsys, bucketed, ["leases"], limit=50)
+    assert sorted(r["run"] for r in everything["items"]) == runs  # no flow filter: read from the wake shards
+    of_flow = listed(capsys, bucketed, ["leases"], "orders", limit=50)
+    assert sorted(r["run"] for r in of_flow["items"]) == runs, "leases FLOW must read all 4 homes of the flow"
+    dead = listed(capsys, bucketed, ["dead", "list"], "orders", limit=50)
+    assert [r["run"] for r in dead["items"]] == ["wf-dead"]
+
+
+def test_top_once_shows_the_newest_save_of_an_idle_flow_in_a_four_bucket_namespace(capsys, bucketed):
+    bucketed.save(make("idle-head", "idle", "r-idle", "wf-idle", S.COMPLETED))
+    code, out, err = cli(capsys, "top", "--once", "--json", *where(bucketed))
+    assert code == 0, err
+    row = next(r for r in json.loads(out)["flows"] if r["flow"] == "idle")
+    assert row["newest_save_seconds"] is not None, "the recent flow's homes are its 4 buckets, not its bare id"
+
+
+def test_dead_retry_of_a_run_not_dead_is_not_found_and_of_one_dead_in_a_bucket_home_puts_it_back(capsys, bucketed):
+    hold(bucketed, "orders", "wf-live", "pod-a:1:x", 600_000)
+    hold(bucketed, "orders", "wf-dead", "pod-gone:1:x", 50)
+    time.sleep(0.1)
+    recovery = Recovery(bucketed, max_attempts=1, backoff_seconds=0.01)
+    assert recovery.hand_back(recovery.claim("orders", "wf-dead"), failed=True)
+    time.sleep(0.05)
+    assert recovery.claim("orders", "wf-dead") is None
+    assert cli(capsys, "dead", "retry", "orders", "wf-live", *where(bucketed))[0] == 4
+    assert cli(capsys, "dead", "retry", "orders", "wf-nobody", *where(bucketed))[0] == 4
+    assert cli(capsys, "dead", "retry", "orders", "wf-dead", *where(bucketed))[0] == 0
+    assert cli(capsys, "dead", "retry", "orders", "wf-dead", *where(bucketed))[0] == 4  # only once
+    orphans = listed(capsys, bucketed, ["orphans"], limit=50)
+    assert [r["run"] for r in orphans["items"]] == ["wf-dead"]
+    assert listed(capsys, bucketed, ["dead", "list"], limit=50)["items"] == []
