@@ -125,3 +125,29 @@ def test_dead_retry_of_a_run_not_dead_is_not_found_and_of_one_dead_in_a_bucket_h
     orphans = listed(capsys, bucketed, ["orphans"], limit=50)
     assert [r["run"] for r in orphans["items"]] == ["wf-dead"]
     assert listed(capsys, bucketed, ["dead", "list"], limit=50)["items"] == []
+
+
+def test_a_lease_hash_with_a_non_numeric_field_is_damaged_data_named_not_a_bug(capsys, backend):
+    """One run's lease hash altered (token 'abc', attempts '1.5'): the listings either show the other runs or fail
+    naming the damaged key as damaged data; today each fails as 'unexpected ValueError' (the message for a bug),
+    naming no key, and one hash takes the whole listing of every flow down."""
+    hold(backend, "orders", "wf-ok", "pod-a:1:x", 600_000)
+    hold(backend, "orders", "wf-bad", "pod-a:1:x", 600_000)
+    hold(backend, "billing", "wf-dead", "pod-gone:1:x", 50)
+    time.sleep(0.1)
+    recovery = Recovery(backend, max_attempts=1, backoff_seconds=0.01)
+    assert recovery.hand_back(recovery.claim("billing", "wf-dead"), failed=True)
+    time.sleep(0.05)
+    assert recovery.claim("billing", "wf-dead") is None
+    keys = backend.store.keys
+    client = __import__("redis").Redis.from_url(backend.url)
+    client.hset(keys.lease("orders", "wf-bad"), "token", "abc")
+    client.hset(keys.lease("billing", "wf-dead"), "attempts", "1.5")
+    for command, key in ((["leases"], keys.lease("orders", "wf-bad")),
+                         (["dead", "list"], keys.lease("billing", "wf-dead"))):  # fmt: skip
+        code, out, err = cli(capsys, *command, "--json", *where(backend))
+        assert "Traceback" not in err
+        if code == 0:
+            assert json.loads(out)["items"], out
+        else:
+            assert "unexpected" not in err and key in err, (command, code, err)
