@@ -151,3 +151,67 @@ def test_a_lease_hash_with_a_non_numeric_field_is_damaged_data_named_not_a_bug(c
             assert json.loads(out)["items"], out
         else:
             assert "unexpected" not in err and key in err, (command, code, err)
+
+
+BAD_METRICS = {
+    "/html": "<html><body>Not Found</body></html>",
+    "/gauge": "# TYPE dynamiq_ckpt_recovery_latency_seconds gauge\ndynamiq_ckpt_recovery_latency_seconds 3\n",
+    "/no-le": "# TYPE dynamiq_ckpt_recovery_latency_seconds histogram\n"
+              "dynamiq_ckpt_recovery_latency_seconds_bucket 3\ndynamiq_ckpt_recovery_latency_seconds_count 3\n",
+    "/le-abc": "# TYPE dynamiq_ckpt_recovery_latency_seconds histogram\n"
+               'dynamiq_ckpt_recovery_latency_seconds_bucket{le="abc"} 3\n',
+    "/nan": "# TYPE dynamiq_ckpt_recovery_latency_seconds histogram\n"
+            'dynamiq_ckpt_recovery_latency_seconds_bucket{le="1"} NaN\n'
+            'dynamiq_ckpt_recovery_latency_seconds_bucket{le="+Inf"} NaN\n',
+}
+
+
+@pytest.fixture(scope="module")
+def bad_endpoints():
+    """An HTTP server answering each path of BAD_METRICS with its body (200, text/plain); and a port nobody
+    listens on."""
+    import http.server
+    import socket
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = BAD_METRICS.get(self.path, "").encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}/metrics"
+    yield f"http://127.0.0.1:{server.server_address[1]}", down
+    server.shutdown()
+
+
+def strict_json(out: str):
+    """The document, refusing NaN and Infinity (not JSON: jq and every other parser reject them)."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(out, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("path", ["/html", "/gauge", "/no-le", "/le-abc", "/nan"])
+def test_top_once_still_draws_when_a_metrics_endpoint_is_down_or_answers_garbage(capsys, backend, bad_endpoints,
+                                                                                   path):
+    base, down = bad_endpoints
+    hold(backend, "orders", "wf-live", "pod-a:1:x", 600_000)
+    urls = ["--metrics", base + path, "--metrics", down]
+    code, out, err = cli(capsys, "top", "--once", *urls, *where(backend))
+    assert code == 0 and "Traceback" not in err, err
+    assert "orders" in out and "recovery" in out, out
+    code, out, err = cli(capsys, "top", "--once", "--json", *urls, *where(backend))
+    assert code == 0, err
+    assert strict_json(out)["totals"]["leased"] == 1
