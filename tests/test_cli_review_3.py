@@ -215,3 +215,24 @@ def test_top_once_still_draws_when_a_metrics_endpoint_is_down_or_answers_garbage
     code, out, err = cli(capsys, "top", "--once", "--json", *urls, *where(backend))
     assert code == 0, err
     assert strict_json(out)["totals"]["leased"] == 1
+
+
+def test_top_once_json_stays_json_when_an_endpoint_reports_nan_counts(capsys, backend, bad_endpoints):
+    base, _ = bad_endpoints
+    code, out, err = cli(capsys, "top", "--once", "--json", "--metrics", base + "/nan", *where(backend))
+    assert code == 0, err
+    assert strict_json(out)["metrics"]["answered"] == 1, out  # today: "p50": Infinity, "count": NaN
+
+
+def test_top_once_against_a_frozen_redis_exits_5_in_bounded_time(own_redis):
+    from tests.cli_proc import cli as cli_process
+
+    b = RedisCheckpointBackend(url=own_redis.url, prefix="frozen")
+    hold(b, "orders", "wf-live", "pod-a:1:x", 600_000)
+    own_redis.pause()
+    try:
+        done = cli_process("top", "--once", "--url", own_redis.url, "--prefix", "frozen", timeout=60)
+    finally:
+        own_redis.resume()
+    assert done.returncode == 5, (done.returncode, done.stderr[-1500:])
+    assert "Traceback" not in done.stderr
