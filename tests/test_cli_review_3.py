@@ -236,3 +236,20 @@ def test_top_once_against_a_frozen_redis_exits_5_in_bounded_time(own_redis):
         own_redis.resume()
     assert done.returncode == 5, (done.returncode, done.stderr[-1500:])
     assert "Traceback" not in done.stderr
+
+
+def test_resume_in_a_four_bucket_namespace_answers_once_and_json_stays_json(capsys, bucketed):
+    from dynamiq.runnables import RunnableConfig
+
+    from tests.flows import ask_flow
+
+    paused = ask_flow(bucketed, "ask").run_sync({"input": "Ship it?"}, config=RunnableConfig(run_id="wf-h"))
+    assert paused.status.value == "failure"  # paused for a person
+    assert cli(capsys, "resume", "wf-h", "--input", "{", *where(bucketed))[0] == 2
+    assert cli(capsys, "resume", "wf-nobody", "--input", "{}", *where(bucketed))[0] == 4
+    code, out, err = cli(capsys, "resume", "wf-h", "--input", '{"choice": "blue"}', "--json", *where(bucketed))
+    assert code == 0, err
+    timers = listed(capsys, bucketed, ["timers"], limit=50)
+    assert [(r["run"], r["reason"]) for r in timers["items"]] == [("wf-h", "answered")], timers
+    assert cli(capsys, "resume", "wf-h", "--input", '{"choice": "red"}', *where(bucketed))[0] == 3
+    json.loads(out)  # resume takes --json (store_options) but prints a sentence: "answer stored for node ask ..."
