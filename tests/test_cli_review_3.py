@@ -253,3 +253,34 @@ def test_resume_in_a_four_bucket_namespace_answers_once_and_json_stays_json(caps
     assert [(r["run"], r["reason"]) for r in timers["items"]] == [("wf-h", "answered")], timers
     assert cli(capsys, "resume", "wf-h", "--input", '{"choice": "red"}', *where(bucketed))[0] == 3
     json.loads(out)  # resume takes --json (store_options) but prints a sentence: "answer stored for node ask ..."
+
+
+def test_the_fleet_and_top_agree_on_the_oldest_orphan_after_dead_retry(capsys, backend):
+    """`dead retry` puts the run back with score 0 ('claimable now'): top reads past it; leases.fleet_op (the
+    workers' /metrics oldest-orphan gauge) takes 0 as an expiry and reports an orphan waiting since 1970."""
+    from dynamiq_redis_ckpt import leases
+    from dynamiq_redis_ckpt.watch import snapshot_op
+
+    hold(backend, "orders", "wf-orphan", "pod-gone:1:x", 50)
+    hold(backend, "orders", "wf-dead", "pod-gone:1:x", 50)
+    time.sleep(0.1)
+    recovery = Recovery(backend, max_attempts=1, backoff_seconds=0.01)
+    assert recovery.hand_back(recovery.claim("orders", "wf-dead"), failed=True)
+    time.sleep(0.05)
+    assert recovery.claim("orders", "wf-dead") is None
+    assert cli(capsys, "dead", "retry", "orders", "wf-dead", *where(backend))[0] == 0
+    fleet = backend.execute(leases.fleet_op(backend.store.keys))
+    snapshot = backend.execute(snapshot_op(backend.store.keys, 1))
+    assert fleet.runs == snapshot.totals == {"leased": 0, "orphaned": 2, "scheduled": 0, "due": 0, "dead": 0}
+    assert snapshot.oldest_orphan_seconds < 3600
+    assert fleet.oldest_orphan_seconds < 3600, fleet.oldest_orphan_seconds
+
+
+@pytest.mark.parametrize("offset", [10**30, True])
+def test_a_forged_cursor_is_bad_input_not_a_store_failure(capsys, backend, offset):
+    import base64
+
+    hold(backend, "orders", "wf-live", "pod-a:1:x", 600_000)
+    cursor = base64.urlsafe_b64encode(json.dumps(["orders", offset]).encode()).decode().rstrip("=")
+    code, out, err = cli(capsys, "leases", "--cursor", cursor, *where(backend))
+    assert code == 2, (code, err)
