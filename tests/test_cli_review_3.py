@@ -224,6 +224,7 @@ def test_top_once_json_stays_json_when_an_endpoint_reports_nan_counts(capsys, ba
     assert strict_json(out)["metrics"]["answered"] == 1, out  # today: "p50": Infinity, "count": NaN
 
 
+@pytest.mark.slow
 def test_top_once_against_a_frozen_redis_exits_5_in_bounded_time(own_redis):
     from tests.cli_proc import cli as cli_process
 
@@ -238,6 +239,7 @@ def test_top_once_against_a_frozen_redis_exits_5_in_bounded_time(own_redis):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_resume_in_a_four_bucket_namespace_answers_once_and_json_stays_json(capsys, bucketed):
     from dynamiq.runnables import RunnableConfig
 
