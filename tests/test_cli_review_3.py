@@ -286,3 +286,20 @@ def test_a_forged_cursor_is_bad_input_not_a_store_failure(capsys, backend, offse
     cursor = base64.urlsafe_b64encode(json.dumps(["orders", offset]).encode()).decode().rstrip("=")
     code, out, err = cli(capsys, "leases", "--cursor", cursor, *where(backend))
     assert code == 2, (code, err)
+
+
+@pytest.mark.parametrize("action", ["retry", "drop"])
+def test_dead_retry_or_drop_in_a_bucket_home_after_the_run_lookup_expired(capsys, bucketed, action):
+    """The run -> homes lookup (P:runflows:{run}) may expire before the dead letter does (run_homes_op then tries
+    every home of the flow): the command must try the flow's 4 buckets, not its bare id."""
+    hold(bucketed, "orders", "wf-dead", "pod-gone:1:x", 50)
+    time.sleep(0.1)
+    recovery = Recovery(bucketed, max_attempts=1, backoff_seconds=0.01)
+    assert recovery.hand_back(recovery.claim("orders", "wf-dead"), failed=True)
+    time.sleep(0.05)
+    assert recovery.claim("orders", "wf-dead") is None
+    client = __import__("redis").Redis.from_url(bucketed.url)
+    assert client.delete(bucketed.store.keys.run_flows("wf-dead")) == 1
+    code, out, err = cli(capsys, "dead", action, "orders", "wf-dead", *where(bucketed))
+    assert code == 0, (code, err)
+    assert listed(capsys, bucketed, ["dead", "list"], limit=50)["items"] == []
