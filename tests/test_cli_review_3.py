@@ -303,3 +303,14 @@ def test_dead_retry_or_drop_in_a_bucket_home_after_the_run_lookup_expired(capsys
     code, out, err = cli(capsys, "dead", action, "orders", "wf-dead", *where(bucketed))
     assert code == 0, (code, err)
     assert listed(capsys, bucketed, ["dead", "list"], limit=50)["items"] == []
+
+
+@pytest.mark.parametrize("command", [["leases"], ["top", "--once"]])
+def test_ids_with_square_brackets_are_printed_as_they_are(capsys, backend, command):
+    """Flow and run ids are the user's strings: rich must not read them as markup ('[/]' raises MarkupError: exit
+    1; '[red]x' prints as 'x')."""
+    hold(backend, "a[/]b", "wf-1", "pod-a:1:x", 600_000)
+    hold(backend, "[red]evil", "wf-2", "pod-a:1:x", 600_000)
+    code, out, err = cli(capsys, *command, *where(backend))
+    assert code == 0, err
+    assert "a[/]b" in out and "[red]evil" in out, out
