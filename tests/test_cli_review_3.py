@@ -314,3 +314,8 @@ def test_ids_with_square_brackets_are_printed_as_they_are(capsys, backend, comma
     code, out, err = cli(capsys, *command, *where(backend))
     assert code == 0, err
     assert "a[/]b" in out and "[red]evil" in out, out
+
+
+def test_top_refuses_an_infinite_interval_as_bad_input(capsys, backend):
+    code, out, err = cli(capsys, "top", "--interval", "inf", *where(backend))
+    assert code == 2, err  # today: 'unexpected OverflowError: timestamp out of range', exit 1
