@@ -128,7 +128,10 @@ def connect(args: argparse.Namespace, **options):
     for option in ("tls_ca", "tls_cert", "tls_key"):
         if getattr(args, option, None):
             options[f"{option}_file"] = getattr(args, option)
-    return RedisCheckpointBackend(url=args.url, **options)
+    backend = RedisCheckpointBackend(url=args.url, **options)
+    if options.get("adopt_flow_buckets"):
+        backend.ping()  # runs the start-up check now: what reads the bucket count before Redis is asked sees it
+    return backend
 
 
 def run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
@@ -222,10 +225,10 @@ class Output:
             for c in columns:
                 table.add_column(c.heading, justify=c.justify, overflow="fold")
             for row in rows:
-                table.add_row(*[(c.show or _plain)(row.get(c.field)) for c in columns])
+                table.add_row(*[_cell((c.show or _plain)(row.get(c.field))) for c in columns])
             self.console.print(table)
         if next_cursor:
-            self.console.print(f"next page: --cursor {next_cursor}", style="dim", highlight=False)
+            self.console.print(f"next page: --cursor {next_cursor}", style="dim", highlight=False, markup=False)
 
     def fields(self, record: dict, labels: dict[str, str] | None = None,
                show: dict[str, Callable[[Any], str]] | None = None) -> None:  # fmt: skip
@@ -240,7 +243,7 @@ class Output:
         table.add_column(overflow="fold")
         for name, value in record.items():
             shown = (show or {}).get(name, _plain)(value)
-            table.add_row((labels or {}).get(name, name), shown)
+            table.add_row(_cell((labels or {}).get(name, name)), _cell(shown))
         self.console.print(table)
 
     def document(self, value: Any) -> None:
@@ -264,6 +267,13 @@ def _box():
     from rich import box
 
     return box.SIMPLE_HEAD
+
+
+def _cell(value: Any):
+    """A table cell as plain text: ids and values are never read as rich markup ('[red]' stays as it is)."""
+    from rich.text import Text
+
+    return value if not isinstance(value, str) else Text(value)
 
 
 def _plain(value: Any) -> str:

@@ -9,7 +9,7 @@ import argparse
 import gc
 import logging
 
-from dynamiq_redis_ckpt.cli.common import BadInput, NotFound, Refused, connect, store_options
+from dynamiq_redis_ckpt.cli.common import BadInput, NotFound, Output, Refused, connect, store_options
 
 
 def register(commands) -> None:
@@ -168,7 +168,11 @@ def _resume(args: argparse.Namespace) -> int:
         raise Refused(str(e)) from e
     except RunNotWaitingError as e:
         raise (Refused(str(e)) if e.running else NotFound(str(e))) from e
-    print(f"answer stored for node {node} of run {args.run}; a worker resumes it")
+    out = Output(args)
+    if out.json:
+        out.document({"run": args.run, "node": node, "stored": True})
+    else:
+        out.say(f"answer stored for node {node} of run {args.run}; a worker resumes it")
     return 0
 
 
