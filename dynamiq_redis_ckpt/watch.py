@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import bisect
 import json
+import math
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -35,10 +36,10 @@ class LeaseRow:
     flow: str
     run: str
     owner: str
-    token: int
-    expires_ms: int
+    token: int | None
+    expires_ms: int | None
     head: str
-    attempts: int
+    attempts: int | None
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class TimerRow:
 
     flow: str
     run: str
-    due_ms: int
+    due_ms: int | None
     checkpoint: str
     answered: bool
 
@@ -59,8 +60,8 @@ class DeadRow:
 
     flow: str
     run: str
-    since_ms: int
-    attempts: int
+    since_ms: int | None
+    attempts: int | None
     head: str
 
 
@@ -76,22 +77,51 @@ class Page:
 # ---- cursors ---------------------------------------------------------------------------------------------------
 
 
-def encode_cursor(home: str, offset: int) -> str:
-    """Where a listing goes on: a flow home and how many of its entries were shown (opaque to users)."""
-    return base64.urlsafe_b64encode(json.dumps([home, offset]).encode()).decode().rstrip("=")
+def encode_cursor(home: str, score: float, member: str) -> str:
+    """Where a listing goes on: the last entry shown (its flow home, score and run; opaque to users). By entry, not
+    by position: entries that come or go before it between two pages shift no one after it."""
+    return base64.urlsafe_b64encode(json.dumps([home, _bound(score), member]).encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[str, int]:
-    """The (home, offset) of a cursor; ValueError if it is not one of ours."""
+def decode_cursor(cursor: str) -> tuple[str, float, str]:
+    """The (home, score, run) of a cursor (("", -inf, "") for none); ValueError if it is not one of ours."""
     if not cursor:
-        return "", 0
+        return "", float("-inf"), ""
+    bad = ValueError(f"not a cursor this command printed: {cursor!r}")
     try:
-        home, offset = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        home, score, member = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except Exception:
-        raise ValueError(f"not a cursor this command printed: {cursor!r}") from None
-    if not isinstance(home, str) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"not a cursor this command printed: {cursor!r}")
-    return home, offset
+        raise bad from None
+    if not (isinstance(home, str) and isinstance(score, str) and isinstance(member, str)):
+        raise bad
+    try:
+        value = float(score)
+    except ValueError:
+        raise bad from None
+    if math.isnan(value):
+        raise bad
+    return home, value, member
+
+
+def _bound(score: float) -> str:
+    """A score as Redis reads it in ZRANGEBYSCORE (and JSON can hold): '1764460000000', '0.5', 'inf', '-inf'."""
+    if math.isfinite(score) and score == int(score):
+        return str(int(score))
+    return repr(score)
+
+
+def _number(value, kind=int):
+    """A hash field or score as a number; None when it is not one (damaged data: shown as such, not a crash)."""
+    try:
+        number = kind(text(value)) if isinstance(value, (bytes, str)) else kind(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if kind is not float or math.isfinite(number) else None
+
+
+def _ms(score: float) -> int | None:
+    """An index score (ms since the epoch) as an int; None for a non-finite one (damaged)."""
+    return int(score) if math.isfinite(score) else None
 
 
 # ---- where to look ---------------------------------------------------------------------------------------------
@@ -114,31 +144,46 @@ def _homes_op(keys: Keys, dead: bool, homes: Iterable[str] | None):
     return _server_ms(replies[0]), sorted({text(h) for reply in replies[1:] for h in reply or ()})
 
 
-def _page_op(keys: Keys, homes: list[str], read: Callable[[str, int, int], Command], cursor: str, limit: int):
-    """Walk ``homes`` in order from ``cursor``, reading entries with ``read(home, offset, count)`` (a ZRANGEBYSCORE
-    ... WITHSCORES LIMIT), until ``limit`` entries: [(home, score, member)], and the cursor of the entry after them
-    ('' when there is none: a page never ends on a cursor to nothing)."""
-    start_home, offset = decode_cursor(cursor)
+Read = Callable[[str, "float | None", int, int], Command]
+
+
+def _page_op(keys: Keys, homes: list[str], read: Read, cursor: str, limit: int):
+    """Walk ``homes`` in order from ``cursor``, reading entries with ``read(home, start, offset, count)`` (a
+    ZRANGEBYSCORE ... WITHSCORES LIMIT from score ``start`` inclusive, or the listing's own low end for None),
+    until ``limit`` entries: [(home, score, member)], and the cursor of the last one shown when more follow ('' when
+    none does: a page never ends on a cursor to nothing). The cursor's home resumes after its entry: from its score,
+    past the members at that score up to its run (a score's members come in byte order)."""
+    start_home, start_score, start_run = decode_cursor(cursor)
     i = bisect.bisect_left(homes, start_home) if start_home else 0
-    if i < len(homes) and homes[i] != start_home:
-        offset = 0  # that home has nothing left: go on with the next
-    found: list[tuple[str, float, str, int]] = []  # (home, score, member, its offset in the home's entries)
+    found: list[tuple[str, float, str]] = []
+    if start_home and i < len(homes) and homes[i] == start_home:
+        offset = 0
+        while True:  # the cursor's home: skip what was shown at the cursor's score, however many share it
+            rows = score_pairs((yield read(start_home, start_score, offset, limit + 1)) or [])
+            kept = [(s, m) for s, m in rows if not (s == start_score and m <= start_run)]
+            found += [(start_home, s, m) for s, m in kept]
+            if kept or len(rows) < limit + 1:
+                break
+            offset += len(rows)
+        i += 1
     while i < len(homes) and len(found) <= limit:
         batch = homes[i : i + HOMES_PER_BATCH]
-        need = limit + 1 - len(found)  # one more than shown: where the next page starts, if anywhere
-        replies = yield Batch(tuple(read(h, offset if j == 0 else 0, need) for j, h in enumerate(batch)))
-        for j, (home, rows) in enumerate(zip(batch, replies)):
-            first = offset if j == 0 else 0
-            found += [(home, score, member, first + k) for k, (score, member) in enumerate(score_pairs(rows or []))]
+        need = limit + 1 - len(found)  # one more than shown: whether a next page exists
+        replies = yield Batch(tuple(read(h, None, 0, need) for h in batch))
+        for home, rows in zip(batch, replies):
+            found += [(home, score, member) for score, member in score_pairs(rows or [])]
             if len(found) > limit:
                 break
         i += len(batch)
-        offset = 0
-    shown = [(home, score, member) for home, score, member, _ in found[:limit]]
+    shown = found[:limit]
     if len(found) > limit:
-        home, _, _, at = found[limit]
-        return shown, encode_cursor(home, at)
+        return shown, encode_cursor(*shown[-1])
     return shown, ""
+
+
+def _from(start: float | None, low: str) -> str:
+    """The low end of a read: the listing's own, or a cursor's score (inclusive)."""
+    return low if start is None else _bound(start)
 
 
 # ---- listings --------------------------------------------------------------------------------------------------
@@ -147,17 +192,20 @@ def _page_op(keys: Keys, homes: list[str], read: Callable[[str, int, int], Comma
 def leases_op(keys: Keys, *, orphaned: bool, homes: Iterable[str] | None = None, cursor: str = "", limit: int = 50):
     """A :class:`Page` of :class:`LeaseRow`: the runs holding a live lease (or, ``orphaned``, those claimable now:
     their lease ran out or was handed back), by expiry, flow home by flow home. ``homes`` limits it to those homes
-    (a flow's, keys.flow_homes)."""
+    (a flow's, keys.flow_homes). A field that is not a number (damaged data) is None."""
     now_ms, homes = yield from _homes_op(keys, False, homes)
     low, high = ("-inf", now_ms) if orphaned else (f"({now_ms}", "+inf")
 
-    def read(home, offset, count):
-        return cmd("ZRANGEBYSCORE", keys.lease_index(home), low, high, "WITHSCORES", "LIMIT", offset, count)
+    def read(home, start, offset, count):
+        if not orphaned and start is not None and start <= now_ms:
+            start = None  # the cursor's entry has expired since: live leases start after now
+        return cmd("ZRANGEBYSCORE", keys.lease_index(home), _from(start, low), high, "WITHSCORES",
+                   "LIMIT", offset, count)  # fmt: skip
 
     found, next_cursor = yield from _page_op(keys, homes, read, cursor, limit)
     fields = ("owner", "token", "head", "attempts")
     details = (yield Batch(tuple(cmd("HMGET", keys.lease(h, run), *fields) for h, _, run in found))) if found else []
-    rows = [LeaseRow(flow_of(h), run, text(owner), int(text(token) or 0), int(score), text(head), int(text(tries) or 0))
+    rows = [LeaseRow(flow_of(h), run, text(owner), _number(token or 0), _ms(score), text(head), _number(tries or 0))
             for (h, score, run), (owner, token, head, tries) in zip(found, details)]  # fmt: skip
     return Page(rows, next_cursor, now_ms)
 
@@ -167,14 +215,15 @@ def timers_op(keys: Keys, *, homes: Iterable[str] | None = None, cursor: str = "
     person answered), soonest first, flow home by flow home."""
     now_ms, homes = yield from _homes_op(keys, False, homes)
 
-    def read(home, offset, count):
-        return cmd("ZRANGEBYSCORE", keys.due_index(home), "-inf", "+inf", "WITHSCORES", "LIMIT", offset, count)
+    def read(home, start, offset, count):
+        return cmd("ZRANGEBYSCORE", keys.due_index(home), _from(start, "-inf"), "+inf", "WITHSCORES",
+                   "LIMIT", offset, count)  # fmt: skip
 
     found, next_cursor = yield from _page_op(keys, homes, read, cursor, limit)
     asks = tuple(c for h, _, run in found for c in (cmd("HGET", keys.lease(h, run), "head"),
                                                     cmd("EXISTS", keys.inbox(h, run))))  # fmt: skip
     details = (yield Batch(asks)) if asks else []
-    rows = [TimerRow(flow_of(h), run, int(score), text(details[2 * k]), bool(details[2 * k + 1]))
+    rows = [TimerRow(flow_of(h), run, _ms(score), text(details[2 * k]), bool(details[2 * k + 1]))
             for k, (h, score, run) in enumerate(found)]  # fmt: skip
     return Page(rows, next_cursor, now_ms)
 
@@ -183,13 +232,14 @@ def dead_op(keys: Keys, *, homes: Iterable[str] | None = None, cursor: str = "",
     """A :class:`Page` of :class:`DeadRow`: dead-lettered runs, oldest first, flow home by flow home."""
     now_ms, homes = yield from _homes_op(keys, True, homes)
 
-    def read(home, offset, count):
-        return cmd("ZRANGEBYSCORE", keys.dead_index(home), "-inf", "+inf", "WITHSCORES", "LIMIT", offset, count)
+    def read(home, start, offset, count):
+        return cmd("ZRANGEBYSCORE", keys.dead_index(home), _from(start, "-inf"), "+inf", "WITHSCORES",
+                   "LIMIT", offset, count)  # fmt: skip
 
     found, next_cursor = yield from _page_op(keys, homes, read, cursor, limit)
     details = (yield Batch(tuple(cmd("HMGET", keys.lease(h, run), "attempts", "head") for h, _, run in found))) \
         if found else []  # fmt: skip
-    rows = [DeadRow(flow_of(h), run, int(score), int(text(tries) or 0), text(head))
+    rows = [DeadRow(flow_of(h), run, _ms(score), _number(tries or 0), text(head))
             for (h, score, run), (tries, head) in zip(found, details)]  # fmt: skip
     return Page(rows, next_cursor, now_ms)
 
@@ -355,22 +405,19 @@ class LatencyScraper:
         buckets: dict[str, Buckets] = {RECOVERY: {}, SAVE: {}}
         answered, error = 0, ""
         for url in self.urls:
-            try:
-                families = list(text_string_to_metric_families(self._fetch(url)))
-            except Exception as e:  # a worker restarting or gone: the others still count
+            found: dict[str, Buckets] = {RECOVERY: {}, SAVE: {}}
+            try:  # parsing is lazy: a bad line fails while the samples are read, so all of it is in here
+                for family in text_string_to_metric_families(self._fetch(url)):
+                    if family.name in found:
+                        for bound, value in _bucket_samples(family):
+                            found[family.name][bound] = found[family.name].get(bound, 0.0) + value
+            except Exception as e:  # a worker restarting or gone, or not a Prometheus endpoint: the others count
                 error = error or f"{url}: {e}"
                 continue
             answered += 1
-            for family in families:
-                if family.name not in buckets:
-                    continue
-                for sample in family.samples:
-                    if not sample.name.endswith("_bucket"):
-                        continue
-                    if family.name == SAVE and sample.labels.get("operation") != "save":
-                        continue
-                    bound = float(sample.labels["le"])
-                    buckets[family.name][bound] = buckets[family.name].get(bound, 0.0) + sample.value
+            for name, counts in found.items():
+                for bound, value in counts.items():
+                    buckets[name][bound] = buckets[name].get(bound, 0.0) + value
         if not answered:
             return Scrape(None, None, 0, len(self.urls), error)
         at = time.monotonic()
@@ -380,6 +427,23 @@ class LatencyScraper:
         latencies = [_latency(buckets[name], baseline and (at - baseline[0], baseline[1].get(name, {})))
                      for name in (RECOVERY, SAVE)]  # fmt: skip
         return Scrape(latencies[0], latencies[1], answered, len(self.urls), error)
+
+
+def _bucket_samples(family) -> Iterable[tuple[float, float]]:
+    """A histogram family's (upper bound, cumulative count) samples (of the save operation only, for SAVE); a sample
+    without a numeric ``le`` or with a count that is not a finite number is skipped (a broken exporter)."""
+    for sample in family.samples:
+        if not sample.name.endswith("_bucket"):
+            continue
+        if family.name == SAVE and sample.labels.get("operation") != "save":
+            continue
+        try:
+            bound, value = float(sample.labels["le"]), float(sample.value)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isnan(bound) or not math.isfinite(value) or value < 0:
+            continue
+        yield bound, value
 
 
 def _latency(now: Buckets, baseline: tuple[float, Buckets] | None) -> Latency:

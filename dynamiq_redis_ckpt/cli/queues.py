@@ -29,12 +29,19 @@ def register(commands) -> None:
     timers.set_defaults(handler=_timers)
 
     dead = commands.add_parser("dead", help="list, retry or drop runs whose recovery kept failing")
-    store_options(dead)
-    page_options(dead)
-    dead.add_argument("action", choices=["list", "retry", "drop"])
-    dead.add_argument("flow", nargs="?", help="the run's flow id (list: only this flow's; retry, drop: required)")
-    dead.add_argument("run", nargs="?", help="the run's wf_run_id (retry, drop)")
-    dead.set_defaults(handler=_dead)
+    # One parser per action (not `action flow run` positionals): Python 3.11's argparse fills optional positionals
+    # with nothing when options come first, so `dead list --json FLOW` refused FLOW as an unrecognized argument.
+    actions = dead.add_subparsers(dest="action", metavar="{list,retry,drop}", required=True)
+    for action, help in (("list", "dead-lettered runs (of FLOW)"), ("retry", "put FLOW RUN back: a worker claims it"),
+                         ("drop", "forget FLOW RUN (its checkpoints stay)")):  # fmt: skip
+        parser = actions.add_parser(action, help=help)
+        store_options(parser)
+        if action == "list":
+            page_options(parser)
+        parser.add_argument("flow", nargs="?", help="the run's flow id (list: only this flow's; retry, drop: required)")
+        if action != "list":
+            parser.add_argument("run", nargs="?", help="the run's wf_run_id")
+        parser.set_defaults(handler=_dead)
 
 
 def _listing(parser: argparse.ArgumentParser) -> None:
@@ -80,13 +87,15 @@ def _leases(args: argparse.Namespace) -> int:
 
     page = _page(args, leases_op, orphaned=False)
     rows = [{"run": r.run, "flow": r.flow, "owner": r.owner or None, "token": r.token,
-             "expires_at": r.expires_ms / 1000, "expires_in": (r.expires_ms - page.now_ms) / 1000,
+             "expires_at": _seconds(r.expires_ms), "expires_in": _seconds(r.expires_ms, page.now_ms),
              "state": "held" if r.owner else "backing off", "head": r.head, "attempts": r.attempts}
             for r in page.items]  # fmt: skip
     Output(args).table([
         Column("run", "run"), Column("flow", "flow"), Column("owner", "owner"),
-        Column("token", "token", justify="right"), Column("expires_in", "expires", lambda s: _in(s * 1000)),
-        Column("state", "state"), Column("head", "head checkpoint"), Column("attempts", "attempts", justify="right"),
+        Column("token", "token", _damaged, justify="right"),
+        Column("expires_in", "expires", lambda s: _damaged(s) if s is None else _in(s * 1000)),
+        Column("state", "state"), Column("head", "head checkpoint"),
+        Column("attempts", "attempts", _damaged, justify="right"),
     ], rows, next_cursor=page.next_cursor, empty="no live leases")  # fmt: skip
     return 0
 
@@ -95,28 +104,39 @@ def _orphans(args: argparse.Namespace) -> int:
     from dynamiq_redis_ckpt.watch import leases_op
 
     page = _page(args, leases_op, orphaned=True)
-    # A score of 0: put back by `dead retry` (claimable at once, no expiry to tell).
-    rows = [{"run": r.run, "flow": r.flow, "expired_at": r.expires_ms / 1000 if r.expires_ms else None,
-             "expired_for": (page.now_ms - r.expires_ms) / 1000 if r.expires_ms else None,
+    # A score of 0: put back by `dead retry` (claimable at once, no expiry to tell); None: not a number (damaged).
+    rows = [{"run": r.run, "flow": r.flow, "expired_at": _seconds(r.expires_ms or None),
+             "expired_for": -_seconds(r.expires_ms, page.now_ms) if r.expires_ms else None,
              "attempts": r.attempts, "head": r.head,
              "last_owner": r.owner or None, "token": r.token} for r in page.items]  # fmt: skip
-    Output(args).table([
-        Column("run", "run"), Column("flow", "flow"), Column("expired_for", "expired", _expired),
-        Column("attempts", "attempts", justify="right"), Column("head", "head checkpoint"),
+    out = Output(args)
+    for row, r in zip(rows, page.items) if not out.json else ():  # what the table shows, not part of the JSON row
+        row["expired"] = "retried: now" if r.expires_ms == 0 else _damaged(row["expired_for"], _ago)
+    out.table([
+        Column("run", "run"), Column("flow", "flow"), Column("expired", "expired"),
+        Column("attempts", "attempts", _damaged, justify="right"), Column("head", "head checkpoint"),
         Column("last_owner", "last owner", _blank),
     ], rows, next_cursor=page.next_cursor, empty="no orphans")  # fmt: skip
     return 0
 
 
-def _expired(seconds: float | None) -> str:
-    return "retried: now" if seconds is None else _ago(seconds * 1000)
+def _seconds(ms: int | None, since_ms: int = 0) -> float | None:
+    """Epoch ms (less ``since_ms``) as seconds; None stays None (a score that is not a number: damaged)."""
+    return None if ms is None else (ms - since_ms) / 1000
+
+
+def _damaged(value, show=None) -> str:
+    """A number from Redis, or 'damaged' where the stored field or score is not one (None)."""
+    if value is None:
+        return "damaged"
+    return show(value * 1000) if show else str(value)
 
 
 def _timers(args: argparse.Namespace) -> int:
     from dynamiq_redis_ckpt.watch import timers_op
 
     page = _page(args, timers_op)
-    rows = [{"run": r.run, "flow": r.flow, "due_at": r.due_ms / 1000, "due_in": (r.due_ms - page.now_ms) / 1000,
+    rows = [{"run": r.run, "flow": r.flow, "due_at": _seconds(r.due_ms), "due_in": _seconds(r.due_ms, page.now_ms),
              "reason": "answered" if r.answered else "timer", "checkpoint": r.checkpoint or None}
             for r in page.items]  # fmt: skip
     Output(args).table([
@@ -126,7 +146,9 @@ def _timers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _due(seconds: float) -> str:
+def _due(seconds: float | None) -> str:
+    if seconds is None:
+        return "damaged"
     return f"in {_span_ms(seconds * 1000)}" if seconds > 0 else f"overdue {_span_ms(seconds * 1000)}"
 
 
@@ -134,15 +156,13 @@ def _dead(args: argparse.Namespace) -> int:
     if args.action == "list":
         from dynamiq_redis_ckpt.watch import dead_op
 
-        if args.run is not None:
-            raise BadInput("dead list takes at most a FLOW")
         page = _page(args, dead_op)
-        rows = [{"flow": r.flow, "run": r.run, "since": r.since_ms / 1000,
-                 "dead_for": (page.now_ms - r.since_ms) / 1000, "attempts": r.attempts, "head": r.head or None}
-                for r in page.items]  # fmt: skip
+        rows = [{"flow": r.flow, "run": r.run, "since": _seconds(r.since_ms),
+                 "dead_for": None if r.since_ms is None else (page.now_ms - r.since_ms) / 1000,
+                 "attempts": r.attempts, "head": r.head or None} for r in page.items]  # fmt: skip
         Output(args).table([
-            Column("flow", "flow"), Column("run", "run"), Column("dead_for", "since", lambda s: _ago(s * 1000)),
-            Column("attempts", "attempts", justify="right"), Column("head", "head checkpoint"),
+            Column("flow", "flow"), Column("run", "run"), Column("dead_for", "since", lambda s: _damaged(s, _ago)),
+            Column("attempts", "attempts", _damaged, justify="right"), Column("head", "head checkpoint"),
         ], rows, next_cursor=page.next_cursor, empty="no dead letters")  # fmt: skip
         return 0
     if not (args.flow and args.run):

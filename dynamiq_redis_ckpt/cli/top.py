@@ -11,6 +11,7 @@ and read again next time; unreachable at the start, it exits with code 5.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import select
 import sys
@@ -34,7 +35,7 @@ def register(commands) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if not args.interval > 0:
+    if not (args.interval > 0 and math.isfinite(args.interval)):
         raise BadInput(f"--interval must be a positive number of seconds, got {args.interval}")
     for url in args.metrics:
         if not url.startswith(("http://", "https://")):
@@ -56,11 +57,22 @@ def _top(args: argparse.Namespace) -> int:
         if args.json:
             document = asdict(snapshot)
             document["metrics"] = asdict(scrape) if scrape else None
-            Output(args).document(document)
+            Output(args).document(_finite(document))
         else:
             Output(args).console.print(_frame(args, backend, snapshot, scrape, ""))
         return 0
     return _live(args, backend, read, scraper, snapshot, scrape)
+
+
+def _finite(value):
+    """``value`` with every NaN or infinity as None: JSON has neither (a worker's endpoint may report them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _live(args, backend, read, scraper, snapshot, scrape) -> int:
@@ -169,7 +181,7 @@ def _frame(args, backend, snapshot, scrape, error: str, height: int | None = Non
     rows = sorted(snapshot.flows, key=lambda r: (-r.orphaned, -r.dead, -r.due, -r.leased, r.flow))
     room = max(3, (height or 10_000) - 24)  # what the rows above leave of the screen
     for row in rows[:room]:
-        flows.add_row(row.flow, str(row.leased), str(row.orphaned), str(row.scheduled + row.due), str(row.due),
+        flows.add_row(Text(row.flow), str(row.leased), str(row.orphaned), str(row.scheduled + row.due), str(row.due),
                       str(row.dead), _span(row.oldest_orphan_seconds), _span(row.newest_save_seconds))  # fmt: skip
     parts.append(flows if rows else Text("flows: none with leases, orphans, timers or dead letters", style="dim"))
     if len(rows) > room:
