@@ -1,6 +1,5 @@
-"""Hostile review of the cleanup, fork and transfer commands (issue #16), data safety: each test is a problem found,
-written as the behaviour the commands should have. They fail on the code as it stands (see the report); the product
-code is not changed here.
+"""Data safety of the cleanup, fork and transfer commands, from a hostile review: each test is a problem it found
+(all fixed since), written as the behaviour the commands must have:
 
 - import over an id Redis already holds with other content replaces it silently (exit 0, "updated");
 - import of an id Redis holds in another flow moves it out of that flow (its run's chain loses a snapshot);
