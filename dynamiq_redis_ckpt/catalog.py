@@ -3,8 +3,9 @@
 Sixteen sorted sets, ``P:catalog:{0..15}``, by :meth:`Keys.shard_of`; a member is a flow id, its score the last time
 (client ms) a process saving a checkpoint of that flow said so; beside each, ``P:catalog:{n}:names`` holds the same
 ids at score 0, so a listing pages through flows in id order and a flow saved again meanwhile keeps its place.
-Every save of a new checkpoint sends those two ``ZADD`` in the pipeline of its lookup keys, before its script, at most once per :data:`REGISTER_EVERY` seconds per flow and
-process (see :class:`Registrations`), so an entry's score is never older than the flow's last save by more than that.
+Every save of a new checkpoint sends those two ``ZADD`` in the pipeline of its lookup keys, before its script, at
+most once per :data:`REGISTER_EVERY` seconds per flow and process (see :class:`Registrations`), so an entry's score
+is never older than the flow's last save by more than that.
 
 An entry outlives its flow's checkpoints until ``gc`` removes it (:func:`forget_op`): only when its score is older
 than :data:`FORGET_AFTER` and the flow has nothing left, and only if the score is still the one read before that check

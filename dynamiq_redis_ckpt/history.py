@@ -1,6 +1,7 @@
 """Reading a namespace's history for people: pages of runs and checkpoints, one checkpoint (a run's history as a
-tree is :mod:`dynamiq_redis_ckpt.lineage`, per-flow figures :mod:`dynamiq_redis_ckpt.flow_stats`). Store operations (generators of :mod:`requests <dynamiq_redis_ckpt.requests>`, run by
-``backend.execute``), written for the command line (:mod:`dynamiq_redis_ckpt.cli.browse`); nothing here prints.
+tree is :mod:`dynamiq_redis_ckpt.lineage`, per-flow figures :mod:`dynamiq_redis_ckpt.flow_stats`). Store
+operations (generators of :mod:`requests <dynamiq_redis_ckpt.requests>`, run by ``backend.execute``), written for
+the command line (:mod:`dynamiq_redis_ckpt.cli.browse`); nothing here prints.
 
 Every read starts from a key it can name: a flow's indexes (``keys.flow_homes``), a run's index, a checkpoint's
 locator, never a scan of the keyspace. A listing pages by position in a flow's index: the score (created_at, µs),

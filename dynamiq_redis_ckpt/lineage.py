@@ -36,7 +36,8 @@ class Snapshot:
     def as_dict(self, marked: str) -> dict:
         f = self.fields
         return {"id": self.id, "run": history.run_key_of(f), "status": f.get("st"), "created_at": self.created_at,
-                "raw_bytes": history.int_field(f.get("raw")), "this": self.id == marked, "damaged": history.field_damage(f) or None,
+                "raw_bytes": history.int_field(f.get("raw")), "this": self.id == marked,
+                "damaged": history.field_damage(f) or None,
                 "children": [child.as_dict(marked) for child in self.children]}  # fmt: skip
 
 

@@ -168,7 +168,8 @@ def _import(args: argparse.Namespace) -> int:
                     phase("verifying", report.totals.source)
                     importer.verify(source, report)
         problems = report.unreadable + report.mismatches + report.refused
-        if args.hand_to_workers and not problems and not report.conflicts:  # a run whose history differs from the source's is not resumed
+        # a run whose history differs from the source's is not handed to the workers
+        if args.hand_to_workers and not problems and not report.conflicts:
             importer.hand_to_workers(report)
     finally:
         source.close()
