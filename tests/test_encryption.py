@@ -42,9 +42,12 @@ def fixed_chain():
 
 
 def store_digest(r, prefix: str) -> str:
-    """SHA-256 over every key of a namespace and its value (a hash without its wall-clock 'sv' field)."""
+    """SHA-256 over every key of a namespace and its value (a hash without its wall-clock 'sv' field; not the catalog
+    of flows, whose scores are wall-clock times: it holds no checkpoint data)."""
     h = hashlib.sha256()
     for key in sorted(r.scan_iter(match=f"{prefix}:*")):
+        if key.startswith(f"{prefix}:catalog:".encode()):
+            continue
         kind = r.type(key).decode()
         if kind == "string":
             val = r.get(key)
