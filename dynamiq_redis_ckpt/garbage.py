@@ -66,7 +66,7 @@ from typing import Any, Generator
 from dynamiq_redis_ckpt import catalog
 from dynamiq_redis_ckpt.errors import CheckpointStoreError, WrongKeyTypeError
 from dynamiq_redis_ckpt.keys import KINDS, Keys, flow_homes, flow_of, glob_escape, tag
-from dynamiq_redis_ckpt.requests import Batch, Script, Sleep, cmd, text
+from dynamiq_redis_ckpt.requests import Batch, Script, Sleep, cmd, server_ms, text
 
 Op = Generator[Any, Any, Any]
 GARBAGE_KINDS = ("index", "lease_index", "pack", "locator", "run_lookup", "catalog")
@@ -319,7 +319,7 @@ def _lookups_op(keys: Keys, homes: set[str], report: Report, grace_seconds: floa
             report.kinds["locator" if c.kind == "locator" else "run_lookup"].add(_label(c), c.size)
         return
     now = yield cmd("TIME")
-    wait_ms = max(c.peek_ms for c in candidates) + grace_ms - (int(now[0]) * 1000 + int(now[1]) // 1000)
+    wait_ms = max(c.peek_ms for c in candidates) + grace_ms - server_ms(now)
     if wait_ms > 0:
         yield Sleep(wait_ms / 1000 + 0.05)
     still = yield from _unused(keys, candidates)

@@ -26,7 +26,7 @@ from dynamiq_redis_ckpt.errors import (
     CheckpointCorruptedError, CheckpointStoreError, EncryptionKeyError, StoreUnavailableError, UnsupportedFormatError,
     WrongKeyTypeError)  # fmt: skip
 from dynamiq_redis_ckpt.keys import flow_homes
-from dynamiq_redis_ckpt.requests import Batch, cmd, pairs, score_pairs, text
+from dynamiq_redis_ckpt.requests import Batch, cmd, pairs, score_pairs, server_ms, text
 from dynamiq_redis_ckpt.store import Record, StoreCore
 
 Op = Generator[Any, Any, Any]
@@ -177,8 +177,7 @@ def leases_op(store: StoreCore, runs: list[tuple[str, str]]) -> Op:
 
 
 def _now_ms() -> Op:
-    seconds, micros = yield cmd("TIME")
-    return int(seconds) * 1000 + int(micros) // 1000
+    return server_ms((yield cmd("TIME")))
 
 
 def run_key_of(fields: dict[str, str]) -> str:

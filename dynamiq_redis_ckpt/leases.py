@@ -23,7 +23,7 @@ from dynamiq.checkpoints.types import CheckpointStatus
 from dynamiq_redis_ckpt.codec import micros
 from dynamiq_redis_ckpt.errors import WrongKeyTypeError
 from dynamiq_redis_ckpt.keys import FLOW_SHARDS, Keys, flow_homes, flow_of
-from dynamiq_redis_ckpt.requests import Batch, Command, Script, cmd, pairs, score_pairs, text
+from dynamiq_redis_ckpt.requests import Batch, Command, Script, cmd, pairs, score_pairs, server_ms, text
 
 ACTIVE = CheckpointStatus.ACTIVE.value
 TERMINAL = frozenset({CheckpointStatus.COMPLETED.value, CheckpointStatus.FAILED.value, CheckpointStatus.CANCELED.value})
@@ -237,8 +237,7 @@ def fleet_op(keys: Keys, flows_per_shard: int = 64):
     head += [cmd("ZRANGE", keys.wake(i), 0, flows_per_shard - 1) for i in range(FLOW_SHARDS)]
     head += [cmd("SSCAN", keys.dead_flows(i), 0, "COUNT", flows_per_shard) for i in range(FLOW_SHARDS)]
     replies = yield Batch(tuple(head))
-    seconds, micros_ = replies[0]
-    now_ms = int(seconds) * 1000 + int(micros_) // 1000
+    now_ms = server_ms(replies[0])
     wakes, pages = replies[1 : 1 + FLOW_SHARDS], replies[1 + FLOW_SHARDS :]
     live = sorted({text(f) for reply in wakes for f in reply or ()})
     dead = sorted({text(f) for cursor, members in pages for f in members or ()})

@@ -60,6 +60,12 @@ def pairs(flat: list) -> dict:
     return dict(zip(flat[::2], flat[1::2]))
 
 
+def server_ms(reply) -> int:
+    """A TIME reply (seconds, microseconds) as the server's clock in ms."""
+    seconds, micros = reply
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def score_pairs(rows: list) -> list[tuple[float, str]]:
     """ZRANGE ... WITHSCORES replies, flat (raw RESP2) or already paired by a client callback."""
     if rows and isinstance(rows[0], (list, tuple)):

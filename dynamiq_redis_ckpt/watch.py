@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 from dynamiq_redis_ckpt import catalog
 from dynamiq_redis_ckpt.keys import FLOW_SHARDS, Keys, flow_homes, flow_of
-from dynamiq_redis_ckpt.requests import Batch, Command, cmd, score_pairs, text
+from dynamiq_redis_ckpt.requests import Batch, Command, cmd, score_pairs, server_ms, text
 
 HOMES_PER_BATCH = 64  # index reads per round trip while a page fills
 
@@ -127,21 +127,16 @@ def _ms(score: float) -> int | None:
 # ---- where to look ---------------------------------------------------------------------------------------------
 
 
-def _server_ms(reply) -> int:
-    seconds, micros = reply
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
 def _homes_op(keys: Keys, dead: bool, homes: Iterable[str] | None):
     """(server ms, sorted homes): ``homes`` when given, else every home of the wake (or dead-flow) shards."""
     if homes is not None:
-        return _server_ms((yield cmd("TIME"))), sorted(set(homes))
+        return server_ms((yield cmd("TIME"))), sorted(set(homes))
     if dead:
         shards = tuple(cmd("SMEMBERS", keys.dead_flows(i)) for i in range(FLOW_SHARDS))
     else:
         shards = tuple(cmd("ZRANGE", keys.wake(i), 0, -1) for i in range(FLOW_SHARDS))
     replies = yield Batch((cmd("TIME"), *shards))
-    return _server_ms(replies[0]), sorted({text(h) for reply in replies[1:] for h in reply or ()})
+    return server_ms(replies[0]), sorted({text(h) for reply in replies[1:] for h in reply or ()})
 
 
 Read = Callable[[str, "float | None", int, int], Command]
@@ -289,7 +284,7 @@ def snapshot_op(keys: Keys, buckets: int = 1, flows_per_shard: int = 256, recent
     recent: list[str] = []
     if recent_flows:
         recent, _ = yield from catalog.flows_op(keys, "", recent_flows)
-    now_ms = _server_ms(replies[0])
+    now_ms = server_ms(replies[0])
     wakes, pages = replies[1 : 1 + FLOW_SHARDS], replies[1 + FLOW_SHARDS :]
     homes = sorted({text(h) for reply in wakes for h in reply or ()} | {text(h) for _, ms in pages for h in ms or ()})
     quiet = sorted({h for flow in recent for h in flow_homes(flow, buckets)} - set(homes))

@@ -123,7 +123,7 @@ def _in_flight_op(keys, targets: list[dict]):
     flow's lease index (to be claimed by a worker) or timer index (to be resumed when due), is dead-lettered (a
     `dead retry` hands it to the workers again, from this head), or is paused for a person.
     Checked before the delete, not in its script: a run claimed in between loses its head (--force's outcome)."""
-    from dynamiq_redis_ckpt.requests import Batch, cmd, text
+    from dynamiq_redis_ckpt.requests import Batch, cmd, server_ms, text
 
     reads = [cmd("TIME")]
     for t in targets:
@@ -132,8 +132,7 @@ def _in_flight_op(keys, targets: list[dict]):
                   cmd("ZSCORE", keys.lease_index(home), run), cmd("ZSCORE", keys.due_index(home), run),
                   cmd("ZSCORE", keys.dead_index(home), run)]  # fmt: skip
     replies = yield Batch(tuple(reads))
-    seconds, micros = replies[0]
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    now_ms = server_ms(replies[0])
     reasons = []
     for i, t in enumerate(targets):
         (owner, exp, head), leased, due, dead = replies[1 + 4 * i : 5 + 4 * i]
