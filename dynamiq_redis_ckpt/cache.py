@@ -39,6 +39,7 @@ class StoredState:
     packs: str
     chunk_packs: dict[bytes, str] = field(default_factory=dict, compare=False)
     bases: dict[str, str] = field(default_factory=dict, compare=False)  # pack id -> its base's id, for ``packs``
+    slots: dict[str, bytes] = field(default_factory=dict, compare=False)  # node id (codec.INPUT_SLOT) -> its chunk
 
     @property
     def pack_ids(self) -> list[str]:

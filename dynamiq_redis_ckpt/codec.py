@@ -15,13 +15,19 @@ Layers, innermost first:
    (with its frame checksum), against the body of an earlier pack of the run when the store has one (a *based*
    pack: a new version of a node state, or of the root, costs about what it adds).
 
-A blob starts with one byte naming the layers applied to it: 1 = zstd, 4 = compressed against a base pack, 8 = the
-base's id is 12 bytes and the pack holds a reference on it (packs only), 2 = sealed: encrypted at rest with
-AES-256-GCM after compression (packs only, opt-in; see :func:`wrap` and docs/encryption.md).
+4. **Deltas.** A large chunk that is a new version of one the process stored before (the same node, one save
+   earlier) is packed as copies from that version plus the bytes in between (:mod:`dynamiq_redis_ckpt.delta`),
+   when that version is in the base pack: a save hashes and compresses what changed, not the whole state again.
 
-Format 4 (this one) keeps the root document in the pack and links each pack to its base, so a checkpoint names only
-its newest packs and its hash stays small. It reads format 3 (root in the hash, every pack named, 16-byte pack ids)
-and format 2 (no based packs); format 1 walked every value in Python, was never released and is refused.
+A blob starts with one byte naming the layers applied to it: 1 = zstd, 4 = compressed against a base pack, 8 = the
+base's id is 12 bytes and the pack holds a reference on it (packs only), 16 = some chunks are deltas over chunks of
+the base (packs only), 2 = sealed: encrypted at rest with AES-256-GCM after compression (packs only, opt-in; see
+:func:`wrap` and docs/encryption.md).
+
+Format 5 (this one) adds delta chunks to format 4, which keeps the root document in the pack and links each pack to
+its base, so a checkpoint names only its newest packs and its hash stays small. It reads format 4, format 3 (root in
+the hash, every pack named, 16-byte pack ids) and format 2 (no based packs); format 1 walked every value in Python,
+was never released and is refused.
 """
 
 from __future__ import annotations
@@ -34,13 +40,14 @@ import types
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 import zstandard
 from dynamiq.checkpoints.checkpoint import FlowCheckpoint, NodeCheckpointState
 from dynamiq.utils import REVERSIBLE_MARKERS, decode_reversible, encode_reversible
 
+from dynamiq_redis_ckpt import delta
 from dynamiq_redis_ckpt.errors import (
     CheckpointCorruptedError,
     CheckpointEncodeError,
@@ -48,8 +55,8 @@ from dynamiq_redis_ckpt.errors import (
     UnsupportedFormatError,
 )
 
-FORMAT_VERSION = 4
-READABLE_FORMATS = (2, 3, 4)  # 3 added based packs, 4 linked them and moved the root into them
+FORMAT_VERSION = 5
+READABLE_FORMATS = (2, 3, 4, 5)  # 3 added based packs, 4 linked them and moved the root into them, 5 deltas
 CHUNK_MIN = 512  # smaller node states stay inline in the root: a small checkpoint loads without a pack
 DIGEST_SIZE = 16
 PACK_ID_SIZE = 12  # format 4: 24 hex digits, so a checkpoint naming two packs still fits a compact Redis hash
@@ -60,7 +67,12 @@ LAYER_ZSTD = 1
 LAYER_SEALED = 2  # encrypted at rest: key id, nonce, ciphertext and tag follow the base id (see wrap)
 LAYER_BASE = 4  # packs only: zstd with an earlier pack's body as dictionary, whose id follows the layer byte
 LAYER_LINKED = 8  # with LAYER_BASE: that id is PACK_ID_SIZE bytes and the pack holds a reference on its base
-KNOWN_LAYERS = LAYER_ZSTD | LAYER_SEALED | LAYER_BASE | LAYER_LINKED
+LAYER_DELTA = 16  # with LAYER_BASE (format 5): chunks may be deltas over the base's, and the dictionary is its tail
+DICTIONARY_TAIL = 16 << 10  # format 5: the base body's last bytes a pack is compressed against (zstd indexes a
+# dictionary on every use: a whole-body one cost a save time in proportion to everything the run had stored)
+LAYER_ANCESTRY = 32  # with LAYER_LINKED (format 5): the ids of the packs below the base follow its id
+KNOWN_LAYERS = LAYER_ZSTD | LAYER_SEALED | LAYER_BASE | LAYER_LINKED | LAYER_DELTA | LAYER_ANCESTRY
+MAX_ANCESTORS = 32  # a pack's head names at most this many packs below its base (a reader learns the rest)
 NONCE_SIZE = 12  # AES-GCM's 96-bit nonce, random per blob
 TAG_SIZE = 16
 _AAD = b"dynamiq-redis-ckpt/pack/1\0"
@@ -101,15 +113,33 @@ def short_sum(data: bytes) -> str:
 
 @dataclass
 class EncodedCheckpoint:
-    """A checkpoint split into its root document and the content chunks it references."""
+    """A checkpoint split into its root document and the content chunks it references.
+
+    ``slots`` names the chunk each node state (by node id) and the original input (``INPUT_SLOT``) went to, so the
+    next save of the run can compare against them; ``deltas`` holds, for chunks that are a new version of one in
+    ``prior``, how to build them from it (see :mod:`dynamiq_redis_ckpt.delta`)."""
 
     root: bytes
     chunks: dict[bytes, bytes] = field(default_factory=dict)
+    slots: dict[str, bytes] = field(default_factory=dict)
+    deltas: dict[bytes, tuple[bytes, list]] = field(default_factory=dict)
 
     @property
     def raw_size(self) -> int:
         """Bytes of msgpack before compression, each distinct chunk counted once."""
         return len(self.root) + sum(len(c) for c in self.chunks.values())
+
+
+INPUT_SLOT = "\0input"  # the original input's slot: node ids come from Dynamiq and hold no NUL
+DELTA_MIN = 4096  # smaller chunks are hashed and packed whole: a delta would save too little to pay for itself
+Prior = Callable[[str], "tuple[bytes, bytes] | None"]  # slot -> (address, bytes) of its previous version, if held
+
+
+def delta_address(source: bytes, ops: list) -> bytes:
+    """The address of a chunk stored as ``ops`` over ``source``: a digest of that description, which names the
+    content exactly as long as ``source`` does (the same content reached another way gets another address: it is
+    then stored twice, never confused)."""
+    return digest(b"\0delta\0" + source + msgpack.packb(ops))
 
 
 _stamps: dict[tuple, msgpack.ExtType] = {}
@@ -250,16 +280,30 @@ def _node_record(state: NodeCheckpointState) -> dict:
     return record
 
 
-def encode_checkpoint(checkpoint: FlowCheckpoint) -> EncodedCheckpoint:
-    """Encode a checkpoint into its root document and content chunks. Never mutates ``checkpoint``."""
-    packer = _packer()
-    chunks: dict[bytes, bytes] = {}
+def encode_checkpoint(checkpoint: FlowCheckpoint, prior: Prior | None = None) -> EncodedCheckpoint:
+    """Encode a checkpoint into its root document and content chunks. Never mutates ``checkpoint``.
 
-    def chunk(packed: bytes) -> msgpack.ExtType:
+    Every value is packed anew on every save: a node state may have been changed in place, and only its bytes can
+    tell. With ``prior`` (the previous version of each slot, as this process stored it) a chunk whose bytes are the
+    same keeps its address without being hashed again, and a large one that changed is described as a delta over
+    its previous version, so what a save hashes and compresses is what changed."""
+    packer = _packer()
+    encoded = EncodedCheckpoint(b"")
+    chunks = encoded.chunks
+
+    def chunk(packed: bytes, slot: str) -> msgpack.ExtType:
         if len(packed) < CHUNK_MIN:
             return msgpack.ExtType(INLINE_EXT, packed)
-        key = digest(packed)
+        before = prior(slot) if prior is not None else None
+        if before is not None and before[1] == packed:
+            key = before[0]
+        elif before is not None and len(packed) >= DELTA_MIN and (ops := delta.diff(before[1], packed)) is not None:
+            key = delta_address(before[0], ops)
+            encoded.deltas[key] = (before[0], ops)
+        else:
+            key = digest(packed)
         chunks[key] = packed
+        encoded.slots[slot] = key
         return msgpack.ExtType(REF_EXT, key)
 
     where: tuple = ()
@@ -270,12 +314,12 @@ def encode_checkpoint(checkpoint: FlowCheckpoint) -> EncodedCheckpoint:
         nodes = {}
         for node_id, state in checkpoint.node_states.items():
             where, value = ("node_states", node_id), state
-            nodes[node_id] = chunk(packer.pack(_node_record(state)))
+            nodes[node_id] = chunk(packer.pack(_node_record(state)), node_id)
         where, value = ("original_input",), checkpoint.original_input
-        doc["original_input"] = chunk(packer.pack(checkpoint.original_input))
+        doc["original_input"] = chunk(packer.pack(checkpoint.original_input), INPUT_SLOT)
         doc["node_states"] = nodes
         where, value = (), doc
-        root = packer.pack(doc)
+        encoded.root = packer.pack(doc)
     except _Unencodable as e:
         inner = _path_to(_node_record(value) if isinstance(value, NodeCheckpointState) else value, e.value) or []
         raise CheckpointEncodeError(checkpoint.id, (*where, *inner), e.value) from None
@@ -286,7 +330,7 @@ def encode_checkpoint(checkpoint: FlowCheckpoint) -> EncodedCheckpoint:
         field = next((k for k, v in record.items() if not _packs(packer, v)), None) if isinstance(record, dict) else None
         problem = f"holds a value nested deeper than {_MAX_DEPTH} levels, which cannot be stored"
         raise CheckpointEncodeError(checkpoint.id, (*where, *(() if field is None else (field,))), record, problem) from None
-    return EncodedCheckpoint(root=root, chunks=chunks)
+    return encoded
 
 
 _MAX_DEPTH = 511  # msgpack's packer refuses values nested deeper
@@ -330,6 +374,23 @@ def decode_checkpoint(checkpoint_id: str, root: bytes, chunk_of: Callable[[bytes
         raise CheckpointCorruptedError(checkpoint_id, f"document is not a valid FlowCheckpoint: {e}") from e
 
 
+def root_slots(root: bytes) -> dict[str, bytes]:
+    """The chunk address of each node state and of the original input a root document references (the slots of
+    :class:`EncodedCheckpoint`); {} for a document that does not read as one."""
+
+    def keep(code: int, data: bytes) -> Any:
+        return data if code == REF_EXT else None
+
+    try:
+        doc = msgpack.unpackb(root, ext_hook=keep, strict_map_key=False, raw=False)
+        slots = {k: v for k, v in doc["node_states"].items() if type(k) is str and type(v) is bytes}
+        if type(doc["original_input"]) is bytes:
+            slots[INPUT_SLOT] = doc["original_input"]
+    except Exception:
+        return {}
+    return slots
+
+
 def _compressor() -> zstandard.ZstdCompressor:
     # zstd contexts are not thread-safe; one per thread, reused across calls.
     ctx = getattr(_local, "cctx", None)
@@ -366,9 +427,12 @@ class Pack:
     base: str = ""  # the pack whose body was this one's compression dictionary ('' = none)
 
 
-def wrap(data: bytes, base: Pack | None = None, *, sealer: Any = None, flow: str = "", pack: str = "") -> bytes:
+def wrap(data: bytes, base: Pack | None = None, *, sealer: Any = None, flow: str = "", pack: str = "",
+         layers: int = 0, ancestors: Sequence[str] = ()) -> bytes:
     """Apply the storage layers and prefix the layer byte: zstd, against ``base``'s body as a raw-content dictionary
-    when given (then the base's id follows the layer byte). Format 3 also stored small root documents uncompressed
+    when given (then the base's id follows the layer byte; with ``layers=LAYER_DELTA``, format 5, the body's last
+    ``DICTIONARY_TAIL`` bytes). ``ancestors`` (a linked base only) are the packs below the base, in chain order:
+    their count and 12-byte ids follow the base's id, so a process that reads one head learns the whole chain. Format 3 also stored small root documents uncompressed
     (layer byte 0), which :func:`unwrap` still reads.
 
     With a ``sealer`` (encryption at rest, :class:`dynamiq_redis_ckpt.crypto.Sealer`) the compressed bytes are then
@@ -380,8 +444,12 @@ def wrap(data: bytes, base: Pack | None = None, *, sealer: Any = None, flow: str
     authenticated data binds the ciphertext to its flow, its pack id and that whole header, so a flipped byte, a
     blob moved to another pack key or flow, or a header edited to name another base or key fails authentication."""
     if base is not None:
-        layers = LAYER_ZSTD | LAYER_BASE | (LAYER_LINKED if linked(base.id) else 0)
-        head, body = bytes([layers]) + bytes.fromhex(base.id), _based_compressor(base.body).compress(data)
+        layers |= LAYER_ZSTD | LAYER_BASE | (LAYER_LINKED if linked(base.id) else 0)
+        dictionary = base.body[-DICTIONARY_TAIL:] if layers & LAYER_DELTA else base.body
+        head, body = bytes([layers]) + bytes.fromhex(base.id), _based_compressor(dictionary).compress(data)
+        if ancestors and linked(base.id):
+            named = ancestors[:MAX_ANCESTORS]
+            head = bytes([head[0] | LAYER_ANCESTRY]) + head[1:] + bytes([len(named)]) + bytes.fromhex("".join(named))
     else:
         head, body = bytes([LAYER_ZSTD]), _compressor().compress(data)
     if sealer is None:
@@ -401,7 +469,7 @@ def sealed_key_id(blob: bytes) -> str | None:
     """The id of the key a sealed blob was encrypted with; None for a blob that is not sealed (or is truncated)."""
     if not blob or not blob[0] & LAYER_SEALED:
         return None
-    start = 1 + (len(pack_base(blob)) // 2 if blob[0] & LAYER_BASE else 0)
+    start = _after_base(blob)
     if len(blob) <= start or len(blob) < start + 1 + blob[start]:
         return None
     return blob[start + 1 : start + 1 + blob[start]].decode("ascii", "backslashreplace")
@@ -446,7 +514,8 @@ def unwrap(
     if layers & LAYER_BASE:
         if base is None or base.id != pack_base(blob):
             raise CheckpointCorruptedError(checkpoint_id, "the pack this blob was compressed against is missing", key)
-        start, decompressor = 1 + len(base.id) // 2, _based_decompressor(base.body)
+        dictionary = base.body[-DICTIONARY_TAIL:] if layers & LAYER_DELTA else base.body
+        start, decompressor = _after_base(blob), _based_decompressor(dictionary)
     if layers & LAYER_SEALED:
         body = _open(blob, start, checkpoint_id, key, sealer, flow, pack)
     else:
@@ -473,25 +542,68 @@ def linked(pack: str) -> bool:
 
 
 def build_pack(
-    chunks: Mapping[bytes, bytes], base: Pack | None = None, *, sealer: Any = None, flow: str = ""
+    chunks: Mapping[bytes, bytes], base: Pack | None = None, *, sealer: Any = None, flow: str = "",
+    deltas: Mapping[bytes, tuple[bytes, list]] | None = None, ancestors: Sequence[str] = (),
 ) -> tuple[Pack, bytes]:
     """Pack chunks into one stored blob, compressed against ``base``'s body when given; returns (pack, blob).
 
     A later version of a node state repeats most of the earlier one (a growing message history, an upstream
     output quoted in the next node's input), so zstd with the earlier pack's body as a raw-content dictionary stores
-    a few hundred bytes where the pack alone would take kilobytes. The blob is always zstd-framed, with the frame
-    checksum :func:`read_pack` verifies; a based blob names its base after the layer byte (12 bytes for a linked
-    pack, 16 in format 3). With a ``sealer`` the blob is encrypted too, bound to ``flow`` and the pack's id.
+    a few hundred bytes where the pack alone would take kilobytes. Format 5 (a linked base) uses the body's last
+    ``DICTIONARY_TAIL`` bytes, and a chunk given in ``deltas`` whose source is a chunk of ``base`` is stored as that
+    delta: only its changes are packed and compressed. The blob is
+    always zstd-framed, with the frame checksum :func:`read_pack` verifies; a based blob names its base after the
+    layer byte (12 bytes for a linked pack, 16 in format 3). With a ``sealer`` the blob is encrypted too, bound to
+    ``flow`` and the pack's id. ``ancestors``: the packs below ``base`` (see :func:`wrap`). The returned pack holds
+    every chunk whole.
     """
-    flat: list[bytes] = []
+    flat: list = []
+    layers = LAYER_DELTA if base is not None and linked(base.id) else 0
     for ref in sorted(chunks):
-        flat += (ref, chunks[ref])
+        found = deltas.get(ref) if deltas and layers else None
+        if found is not None and found[0] in base.chunks:
+            flat += (ref, [found[0], *found[1]])
+        else:
+            flat += (ref, chunks[ref])
     body = msgpack.packb(flat)
     base_id = base.id if base is not None else ""
     pack = Pack(pack_id(chunks, base_id), dict(chunks), body, base_id)
     if sealer is None:
-        return pack, wrap(body, base)
-    return pack, wrap(body, base, sealer=sealer, flow=flow, pack=pack.id)
+        return pack, wrap(body, base, layers=layers, ancestors=ancestors)
+    return pack, wrap(body, base, sealer=sealer, flow=flow, pack=pack.id, layers=layers, ancestors=ancestors)
+
+
+def _undelta(stored: list, base: Pack, checkpoint_id: str, key: str | None) -> bytes:
+    """A delta chunk rebuilt from the base chunk it names."""
+    source = base.chunks.get(stored[0]) if stored and type(stored[0]) is bytes else None
+    if source is None:
+        raise CheckpointCorruptedError(checkpoint_id, "a delta chunk names a chunk its base pack does not hold", key)
+    try:
+        return delta.apply(source, stored[1:])
+    except ValueError as e:
+        raise CheckpointCorruptedError(checkpoint_id, f"a delta chunk is damaged: {e}", key) from None
+
+
+def _after_base(blob: bytes) -> int:
+    """Where a blob's head ends: after the layer byte, the base's id and the ancestors' ids (as the layers say)."""
+    if not blob[0] & LAYER_BASE:
+        return 1
+    start = 1 + (PACK_ID_SIZE if blob[0] & LAYER_LINKED else DIGEST_SIZE)
+    if blob[0] & LAYER_ANCESTRY and len(blob) > start:
+        start += 1 + PACK_ID_SIZE * blob[start]
+    return start
+
+
+def pack_ancestors(head: bytes) -> list[str]:
+    """The ids of the packs below a pack's base that its head names (format 5), in chain order; [] when it names
+    none or the head is cut short."""
+    if not head or head[0] & (LAYER_ANCESTRY | LAYER_LINKED) != LAYER_ANCESTRY | LAYER_LINKED:
+        return []
+    start = 1 + PACK_ID_SIZE
+    if len(head) <= start or len(head) < start + 1 + PACK_ID_SIZE * head[start]:
+        return []
+    ids = head[start + 1 : start + 1 + PACK_ID_SIZE * head[start]].hex()
+    return [ids[i : i + 2 * PACK_ID_SIZE] for i in range(0, len(ids), 2 * PACK_ID_SIZE)]
 
 
 def pack_base(blob: bytes) -> str:
@@ -517,7 +629,9 @@ def read_pack(
         chunks = dict(zip(flat[::2], flat[1::2]))
     except Exception as e:
         raise CheckpointCorruptedError(checkpoint_id, f"pack does not decode: {e!r}", key) from e
-    if not all(type(c) is bytes and len(r) == DIGEST_SIZE for r, c in chunks.items()):
+    if blob[0] & LAYER_DELTA and base is not None:
+        chunks = {ref: _undelta(c, base, checkpoint_id, key) if type(c) is list else c for ref, c in chunks.items()}
+    if not all(type(c) is bytes and type(r) is bytes and len(r) == DIGEST_SIZE for r, c in chunks.items()):
         raise CheckpointCorruptedError(checkpoint_id, "pack holds malformed chunks", key)
     base_id = pack_base(blob)
     if pack_id(chunks, base_id, len(expected_id) // 2) != expected_id:

@@ -61,6 +61,7 @@ _DECLARE_ROUNDS = 16
 _LOAD_ATTEMPTS = 8  # fresh reads of a checkpoint whose packs went while it was read (a writer overwriting it)
 _DISCOVER_LEVELS = 1_000_000
 _PACK_HEAD = _PACK_COUNT + 1 + codec.DIGEST_SIZE  # count, layer byte, base id (12 bytes linked, 16 in format 3)
+_HEAD_WITH_ANCESTORS = _PACK_COUNT + 1 + codec.PACK_ID_SIZE * (2 + codec.MAX_ANCESTORS) + 1  # format 5's head
 _REQUIRED_FIELDS = ("st", "run", "ts", "pk")  # in every stored format
 
 
@@ -135,10 +136,10 @@ class Record:
         found = self.fields.get("root")
         return None if found is None else bytes.fromhex(text(found))
 
-    def state(self, chunk_packs: dict[bytes, str], bases: dict[str, str]) -> StoredState:
+    def state(self, chunk_packs: dict[bytes, str], bases: dict[str, str], slots: dict | None = None) -> StoredState:
         return StoredState(
             self.flow, self.get("st"), self.get("run"), self.get("wf"), self.get("par"), self.get("pk"),
-            chunk_packs, bases,
+            chunk_packs, bases, slots or {},
         )  # fmt: skip
 
 
@@ -214,7 +215,7 @@ class StoreCore:
         (``held``) or takes the lease (``take``), in the same script. Without one the run's lease is not touched.
         Returns :class:`Saved`.
         """
-        encoded = codec.encode_checkpoint(checkpoint)
+        encoded = codec.encode_checkpoint(checkpoint, self._prior(checkpoint))
         if encoded.raw_size > self.max_checkpoint_bytes:
             raise CheckpointTooLargeError(checkpoint.id, encoded.raw_size, self.max_checkpoint_bytes)
         cp_id = checkpoint.id
@@ -242,7 +243,7 @@ class StoreCore:
         declared: dict[str, None] = {}  # keys the script asked for (UNDECLARED), sent with every later attempt
         attempts = rounds = 0
         while attempts < _SAVE_ATTEMPTS:
-            plan = self._plan_packs(flow, chunks, known)
+            plan = self._plan_packs(flow, chunks, known, encoded.deltas)
             keys, args = self._save_call(checkpoint, flow, must_exist, status, stored, root, plan, encoded.raw_size,
                                          ticket)  # fmt: skip
             keys += tuple(k for k in self._with_chains(flow, declared) if k not in keys)
@@ -266,7 +267,8 @@ class StoreCore:
                 self._last_flow = flow
                 if registers:
                     self.registrations.done(checkpoint.flow_id)
-                state = StoredState(flow, status, run, wf, parent, ",".join(plan.named), plan.chunk_packs, plan.bases)
+                state = StoredState(flow, status, run, wf, parent, ",".join(plan.named), plan.chunk_packs, plan.bases,
+                                    encoded.slots)  # fmt: skip
                 self.cache.remember(cp_id, state)
                 if plan.new is not None:
                     self.cache.add_pack(flow, plan.new)
@@ -326,17 +328,26 @@ class StoreCore:
         prefix = self.keys.pack_prefix(flow)
         yield from self._discover(flow, [key[len(prefix) :] for key in new if key.startswith(prefix)])
 
-    def _discover(self, flow: str, packs: list[str]) -> Op:
+    def _discover(self, flow: str, packs: list[str], levels: int | None = None) -> Op:
         """Learn the chains below ``packs`` as far as this process does not know them: plain single-key reads of the
-        pack heads (GETRANGE declares its key), one round trip per level, nothing when every link is known."""
+        pack heads (GETRANGE declares its key), nothing when every link is known. A format-5 head names the packs
+        below its base too, so a chain is learnt in two round trips (the second reads where the named ones end);
+        older heads name only their base, one round trip per level. ``levels``: stop after that many rounds."""
         frontier = self.cache.unknown_links(flow, packs)
-        for _ in range(_DISCOVER_LEVELS):
+        for _ in range(levels or _DISCOVER_LEVELS):
             if not frontier:
                 return
-            heads = yield Batch(tuple(cmd("GETRANGE", self.keys.pack(flow, p), 0, _PACK_HEAD - 1) for p in frontier))
-            found = {p: codec.pack_base(head[_PACK_COUNT:]) for p, head in zip(frontier, heads) if head}
+            heads = yield Batch(tuple(cmd("GETRANGE", self.keys.pack(flow, p), 0, _HEAD_WITH_ANCESTORS - 1)
+                                      for p in frontier))  # fmt: skip
+            found: dict[str, str] = {}
+            for p, head in zip(frontier, heads):
+                if head:
+                    chain = [p, codec.pack_base(head[_PACK_COUNT:]), *codec.pack_ancestors(head[_PACK_COUNT:])]
+                    found |= {pack: below for pack, below in zip(chain, chain[1:]) if pack}
             self.cache.learn_links(flow, found)
             frontier = self.cache.unknown_links(flow, [base for base in found.values() if codec.linked(base)])
+        if levels:
+            return
         raise CheckpointStoreError(f"a pack chain of flow {flow} is longer than {_DISCOVER_LEVELS} packs")
 
     def _learned(self, flow: str, links: list, wanted: list) -> tuple[dict[str, str], list[str]]:
@@ -370,7 +381,24 @@ class StoreCore:
                 known.chunks.setdefault(ref, pack)
         return known
 
-    def _plan_packs(self, flow: str, chunks: dict[bytes, bytes], known: _Known) -> _PackPlan:
+    def _prior(self, checkpoint: FlowCheckpoint) -> codec.Prior | None:
+        """The previous version of each node state and of the input, as this process stored them: of the version of
+        this id it wrote, else of the parent (the snapshot before, in APPEND mode); None when it knows neither."""
+        state = self.cache.state(checkpoint.id) or self.cache.state(checkpoint.parent_checkpoint_id)
+        if state is None or not state.slots:
+            return None
+        slots, chunk_packs, flow = state.slots, state.chunk_packs, state.flow
+
+        def prior(slot: str) -> tuple[bytes, bytes] | None:
+            ref = slots.get(slot)
+            pack = self.cache.pack(flow, chunk_packs.get(ref, "")) if ref is not None else None
+            chunk = pack.chunks.get(ref) if pack is not None else None
+            return None if chunk is None else (ref, chunk)
+
+        return prior
+
+    def _plan_packs(self, flow: str, chunks: dict[bytes, bytes], known: _Known,
+                    deltas: dict[bytes, tuple[bytes, list]] | None = None) -> _PackPlan:  # fmt: skip
         """Which packs the save references, and the new pack of the chunks not stored yet.
 
         The new pack is compressed against the newest known pack (the one the version it replaces or extends added)
@@ -390,7 +418,12 @@ class StoreCore:
                 needed |= known.closure({base.id})
             else:
                 new, needed, known = dict(chunks), set(), _Known()
-            pack, blob = codec.build_pack(new, base, sealer=self.sealer, flow=flow)
+            below = []  # the chain under the base, which the new pack's head names (a cold reader's discovery)
+            link = base.base if base is not None else ""
+            while codec.linked(link) and link not in below and len(below) < codec.MAX_ANCESTORS:
+                below.append(link)
+                link = known.packs.get(link, "")
+            pack, blob = codec.build_pack(new, base, sealer=self.sealer, flow=flow, deltas=deltas, ancestors=below)
             bases[pack.id] = pack.base
             known = _Known(known.chunks, bases | known.packs)
         order = [p for p in known.packs if p in needed]  # newest first, as the stored versions listed them
@@ -528,12 +561,15 @@ class StoreCore:
                 break
             _, wanted = self._learned(flow, reply[2], reply[3])
             prefix = self.keys.pack_prefix(flow)
-            yield from self._discover(flow, [key[len(prefix) :] for key in wanted if key.startswith(prefix)])
-            # every link below the packs it names is known now (discovered above): the chain is whole
-            chain = self.cache.chains(flow, Record(flow, checkpoint_id, _fields(pairs(reply[0]))).packs)
-            absent = [p for p in chain if (flow, p) not in pinned and (flow, p) not in blobs
-                      and self.cache.pack(flow, p) is None]  # fmt: skip
-            if absent:
+            # One level of heads: a format-5 head names the chain below it, and the packs read next name their own
+            # bases, so the chain is whole after a read or two (older chains: a round trip a level, as before).
+            yield from self._discover(flow, [key[len(prefix) :] for key in wanted if key.startswith(prefix)], 1)
+            for _ in range(_DISCOVER_LEVELS):
+                chain = self.cache.chains(flow, Record(flow, checkpoint_id, _fields(pairs(reply[0]))).packs)
+                absent = [p for p in chain if (flow, p) not in pinned and (flow, p) not in blobs
+                          and self.cache.pack(flow, p) is None]  # fmt: skip
+                if not absent:
+                    break
                 got = yield Batch(tuple(cmd("GET", self.keys.pack(flow, p)) for p in absent))
                 blobs |= {(flow, p): blob for p, blob in zip(absent, got)}
                 self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:]) for p, b in zip(absent, got) if b})
@@ -736,7 +772,8 @@ class StoreCore:
             if codec.short_sum(root) != rec.get("sum"):
                 raise CheckpointCorruptedError(rec.id, "root document fails its checksum", key)
         checkpoint = codec.decode_checkpoint(rec.id, root, chunks.get)
-        self.cache.remember(rec.id, rec.state(chunk_packs, {p.id: p.base for p in packs}))
+        slots = codec.root_slots(root) if address is not None else {}  # the next save's deltas start from these
+        self.cache.remember(rec.id, rec.state(chunk_packs, {p.id: p.base for p in packs}, slots))
         return checkpoint
 
     # ---- lists ------------------------------------------------------------------------------------------------
