@@ -19,8 +19,8 @@
 
 local PACK_HEAD = 21  -- count (8), layer byte (1), base id (12)
 
-local function hex(bytes)
-  return (string.gsub(bytes, '.', function(c) return string.format('%02x', string.byte(c)) end))
+local function hex(bytes)  -- one format call, not one per byte: this runs for every pack a script reads
+  return string.format(string.rep('%02x', #bytes), string.byte(bytes, 1, -1))
 end
 
 -- The id of the base a linked pack holds, from the head of its string; nil for any other pack.

@@ -26,8 +26,8 @@ end
 local function starts(text, prefix)
   return string.sub(text, 1, #prefix) == prefix
 end
-local function hex(bytes)
-  return (string.gsub(bytes, '.', function(c) return string.format('%02x', string.byte(c)) end))
+local function hex(bytes)  -- one format call, not one per byte: this runs for every pack a script reads
+  return string.format(string.rep('%02x', #bytes), string.byte(bytes, 1, -1))
 end
 -- The base a pack was compressed against (layer bit 4; 12-byte id when linked, bit 8, else 16), or nil.
 local function base_of(head)
