@@ -606,6 +606,14 @@ def pack_ancestors(head: bytes) -> list[str]:
     return [ids[i : i + 2 * PACK_ID_SIZE] for i in range(0, len(ids), 2 * PACK_ID_SIZE)]
 
 
+def chain_links(pack: str, blob: bytes) -> dict[str, str]:
+    """The links (pack -> base) a pack blob's head tells: its own, and those down the ancestors it names."""
+    chain = [pack, pack_base(blob), *pack_ancestors(blob)]
+    links = {pack: chain[1]}
+    links.update((above, below) for above, below in zip(chain[1:], chain[2:]) if above)
+    return links
+
+
 def pack_base(blob: bytes) -> str:
     """The id of the pack a pack blob was compressed against, or '' (read before :func:`read_pack`)."""
     if not blob or not blob[0] & LAYER_BASE:

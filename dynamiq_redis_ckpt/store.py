@@ -328,13 +328,13 @@ class StoreCore:
         prefix = self.keys.pack_prefix(flow)
         yield from self._discover(flow, [key[len(prefix) :] for key in new if key.startswith(prefix)])
 
-    def _discover(self, flow: str, packs: list[str], levels: int | None = None) -> Op:
+    def _discover(self, flow: str, packs: list[str]) -> Op:
         """Learn the chains below ``packs`` as far as this process does not know them: plain single-key reads of the
         pack heads (GETRANGE declares its key), nothing when every link is known. A format-5 head names the packs
         below its base too, so a chain is learnt in two round trips (the second reads where the named ones end);
-        older heads name only their base, one round trip per level. ``levels``: stop after that many rounds."""
+        older heads name only their base, one round trip per level."""
         frontier = self.cache.unknown_links(flow, packs)
-        for _ in range(levels or _DISCOVER_LEVELS):
+        for _ in range(_DISCOVER_LEVELS):
             if not frontier:
                 return
             heads = yield Batch(tuple(cmd("GETRANGE", self.keys.pack(flow, p), 0, _HEAD_WITH_ANCESTORS - 1)
@@ -342,13 +342,18 @@ class StoreCore:
             found: dict[str, str] = {}
             for p, head in zip(frontier, heads):
                 if head:
-                    chain = [p, codec.pack_base(head[_PACK_COUNT:]), *codec.pack_ancestors(head[_PACK_COUNT:])]
-                    found |= {pack: below for pack, below in zip(chain, chain[1:]) if pack}
+                    found |= codec.chain_links(p, head[_PACK_COUNT:])
             self.cache.learn_links(flow, found)
             frontier = self.cache.unknown_links(flow, [base for base in found.values() if codec.linked(base)])
-        if levels:
-            return
         raise CheckpointStoreError(f"a pack chain of flow {flow} is longer than {_DISCOVER_LEVELS} packs")
+
+    def _learn_chains(self, flow: str, blobs) -> None:
+        """Remember the links the heads of pack strings tell ((flow, pack id), pack string or None pairs)."""
+        links: dict[str, str] = {}
+        for (_, pack), blob in blobs:
+            if blob:
+                links |= codec.chain_links(pack, blob[_PACK_COUNT:])
+        self.cache.learn_links(flow, links)
 
     def _learned(self, flow: str, links: list, wanted: list) -> tuple[dict[str, str], list[str]]:
         """A script's lists of links it learned (pack id, base id, flat) and keys it still needs, the links
@@ -388,11 +393,16 @@ class StoreCore:
         if state is None or not state.slots:
             return None
         slots, chunk_packs, flow = state.slots, state.chunk_packs, state.flow
+        packs: dict[str, codec.Pack | None] = {}  # each pack looked up once per save, not once per node
 
         def prior(slot: str) -> tuple[bytes, bytes] | None:
             ref = slots.get(slot)
-            pack = self.cache.pack(flow, chunk_packs.get(ref, "")) if ref is not None else None
-            chunk = pack.chunks.get(ref) if pack is not None else None
+            pack_id = chunk_packs.get(ref) if ref is not None else None
+            if pack_id is None:
+                return None
+            if pack_id not in packs:
+                packs[pack_id] = self.cache.pack(flow, pack_id)
+            chunk = packs[pack_id].chunks.get(ref) if packs[pack_id] is not None else None
             return None if chunk is None else (ref, chunk)
 
         return prior
@@ -544,8 +554,8 @@ class StoreCore:
 
     def _load_rest(self, flow: str, checkpoint_id: str, reply: list, pinned: dict) -> Op:
         """A load script's reply made whole. When it names packs it was not given (a cold process does not know the
-        packs a checkpoint names, nor their chains), the hash it read is completed with plain reads: the chains
-        below those packs (one round trip per level this process does not know), then the packs themselves. Packs
+        packs a checkpoint names, nor their chains), the hash it read is completed with plain reads of the packs
+        down those chains (a format-5 pack's head names the chain below it: mostly one round trip). Packs
         never change, so the hash and those packs are the checkpoint as it was when the script read it, even if a
         writer has overwritten it since; only when one of them is gone (released by such an overwrite, or damaged)
         is the script sent again for a fresh read. (Sending the script again with more keys instead could chase a
@@ -556,14 +566,13 @@ class StoreCore:
                 break
             blobs |= {(flow, text(pack_id)): blob for pack_id, blob in pairs(reply[1]).items()}
             # the links of the packs sent, so the next request declares their chains (and a warm one needs none)
-            self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:]) for (_, p), b in blobs.items() if b})
+            self._learn_chains(flow, blobs.items())
             if len(reply) < 4 or not reply[3]:
                 break
-            _, wanted = self._learned(flow, reply[2], reply[3])
-            prefix = self.keys.pack_prefix(flow)
-            # One level of heads: a format-5 head names the chain below it, and the packs read next name their own
-            # bases, so the chain is whole after a read or two (older chains: a round trip a level, as before).
-            yield from self._discover(flow, [key[len(prefix) :] for key in wanted if key.startswith(prefix)], 1)
+            self._learned(flow, reply[2], reply[3])
+            # A format-5 pack names the chain below its base, so the packs the script sent mostly tell the whole
+            # chain; what is missing is read whole (its head tells the links below it): a cold load of a format-5
+            # chain takes one more round trip, of a format-4 one a round trip a level, as before.
             for _ in range(_DISCOVER_LEVELS):
                 chain = self.cache.chains(flow, Record(flow, checkpoint_id, _fields(pairs(reply[0]))).packs)
                 absent = [p for p in chain if (flow, p) not in pinned and (flow, p) not in blobs
@@ -572,7 +581,7 @@ class StoreCore:
                     break
                 got = yield Batch(tuple(cmd("GET", self.keys.pack(flow, p)) for p in absent))
                 blobs |= {(flow, p): blob for p, blob in zip(absent, got)}
-                self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:]) for p, b in zip(absent, got) if b})
+                self._learn_chains(flow, (((flow, p), b) for p, b in zip(absent, got)))
             if all(blobs[(flow, p)] is not None for p in chain if (flow, p) in blobs):  # none went meanwhile
                 return [reply[0], [], [], []], blobs
             reply = yield self._load_script(flow, checkpoint_id, pinned)  # a pack went: read the checkpoint afresh
@@ -704,8 +713,7 @@ class StoreCore:
             again: dict[str, list[str]] = {}
             for call, (flow, pack_ids), reply in zip(calls, by_flow.items(), replies):
                 fetched |= {(flow, text(p)): blob for p, blob in pairs(reply[0]).items()}
-                self.cache.learn_links(flow, {p: codec.pack_base(b[_PACK_COUNT:])
-                                              for (f, p), b in fetched.items() if f == flow and b})  # fmt: skip
+                self._learn_chains(flow, ((k, b) for k, b in fetched.items() if k[0] == flow))
                 if reply[2]:
                     yield from self._undeclared(flow, reply[1], reply[2], call.keys, declared[flow], rounds,
                                                 f"reading packs of flow {flow}")  # fmt: skip
