@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # dynamiq's node modules import litellm: no fetch
 
 from dynamiq_redis_ckpt import as_running_flow  # noqa: E402
-from dynamiq_redis_ckpt.bench import measure, report  # noqa: E402
+from dynamiq_redis_ckpt.bench import cost, measure, report  # noqa: E402
 from dynamiq_redis_ckpt.bench.targets import ORDER, RedisTarget, Target, build_targets  # noqa: E402
 from dynamiq_redis_ckpt.bench.targets import close_backend  # noqa: E402
 from dynamiq_redis_ckpt.bench.workloads import agent_loop, append_chain, tiny  # noqa: E402
@@ -44,6 +44,9 @@ PROFILES = {  # option: (full run, --quick)
     "seconds": (3.0, 1.0),
     "flow_runs": (15, 3),
     "cell_budget": (10.0, 3.0),
+    "growth_runs": (6, 1),
+    "cpu_chains": (100, 10),
+    "saturation_clients": ("1,2,4,8,16", "1,4"),
 }
 SEEDS_50, SEEDS_LOOP, SEED_BYTES = 200_000, 300_000, 400_000
 CHAIN_WARMUP = 3
@@ -79,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, help="length of each throughput run, in seconds (3; quick 1)")
     p.add_argument("--flow-runs", type=int, help="real-Flow runs with checkpointing off and on, each (15; quick 3)")
     p.add_argument("--cell-budget", type=float, help="stop sampling one slow cell after this many seconds (10)")
+    p.add_argument("--growth-runs", type=int, help="agent loops (200 iterations) and 50-node chains timed (6; quick 1)")
+    p.add_argument("--cpu-chains", type=int, help="10-node chains saved, and loads, for Redis CPU (100; quick 10)")
+    p.add_argument("--saturation-clients", help="client processes against one Redis (1,2,4,8,16; quick 1,4)")
     p.add_argument("--no-chart", action="store_true", help="do not draw chart.png")
     args = p.parse_args(argv)
     for name, (full, quick) in PROFILES.items():
@@ -86,6 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, quick if args.quick else full)
     args.list_sizes = sorted(int(x) for x in str(args.list_sizes).split(",") if x.strip())
     args.clients = [int(x) for x in str(args.clients).split(",") if x.strip()]
+    args.saturation_clients = [int(x) for x in str(args.saturation_clients).split(",") if x.strip()]
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(args.targets) - set(ORDER)
     if unknown:
@@ -175,6 +182,7 @@ class Bench:
         self.metrics: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.context: dict[str, Any] = {}
+        self.cost: dict[str, Any] = {}
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
 
@@ -242,11 +250,12 @@ class Bench:
     # ---- metrics ----------------------------------------------------------------------------------------------
 
     def interleave(self, space: str, entry: dict[str, Any], prepare: Callable[[str, Target, str], tuple],
-                   floor: Callable[[RedisTarget, str], tuple] | None = None, warm_first: bool = True) -> None:
+                   floor: Callable[[RedisTarget, str], tuple] | None = None, warm_first: bool = True,
+                   floor_op: str = "SET") -> None:
         """Measure a latency on every target at once, their calls taking turns (see
         :func:`measure.interleaved`). ``prepare(name, target, space)`` does the untimed set-up and returns the
-        timed calls and the backends to close. ``floor(target, space)`` gives the redis target's raw SET
-        calls and a function describing the bytes they set; they run right after redis's calls in each round.
+        timed calls and the backends to close. ``floor(target, space)`` gives the redis target's raw ``floor_op``
+        (SET or GET) calls and a function describing their bytes; they run right after redis's calls in each round.
         ``warm_first``: each block's first call is untimed (calls that begin with an untimed save need not)."""
         runs: dict[str, measure.Calls] = {}
         opened: list[Any] = []
@@ -270,6 +279,7 @@ class Bench:
             for name in runs:
                 if name == "raw SET":
                     self._raw_set(entry, samples.get(name), errors.get(name), raw_describe)
+                    entry["raw_set"]["op"] = floor_op
                 elif name in errors:
                     self._failed(entry, name, errors[name])
                 else:
@@ -321,6 +331,24 @@ class Bench:
 
         calls = [lambda g=g: call(g) for g in range(len(checkpoints))]
         return calls, lambda: (int(measure.percentile(sizes, 50)), where)
+
+    @staticmethod
+    def _get_floor(target: RedisTarget, space: str, checkpoints: list[Any]) -> tuple[measure.Calls, Callable]:
+        """Raw GET calls, one per checkpoint, of a string holding exactly the bytes a cold load of it reads (its
+        hash's fields and every pack down its chains), written untimed when the call runs."""
+        sizes: list[int] = []
+        key_prefix = f"{target.prefix(space)}:rawget"
+
+        def call(index: int) -> list[float]:
+            blob = target.loaded_bytes(space, checkpoints[index])
+            sizes.append(len(blob))
+            target.client.set(f"{key_prefix}:{index}", blob)
+            start = time.perf_counter()
+            target.client.get(f"{key_prefix}:{index}")
+            return [time.perf_counter() - start]
+
+        calls = [lambda i=i: call(i) for i in range(len(checkpoints))]
+        return calls, lambda: (int(measure.percentile(sizes, 50)), {"hash fields and packs": ["all"]})
 
     def save_first(self, key: str, label: str, finals: list[Any], samples: int, space: str) -> None:
         """Save final snapshots as brand-new checkpoints, one run each; and the raw SET floor of the same bytes."""
@@ -387,7 +415,10 @@ class Bench:
             backends = [writer] if reader is writer else [writer, reader]
             return measure.load_calls(reader, ids[self.args.warmup :]), backends
 
-        self.interleave(space, entry, prepare)
+        def floor(target: RedisTarget, space: str) -> tuple:
+            return self._get_floor(target, space, written[self.args.warmup :])
+
+        self.interleave(space, entry, prepare, floor=floor, floor_op="GET")
 
     def listing(self) -> None:
         """``get_list_by_flow(flow, limit=10)`` on one flow per ``--list-sizes`` size, filled with that many tiny
@@ -549,11 +580,18 @@ class Bench:
         self.bytes_per_run("bytes_loop", "bytes per agent loop (20 iterations)", list(agent_loop(SEED_BYTES, 20)),
                            "agent loop")  # fmt: skip
         self.throughput()
+        if "redis" in self.targets:
+            self.cost = cost.run(self.targets["redis"], a, self.chains10, say)
         self.flow_overhead()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns the process exit code."""
+    """Run the benchmark (``fleet ...``: the fleet benchmark instead); returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fleet"]:
+        from dynamiq_redis_ckpt.bench.fleet import main as fleet
+
+        return fleet(argv[1:])
     args = parse_args(argv)
     started = time.perf_counter()
     logging.getLogger("dynamiq.utils.logger").setLevel(logging.WARNING)  # no per-node INFO lines in timed runs
@@ -595,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     config["redis_url"] = mask_url(args.redis_url)
     results.update({
         "config": config, "targets": list(targets), "metrics": bench.metrics, "notes": bench.notes,
-        "context": bench.context, "wall_seconds": round(wall, 1),
+        "context": bench.context, "cost": bench.cost, "wall_seconds": round(wall, 1),
     })  # fmt: skip
     results["checks"] = report.checks(results)
     text = report.markdown(results)

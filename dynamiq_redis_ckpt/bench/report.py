@@ -146,10 +146,81 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     add("bytes per 20-node APPEND run: redis ≤ 5% of postgresql", share, lambda s: s <= 0.05,
         f"{share * 100:.1f}%" if share is not None else None)
 
-    ms = _metric(results, "save_first_10")
-    floor = floor_ratio(ms) if ms else None
-    add("save p50 (first, 10 nodes) within 10× of the raw SET floor", floor, lambda f: f <= 10)
+    for key, what, limit in (("incr_10", "incremental APPEND save p50 (10 nodes)", 3),
+                             ("save_first_10", "save p50 (first, 10 nodes)", 5), ("load_10", "load p50 (10 nodes)", 3)):
+        m = _metric(results, key)
+        op = ((m or {}).get("raw_set") or {}).get("op", "SET")
+        add(f"{what} within {limit}× of a raw {op} of its bytes", floor_ratio(m) if m else None, lambda f: f <= limit)
+    out += cost_checks(results.get("cost") or {})
     return out
+
+
+def cost_checks(cost: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cost targets: growth of a save with what did not change, and Redis CPU per operation."""
+    out = []
+    growth = cost.get("growth") or {}
+    for key, what in (("agent_loop", "agent loop iteration"), ("chain_50", "50-node chain node")):
+        side = growth.get(key)
+        value = side.get("ratio") if side else None
+        at = side["at"] if side else ("?", "?")
+        out.append({"check": f"incremental save p50: {what} {at[1]} within 1.3× of {at[0]}", "ratio": value,
+                    "shown": f"{value:.2f}×" if value is not None else MISSING,
+                    "ok": None if value is None else value <= 1.3})  # fmt: skip
+    cpu = cost.get("redis_cpu") or {}
+    for key, what, limit in (("save_incremental", "incremental save", 30), ("load_cold", "cold load (10 nodes)", 40)):
+        row = cpu.get(key)
+        value = row.get("commandstats_us") if row else None
+        out.append({"check": f"Redis CPU per {what} ≤ {limit} µs (commandstats)", "ratio": value,
+                    "shown": f"{value:.1f} µs" if value is not None else MISSING,
+                    "ok": None if value is None else value <= limit})  # fmt: skip
+    return out
+
+
+def cost_markdown(cost: dict[str, Any]) -> list[str]:
+    """The cost section: growth, Redis CPU per operation, and one shard's saturation."""
+    if not cost:
+        return []
+    lines = ["", "## Cost", ""]
+    growth = cost.get("growth") or {}
+    if "error" in growth:
+        lines.append(f"Growth: failed ({growth['error']}).")
+    elif growth:
+        lines += ["How an incremental save's p50 grows with what did not change (same runs, leases on):", "",
+                  "| workload | p50 at | p50 at | ratio |", "|---|---:|---:|---:|"]  # fmt: skip
+        for key, what in (("agent_loop", "agent loop, iteration"), ("chain_50", "50-node chain, node")):
+            side = growth[key]
+            lines.append(f"| {what} | {side['at'][0]}: {_ms(side['small']['p50_ms'])} ms | {side['at'][1]}: "
+                         f"{_ms(side['large']['p50_ms'])} ms | {side['ratio']:.2f}× |")
+    cpu = cost.get("redis_cpu") or {}
+    if "error" in cpu:
+        lines += ["", f"Redis CPU: failed ({cpu['error']})."]
+    elif cpu:
+        lines += ["", "Redis CPU per operation (10-node checkpoints, leases on): `INFO commandstats` (scripts, the "
+                  "commands inside them included, plus the commands sent outside scripts) and the main thread's CPU "
+                  "(`INFO cpu`: parsing, replies, networking too); commands sent per operation:", "",
+                  "| operation | commandstats µs | of which scripts | main thread µs | commands sent |",
+                  "|---|---:|---:|---:|---|"]  # fmt: skip
+        for key, what in (("save_incremental", "incremental save"), ("save_first", "first save"),
+                          ("load_cold", "cold load")):  # fmt: skip
+            row = cpu.get(key)
+            if row:
+                sent = ", ".join(f"{k} {v:g}" for k, v in row["sent_per_op"].items())
+                lines.append(f"| {what} | {row['commandstats_us']:.1f} | {row['script_us']:.1f} | "
+                             f"{row['main_thread_us']:.1f} | {sent} |")
+    sat = cost.get("saturation")
+    if isinstance(sat, dict) and "error" in sat:
+        lines += ["", f"Saturation: failed ({sat['error']})."]
+    elif sat:
+        lines += ["", "One Redis shard, N client processes saving APPEND chains (the clients share the machine's "
+                  "cores with the server):", "",
+                  "| clients | saves/s | Redis main thread busy | Redis µs per save | shard ceiling, saves/s |",
+                  "|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for row in sat:
+            per = row.get("server_us_per_save")
+            ceiling = row.get("shard_ceiling_saves_per_s")
+            lines.append(f"| {row['clients']} | {row['saves_per_s']:,.0f} | {row['server_busy']:.0%} | "
+                         f"{per:.1f} | {ceiling:,.0f} |" if per else f"| {row['clients']} | 0 | — | — | — |")
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -170,7 +241,7 @@ def markdown(results: dict[str, Any]) -> str:
         "for throughput rows † redis / other).",
         "",
     ]
-    header = ["metric"] + list(COLUMNS) + ["raw SET", "PG / redis", "FS / redis", "redis / raw SET"]
+    header = ["metric"] + list(COLUMNS) + ["raw SET / GET", "PG / redis", "FS / redis", "redis / raw"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for entry in results.get("metrics", []):
@@ -178,7 +249,7 @@ def markdown(results: dict[str, Any]) -> str:
         for t in COLUMNS:
             row.append(cell(entry, entry["values"].get(t)) if t in targets else MISSING)
         raw = entry.get("raw_set")
-        row.append(cell(entry, raw) if raw else MISSING)
+        row.append((cell(entry, raw) + (" (GET)" if raw.get("op") == "GET" else "")) if raw else MISSING)
         row.append(_x(ratio(entry, "postgresql")))
         row.append(_x(ratio(entry, "filesystem")))
         row.append(_x(floor_ratio(entry)))
@@ -187,6 +258,7 @@ def markdown(results: dict[str, Any]) -> str:
     for c in results.get("checks", []):
         met = "n/a" if c["ok"] is None else ("✅" if c["ok"] else "❌")
         lines.append(f"| {c['check']} | {c['shown'] if c['ok'] is not None else 'n/a'} | {met} |")
+    lines += cost_markdown(results.get("cost") or {})
     ctx = results.get("context", {})
     if ctx:
         lines += ["", "Context: " + "; ".join(f"{k}: {v:,}" for k, v in ctx.items()) + "."]

@@ -181,6 +181,24 @@ class RedisTarget(Target):
         doc = own.fields.get("doc", b"")
         return doc + b"".join(stored_packs), {"checkpoint": ["doc"] if doc else [], "packs": [str(len(stored_packs))]}
 
+    def loaded_bytes(self, space: str, checkpoint: FlowCheckpoint) -> bytes:
+        """Every byte a load of ``checkpoint`` by a process that holds nothing reads: its hash's field values and
+        the packs it names, with the bases down their chains."""
+        from dynamiq_redis_ckpt.codec import pack_base
+        from dynamiq_redis_ckpt.store import Record
+
+        keys, flow = Keys(self.prefix(space)), checkpoint.flow_id
+        fields = self.client.hgetall(keys.checkpoint(flow, checkpoint.id))
+        record = Record(flow, checkpoint.id, {k.decode(): v for k, v in fields.items()})
+        out, seen = [b"".join(fields.values())], set()
+        for pack in record.packs:
+            while pack and pack not in seen:
+                seen.add(pack)
+                blob = self.client.get(keys.pack(flow, pack)) or b""
+                out.append(blob)
+                pack = pack_base(blob[8:])
+        return b"".join(out)
+
     def version(self) -> str:
         return str(self.client.info("server").get("redis_version"))
 
