@@ -28,8 +28,8 @@ _META = {"info", "config|resetstat", "config", "ping", "client|setinfo", "hello"
 
 def growth(target: RedisTarget, runs: int, say: Callable[[str], None]) -> dict[str, Any]:
     """Save ``runs`` agent loops of 200 iterations and ``runs`` 50-node chains, in alternation, timing every save;
-    the p50 of the ``WINDOW`` saves up to each iteration (node) of ``LOOP_AT`` (``CHAIN_AT``), and the ratio of the larger to the
-    smaller."""
+    the p50 of the ``WINDOW`` saves up to each iteration (node) of ``LOOP_AT`` (``CHAIN_AT``), and the ratio of
+    the larger to the smaller."""
     backend = target.make("growth")
     loops: dict[int, list[float]] = {at: [] for at in LOOP_AT}
     chains: dict[int, list[float]] = {at: [] for at in CHAIN_AT}
