@@ -297,3 +297,31 @@ def test_a_damaged_pack_head_is_corruption_or_the_exact_data(backend, where):
     except (CheckpointCorruptedError, UnsupportedFormatError):
         assert where != "ancestor", "ancestor ids are not needed to read the pack"
     assert reader.load(loop[-2].id) == loop[-2]
+
+
+def test_threads_saving_runs_of_two_flows_through_one_backend_store_every_snapshot(real_backend):
+    """One backend (one cache of slots, packs and links) shared by threads, each saving its own run (two flows, so
+    node id ``agent`` is in every run): a delta is only ever built over the same run's previous version, and a
+    process holding nothing loads every snapshot exactly."""
+    import threading
+
+    runs = [list(agent_loop(100 + i, 20, flow_id=f"th{i % 2}")) for i in range(4)]
+    errors: list[BaseException] = []
+
+    def save_all(run: list[FlowCheckpoint]) -> None:
+        try:
+            for cp in run:
+                real_backend.save(cp)
+        except BaseException as e:  # reported below: a thread's exception would otherwise be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=save_all, args=(run,)) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    reader = fresh(real_backend)
+    for run in runs:
+        for cp in run:
+            assert reader.load(cp.id) == cp, cp.id
