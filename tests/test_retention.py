@@ -96,6 +96,22 @@ def test_ttl_expires_checkpoints_and_prunes_indexes(own_redis):
     assert keeper.load(kept[1].id) == kept[1]
 
 
+def test_overwriting_the_only_checkpoint_of_its_indexes_keeps_their_ttl(own_redis):
+    """REPLACE mode saves one id per run again and again: the overwrite takes the id out of its status and run
+    indexes (a one-member zset is then deleted) and puts it back; the index it creates anew takes the ttl, or it
+    would outlive every checkpoint (found by the 1,000,000-snapshot benchmark: every run left its run index)."""
+    backend = RedisCheckpointBackend(url=own_redis.url, prefix="replace", ttl_seconds=60)
+    cp = make("only", "flow", "run-1", "wf-1", S.ACTIVE, 0, None, text="replaced " * 80)
+    backend.save(cp)
+    backend.save(cp.model_copy(update={"status": S.COMPLETED}))
+    backend.save(cp.model_copy(update={"status": S.COMPLETED}))
+    keys, raw = backend._core.keys, backend.redis
+    indexes = [keys.flow_index("flow"), keys.status_index("flow", "completed"), keys.run_index("flow", "run-1")]
+    assert all(raw.exists(k) for k in indexes)
+    assert all(0 < raw.pttl(k) <= 60_000 for k in indexes), {k: raw.pttl(k) for k in indexes}
+    assert not raw.exists(keys.status_index("flow", "active")), "the emptied index of the old status is gone"
+
+
 def test_shared_content_lives_as_long_as_its_last_user(own_redis):
     backend = RedisCheckpointBackend(url=own_redis.url, prefix="ttl", ttl_seconds=2)
     raw = backend.redis

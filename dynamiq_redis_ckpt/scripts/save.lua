@@ -279,9 +279,10 @@ if present then
   for i = first_old, last_old do
     add_refs(KEYS[i], -1)
   end
-  redis.call('ZREM', KEYS[7], ARGV[9])
-  redis.call('ZREM', KEYS[8], ARGV[9])
-  redis.call('ZREM', KEYS[9], ARGV[9])
+  for i = 7, 9 do
+    redis.call('ZREM', KEYS[i], ARGV[9])
+    type_of[KEYS[i]] = nil  -- a zset that lost its last member is gone: the ZADD below creates it again
+  end
 end
 
 local id = ARGV[9]
@@ -298,7 +299,10 @@ end
 
 local score = ARGV[15]
 for i = 2, 5 do
-  local created = type_of[KEYS[i]] == 'none'
+  if type_of[KEYS[i]] == nil then
+    type_of[KEYS[i]] = redis.call('TYPE', KEYS[i])['ok']
+  end
+  local created = type_of[KEYS[i]] == 'none'  -- a new key takes the ttl (an existing one is only lengthened)
   redis.call('ZADD', KEYS[i], score, id)
   type_of[KEYS[i]] = 'zset'
   extend(KEYS[i], created)
