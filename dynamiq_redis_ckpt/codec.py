@@ -67,8 +67,8 @@ LAYER_ZSTD = 1
 LAYER_SEALED = 2  # encrypted at rest: key id, nonce, ciphertext and tag follow the base id (see wrap)
 LAYER_BASE = 4  # packs only: zstd with an earlier pack's body as dictionary, whose id follows the layer byte
 LAYER_LINKED = 8  # with LAYER_BASE: that id is PACK_ID_SIZE bytes and the pack holds a reference on its base
-LAYER_DELTA = 16  # with LAYER_BASE (format 5): chunks may be deltas over the base's, and the dictionary is its tail
-DICTIONARY_TAIL = 16 << 10  # format 5: the base body's last bytes a pack is compressed against (zstd indexes a
+LAYER_DELTA = 16  # with LAYER_BASE (format 5): chunks may be deltas over the base's; the dictionary is its body's tail
+DICTIONARY_TAIL = 128 << 10  # format 5: the base body's last bytes a pack is compressed against (zstd indexes a
 # dictionary on every use: a whole-body one cost a save time in proportion to everything the run had stored)
 LAYER_ANCESTRY = 32  # with LAYER_LINKED (format 5): the ids of the packs below the base follow its id
 KNOWN_LAYERS = LAYER_ZSTD | LAYER_SEALED | LAYER_BASE | LAYER_LINKED | LAYER_DELTA | LAYER_ANCESTRY
@@ -430,10 +430,11 @@ class Pack:
 def wrap(data: bytes, base: Pack | None = None, *, sealer: Any = None, flow: str = "", pack: str = "",
          layers: int = 0, ancestors: Sequence[str] = ()) -> bytes:
     """Apply the storage layers and prefix the layer byte: zstd, against ``base``'s body as a raw-content dictionary
-    when given (then the base's id follows the layer byte; with ``layers=LAYER_DELTA``, format 5, the body's last
-    ``DICTIONARY_TAIL`` bytes). ``ancestors`` (a linked base only) are the packs below the base, in chain order:
-    their count and 12-byte ids follow the base's id, so a process that reads one head learns the whole chain. Format 3 also stored small root documents uncompressed
-    (layer byte 0), which :func:`unwrap` still reads.
+    when given (then the base's id follows the layer byte; with ``layers=LAYER_DELTA``, format 5, at most the
+    body's last ``DICTIONARY_TAIL`` bytes). ``ancestors`` (a linked base only) are the packs below the base, in
+    chain order: their count and 12-byte ids follow the base's id, so a process that reads one head learns the
+    whole chain. Format 3 also stored small root documents uncompressed (layer byte 0), which :func:`unwrap` still
+    reads.
 
     With a ``sealer`` (encryption at rest, :class:`dynamiq_redis_ckpt.crypto.Sealer`) the compressed bytes are then
     encrypted with AES-256-GCM under the sealer's current key, and the blob is::

@@ -428,11 +428,14 @@ class StoreCore:
                 needed |= known.closure({base.id})
             else:
                 new, needed, known = dict(chunks), set(), _Known()
-            below = []  # the chain under the base, which the new pack's head names (a cold reader's discovery)
-            link = base.base if base is not None else ""
-            while codec.linked(link) and link not in below and len(below) < codec.MAX_ANCESTORS:
-                below.append(link)
+            below: dict[str, None] = {}  # the chain under the base, which the new pack's head names (a cold
+            link = base.base if base is not None else ""  # reader's discovery)
+            while codec.linked(link) and link not in below:
+                below[link] = None
                 link = known.packs.get(link, "")
+            # Every other pack of a chain names them (12 bytes each): a cold load reads a pack that does in its
+            # first or second round trip, and the rest in the next.
+            below = list(below)[: codec.MAX_ANCESTORS] if len(below) % 2 else []
             pack, blob = codec.build_pack(new, base, sealer=self.sealer, flow=flow, deltas=deltas, ancestors=below)
             bases[pack.id] = pack.base
             known = _Known(known.chunks, bases | known.packs)

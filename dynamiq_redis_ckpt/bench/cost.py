@@ -72,7 +72,10 @@ class ServerMeter:
                  self.client.info("commandstats").items()}  # fmt: skip
         cpu = self.client.info("cpu")
         main = cpu.get("used_cpu_user_main_thread")
-        used = (main + cpu["used_cpu_sys_main_thread"]) if main is not None else cpu["used_cpu_user"] + cpu["used_cpu_sys"]
+        if main is not None:
+            used = main + cpu["used_cpu_sys_main_thread"]
+        else:  # before Redis 6.2: the whole process
+            used = cpu["used_cpu_user"] + cpu["used_cpu_sys"]
         return stats, float(used)
 
     def start(self) -> None:
