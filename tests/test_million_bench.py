@@ -91,9 +91,9 @@ def test_result_is_json_and_renders_as_markdown(result):
 
 def test_command_line_writes_json_and_markdown(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run([sys.executable, "-m", "dynamiq_redis_ckpt.bench.million", "--snapshots", "200", "--out",
+    done = subprocess.run([sys.executable, "-m", "dynamiq_redis_ckpt.bench.million", "--snapshots", "100", "--out",
                            str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "## One Redis, 200 snapshots" in done.stdout
-    assert json.loads((tmp_path / "million.json").read_text())["stored"] == 200
-    assert (tmp_path / "million.md").read_text().startswith("## One Redis, 200 snapshots")
+    assert "## One Redis, 100 snapshots" in done.stdout
+    assert json.loads((tmp_path / "million.json").read_text())["stored"] == 100
+    assert (tmp_path / "million.md").read_text().startswith("## One Redis, 100 snapshots")
