@@ -198,3 +198,31 @@ def test_delta_ops_rebuild_random_edits_exactly():
 def test_malformed_delta_ops_are_refused(ops):
     with pytest.raises(ValueError):
         delta.apply(b"0123456789", ops)
+
+
+def test_loading_the_next_iteration_reads_only_what_the_process_lacks(own_redis):
+    """A pod that holds iteration k of an agent loop and loads k+1 is sent the new pack and the hash, not the run's
+    history again: the bytes Redis sends for it are a small part of what a process that holds nothing reads."""
+    import redis as redis_py
+
+    from dynamiq_redis_ckpt import RedisCheckpointBackend
+
+    writer = RedisCheckpointBackend(url=own_redis.url, prefix="next")
+    loop = list(agent_loop(41, 60))
+    for cp in loop:
+        writer.save(cp)
+    raw = redis_py.Redis.from_url(own_redis.url)
+
+    def sent_for(load) -> int:
+        before = raw.info("stats")["total_net_output_bytes"]
+        load()
+        return raw.info("stats")["total_net_output_bytes"] - before
+
+    reader = RedisCheckpointBackend(url=own_redis.url, prefix="next")
+    cold = sent_for(lambda: reader.load(loop[-2].id))
+    warm = sent_for(lambda: reader.load(loop[-1].id))
+    newest = chain_of(writer, loop[-1])[0]
+    new_pack = raw.strlen(writer._core.keys.pack(loop[-1].flow_id, newest))
+    assert reader.load(loop[-1].id) == loop[-1]
+    assert warm < new_pack + 2_000, (warm, new_pack)
+    assert warm * 5 < cold, (warm, cold)
