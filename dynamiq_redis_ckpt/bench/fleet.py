@@ -103,6 +103,8 @@ class HeartbeatProbe:
         self.per_beat: dict[int, dict[str, float]] = {}
         self.renew_ms: list[float] = []
         self.lost: list[str] = []
+        self.lost_after_end: list[str] = []  # "lost" once the run's terminal save was on its way or done
+        self.ending: set[str] = set()  # runs whose terminal save was sent (filled by the savers)
         self._saved = {"renew": registry._renew, "report": registry._report_held_locked, "lose": registry._lose_locked,
                        "pipeline": driver._pipeline}  # fmt: skip
         registry._renew = self._renew
@@ -125,8 +127,11 @@ class HeartbeatProbe:
         self.beat += 1  # called once at the end of every pass of the heartbeat loop (under the registry's lock)
 
     def _lose(self, held, reason: str, kind: str) -> None:
+        # A renewal that crossed the run's COMPLETED save (which hands the lease back) is answered FENCED, and the
+        # registry reports the lease lost though the run has ended: counted apart from real losses.
         with self.lock:
-            self.lost.append(f"{held.run}: {kind}: {reason}")
+            ended = held.run in self.ending
+            (self.lost_after_end if ended else self.lost).append(f"{held.run}: {kind}: {reason}")
         self._saved["lose"](held, reason, kind)
 
     def _pipeline(self, client, wired):
@@ -136,6 +141,11 @@ class HeartbeatProbe:
                 row["round_trips"] += 1
                 row["commands"] += len(wired)
         return self._saved["pipeline"](client, wired)
+
+    def end(self, run: str) -> None:
+        """The run's terminal save is about to be sent."""
+        with self.lock:
+            self.ending.add(run)
 
     def reset(self) -> None:
         with self.lock:
@@ -184,7 +194,8 @@ class SaveLog:
             self.refused.append(f"{run}: {type(error).__name__}: {error}")
 
 
-def _thread_mode(backend, runs: list[list[FlowCheckpoint]], threads: int, hold: Callable[[], None], log: SaveLog):
+def _thread_mode(backend, runs: list[list[FlowCheckpoint]], threads: int, hold: Callable[[], None], log: SaveLog,
+                 ending: Callable[[str], None]):
     """Each run's saves in order, all runs at once on ``threads`` threads (a run's next save is queued behind every
     other run's current one); after every run's active saves, ``hold()``, then the COMPLETED saves."""
     from dynamiq_redis_ckpt import as_running_flow
@@ -201,6 +212,8 @@ def _thread_mode(backend, runs: list[list[FlowCheckpoint]], threads: int, hold: 
             run, step = item
             snaps = runs[run]
             final = step == len(snaps) - 1
+            if final:
+                ending(snaps[step].wf_run_id)
             try:
                 with as_running_flow():
                     started = time.perf_counter()
@@ -239,7 +252,7 @@ def _thread_mode(backend, runs: list[list[FlowCheckpoint]], threads: int, hold: 
 
 
 async def _async_mode(backend, runs: list[list[FlowCheckpoint]], in_flight: int, hold: Callable[[], None],
-                      log: SaveLog):
+                      log: SaveLog, ending: Callable[[str], None]):
     """N tasks, each saving its run's snapshots with ``save_async``, at most ``in_flight`` saves at a time (the
     connection pool's size: redis.asyncio refuses a request beyond it); after every run's active saves, ``hold()``
     (off the loop, so the event loop keeps running), then each task saves its COMPLETED snapshot. A save's time is
@@ -260,6 +273,8 @@ async def _async_mode(backend, runs: list[list[FlowCheckpoint]], in_flight: int,
                         parked[0] += 1
                         await release.wait()
                     async with turns:
+                        if step == len(snaps) - 1:
+                            ending(cp.wf_run_id)
                         started = time.perf_counter()
                         await backend.save_async(cp)
                         log.add(time.perf_counter() - started, step == len(snaps) - 1)
@@ -311,9 +326,9 @@ def _leases_mode(url: str, mode: str, n: int, threads: int, ttl: float) -> dict[
         phases["start"] = server_stats(client)
         started = time.perf_counter()
         if mode == "threads":
-            active_seconds = _thread_mode(backend, runs, threads, hold, log)
+            active_seconds = _thread_mode(backend, runs, threads, hold, log, probe.end)
         else:
-            active_seconds = asyncio.run(_async_mode(backend, runs, threads, hold, log))
+            active_seconds = asyncio.run(_async_mode(backend, runs, threads, hold, log, probe.end))
         total_seconds = time.perf_counter() - started
         phases["final"] = stats_delta(phases.pop("final_start"), server_stats(client))
         held_after = sum(1 for h in list(REGISTRY._leases.values()) if h.namespace == backend.namespace)
@@ -321,8 +336,11 @@ def _leases_mode(url: str, mode: str, n: int, threads: int, ttl: float) -> dict[
         probe.close()
         backend.close()
         client.close()
-    return _lease_numbers(mode, n, threads, ttl, interval, runs, log, phases, active_seconds, total_seconds,
-                          held_after, probe.lost)  # fmt: skip
+    numbers = _lease_numbers(mode, n, threads, ttl, interval, runs, log, phases, active_seconds, total_seconds,
+                             held_after, probe.lost)  # fmt: skip
+    numbers["lost_after_terminal_save"] = len(probe.lost_after_end)
+    numbers["lost_after_terminal_save_examples"] = probe.lost_after_end[:3]
+    return numbers
 
 
 def _lease_numbers(mode, n, threads, ttl, interval, runs, log, phases, active_seconds, total_seconds, held_after,
@@ -352,6 +370,10 @@ def _lease_numbers(mode, n, threads, ttl, interval, runs, log, phases, active_se
         "hold": {
             **hold_beats,
             "seconds": HOLD_BEATS * interval + interval / 2,
+            "beats_per_s": hold_beats["beats"] / (HOLD_BEATS * interval + interval / 2),
+            "round_trips_per_s": hold_beats["beats"] * hold_beats["round_trips_per_beat_mean"]
+            / (HOLD_BEATS * interval + interval / 2),
+            "renewals_per_s": hold_beats["leases_renewed"] / (HOLD_BEATS * interval + interval / 2),
             "evalsha_calls": hold.get("evalsha.calls", 0),
             "evalsha_usec_per_renewal": hold.get("evalsha.usec", 0) / max(hold_beats["leases_renewed"], 1),
             "redis_cpu_ms_per_beat": hold["cpu_s"] * 1e3 / max(hold_beats["beats"], 1),
@@ -391,7 +413,8 @@ def leases_table(section: dict[str, Any]) -> list[str]:
         ("renewals while saving (leases)", "renewals_during_saves", 0),
     ]  # fmt: skip
     hold_rows = [
-        ("beats while idle", "beats", 0), ("round trips per beat (mean)", "round_trips_per_beat_mean", 2),
+        ("beats while idle", "beats", 0), ("beats/s", "beats_per_s", 1), ("renewals/s", "renewals_per_s", 0),
+        ("round trips/s", "round_trips_per_s", 1), ("round trips per beat (mean)", "round_trips_per_beat_mean", 2),
         ("round trips per beat (max)", "round_trips_per_beat_max", 0),
         ("leases renewed per beat (mean)", "leases_per_beat_mean", 1),
         ("commands per beat (mean)", "commands_per_beat_mean", 1),
@@ -406,6 +429,8 @@ def leases_table(section: dict[str, Any]) -> list[str]:
               for label, key, d in hold_rows]  # fmt: skip
     lines += ["| leases lost (LeaseLostError, fenced, self-fenced) | "
               + " | ".join(_fmt(m["leases_lost"]) for m in modes) + " |"]  # fmt: skip
+    lines += ["| renewals crossing the run's COMPLETED save, reported lost by the registry | "
+              + " | ".join(_fmt(m.get("lost_after_terminal_save", 0)) for m in modes) + " |"]  # fmt: skip
     first = modes[0] if modes else {}
     lines += ["", f"Lease ttl {_fmt(first.get('lease_ttl_s'), 1)} s, heartbeat every "
               f"{_fmt(first.get('heartbeat_interval_s'), 2)} s. Every run saves its active snapshots (append chains "
@@ -414,6 +439,11 @@ def leases_table(section: dict[str, Any]) -> list[str]:
               "back). One heartbeat thread renews every lease of the process: one pipeline of renew scripts per "
               "200 leases due (a save moves a lease's next renewal later, so runs saving faster than the interval "
               "need no renewal)."]  # fmt: skip
+    if any(m.get("lost_after_terminal_save") for m in modes):
+        lines += ["", "A renewal sent just before a run's COMPLETED save landed is answered FENCED (the save handed the "
+                  "lease back); the registry then logs the lease as lost (taken over) and counts it in the "
+                  "leases-lost metric, though the run had ended. No save was refused: these are counted apart."]
+
     return lines
 
 
@@ -480,6 +510,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lease-ttl", type=float, default=3.0, help="lease ttl (s) of the runs (heartbeat: a third)")
     p.add_argument("--children", type=int, default=4, help="orphans: processes the runs start in")
     p.add_argument("--concurrency", type=int, default=8, help="orphans: runs each worker resumes at once")
+    p.add_argument("--workers-early", action="store_true",
+                   help="orphans: start the workers before the runs (killed once they are ready), not after the kill")
     args = p.parse_args(argv)
     if args.runs is None:
         args.runs = QUICK_RUNS if args.quick else 1000
@@ -503,7 +535,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from dynamiq_redis_ckpt.bench.fleet_orphans import orphans_table, run_orphans
 
             sections["orphans"] = run_orphans(url, args.runs, args.workers, args.children, args.concurrency,
-                                              args.lease_ttl)  # fmt: skip
+                                              args.lease_ttl, args.workers_early)  # fmt: skip
             print("\n".join(orphans_table(sections["orphans"])), flush=True)
     sections["_meta"] = {"runs": args.runs, "quick": args.quick, "wall_s": round(time.time() - started, 1),
                          "python": sys.version.split()[0], "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
