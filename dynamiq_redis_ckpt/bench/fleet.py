@@ -405,9 +405,11 @@ def leases_table(section: dict[str, Any]) -> list[str]:
     """Markdown lines for part (a)."""
     modes = [section[m] for m in ("threads", "asyncio") if m in section]
     rows = [
-        ("runs holding leases at once", "runs", 0), ("saves in flight at most (threads; tasks: pool)", "concurrency", 0),
+        ("runs holding leases at once", "runs", 0),
+        ("saves in flight at most (threads; tasks: pool)", "concurrency", 0),
         ("saves", "saves", 0), ("save p50 (ms)", "save_p50_ms", 2), ("save p99 (ms)", "save_p99_ms", 2),
-        ("saves/s (active snapshots)", "saves_per_s", 0), ("Redis CPU per save (ms, INFO cpu)", "redis_cpu_ms_per_save", 3),
+        ("saves/s (active snapshots)", "saves_per_s", 0),
+        ("Redis CPU per save (ms, INFO cpu)", "redis_cpu_ms_per_save", 3),
         ("EVALSHA usec per save (commandstats)", "evalsha_usec_per_save", 1),
         ("all commands usec per save", "commands_usec_per_save", 1),
         ("renewals while saving (leases)", "renewals_during_saves", 0),
@@ -440,8 +442,8 @@ def leases_table(section: dict[str, Any]) -> list[str]:
               "200 leases due (a save moves a lease's next renewal later, so runs saving faster than the interval "
               "need no renewal)."]  # fmt: skip
     if any(m.get("lost_after_terminal_save") for m in modes):
-        lines += ["", "A renewal sent just before a run's COMPLETED save landed is answered FENCED (the save handed the "
-                  "lease back); the registry then logs the lease as lost (taken over) and counts it in the "
+        lines += ["", "A renewal sent just before a run's COMPLETED save landed is answered FENCED (the save handed "
+                  "the lease back); the registry then logs the lease as lost (taken over) and counts it in the "
                   "leases-lost metric, though the run had ended. No save was refused: these are counted apart."]
 
     return lines

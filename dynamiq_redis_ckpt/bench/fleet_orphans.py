@@ -393,7 +393,8 @@ def run_round(url: str, n: int, workers: int, children: int, concurrency: int, t
     result = _round_numbers(n, workers, concurrency, ttl, children, before, final, tokens, log, child_pids, timing)
     # A child stalled past the lease ttl loses its runs to the workers before the kill (token 1 -> 2 early).
     lost_early = sum(t != 1 for t in tokens_before.values())
-    result.update(dead_letters=dead, failed_before_kill=failed_before, logs=str(tmp), leases_lost_before_kill=lost_early,
+    result.update(dead_letters=dead, failed_before_kill=failed_before, logs=str(tmp),
+                  leases_lost_before_kill=lost_early,
                   workers_started="before the runs" if early else "after the kill")
     result["correct"] = result["correct"] and dead == 0 and lost_early == 0
     return result
