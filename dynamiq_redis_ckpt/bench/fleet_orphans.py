@@ -391,10 +391,13 @@ def run_round(url: str, n: int, workers: int, children: int, concurrency: int, t
     timing = {"start_s": start_s, "kill_wall": kill_wall, "kill_mono": kill_mono,
               "workers_mono": workers_mono, **marks}  # fmt: skip
     result = _round_numbers(n, workers, concurrency, ttl, children, before, final, tokens, log, child_pids, timing)
-    # A child stalled past the lease ttl loses its runs to the workers before the kill (token 1 -> 2 early).
+    # A child stalled past the lease ttl loses its leases (its registry logs each); with workers running, they
+    # take those runs over before the kill (token 1 -> 2 early).
     lost_early = sum(t != 1 for t in tokens_before.values())
+    child_lost = sum(b" lease of run " in line and b" lost: " in line
+                     for k in range(children) for line in (tmp / f"child-{k}.log").read_bytes().splitlines())
     result.update(dead_letters=dead, failed_before_kill=failed_before, logs=str(tmp),
-                  leases_lost_before_kill=lost_early,
+                  leases_lost_before_kill=lost_early, child_leases_lost_before_kill=child_lost,
                   workers_started="before the runs" if early else "after the kill")
     result["correct"] = result["correct"] and dead == 0 and lost_early == 0
     return result
@@ -493,7 +496,8 @@ _ROWS = (
     ("in-flight node (n4) run twice", "in_flight_node_rerun", 0),
     ("runs claimed exactly once (token 1 -> 2)", "runs_claimed_once", 0), ("dead letters", "dead_letters", 0),
     ("runs failed before the kill", "failed_before_kill", 0),
-    ("leases lost before the kill (child stalled past the ttl)", "leases_lost_before_kill", 0),
+    ("leases the children lost before the kill (stalled past the ttl)", "child_leases_lost_before_kill", 0),
+    ("runs taken over by a worker before the kill", "leases_lost_before_kill", 0),
     ("all checks pass", "correct", 0),
 )  # fmt: skip
 
