@@ -13,6 +13,7 @@ once, only the node in flight (n4) may run twice, and every run must have exactl
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -32,6 +33,7 @@ FX_URL_ENV = "FLEET_BENCH_FX_URL"  # the Redis (db) node executions are logged t
 PREFIX_ENV = "FLEET_BENCH_PREFIX"  # the round's checkpoint prefix, also the prefix of its log keys
 TTL_ENV = "FLEET_BENCH_LEASE_TTL"
 GATE_ENV = "FLEET_BENCH_GATE"  # set in the children only: the node that blocks there
+FREEZE_ENV = "FLEET_BENCH_GC_FREEZE"  # "0": children do not freeze their heap after the warm-up
 URL_ENV = "DYNAMIQ_REDIS_CKPT_URL"
 CHILD_BATCH = 8  # runs a child starts at once
 WARM_UP = "-warmup-"  # in the flow and run ids of a child's warm-up run
@@ -144,6 +146,19 @@ def run_id_of(prefix: str, index: int) -> str:
     return f"{prefix}-run-{index:05d}"
 
 
+def _watch_gc() -> None:
+    """Log every garbage collection that stops the process for over half a second (to the child's log)."""
+    started: list[float] = []
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[:] = [time.monotonic()]
+        elif started and time.monotonic() - started[0] > 0.5:
+            print(f"gc pause {time.monotonic() - started[0]:.2f} s (generation {info['generation']})", flush=True)
+
+    gc.callbacks.append(watch)
+
+
 _arrivals = threading.Condition()
 _arrived_count = [0]  # runs of this process that reached the gate or failed
 
@@ -171,6 +186,11 @@ def child_main(flow_id: str, first: int, count: int) -> None:
     # 2-core machine and held up the heartbeat past the lease ttl. Loaded here first, by one run of its own.
     Worker.warm_up()
     build_flow(backend, f"{prefix}{WARM_UP}{flow_id}").run_sync({}, config=RunnableConfig(run_id=f"{WARM_UP}{flow_id}"))
+    _watch_gc()
+    if os.environ.get(FREEZE_ENV, "1") == "1":
+        # As the worker does: Dynamiq's imports leave a large heap that a full collection walks for seconds on a
+        # busy machine, stalling every thread (the heartbeat too) past a 3 s lease ttl.
+        gc.freeze()
 
     def one(index: int) -> None:
         run = run_id_of(prefix, index)
@@ -394,10 +414,12 @@ def run_round(url: str, n: int, workers: int, children: int, concurrency: int, t
     # A child stalled past the lease ttl loses its leases (its registry logs each); with workers running, they
     # take those runs over before the kill (token 1 -> 2 early).
     lost_early = sum(t != 1 for t in tokens_before.values())
-    child_lost = sum(b" lease of run " in line and b" lost: " in line
-                     for k in range(children) for line in (tmp / f"child-{k}.log").read_bytes().splitlines())
+    child_lines = [line for k in range(children) for line in (tmp / f"child-{k}.log").read_bytes().splitlines()]
+    child_lost = sum(b" lease of run " in line and b" lost: " in line for line in child_lines)
+    gc_pauses = [float(line.split()[2]) for line in child_lines if line.startswith(b"gc pause ")]
     result.update(dead_letters=dead, failed_before_kill=failed_before, logs=str(tmp),
                   leases_lost_before_kill=lost_early, child_leases_lost_before_kill=child_lost,
+                  child_gc_pauses_over_half_s=len(gc_pauses), child_gc_pause_max_s=max(gc_pauses, default=0.0),
                   workers_started="before the runs" if early else "after the kill")
     result["correct"] = result["correct"] and dead == 0 and lost_early == 0
     return result
@@ -498,6 +520,8 @@ _ROWS = (
     ("runs failed before the kill", "failed_before_kill", 0),
     ("leases the children lost before the kill (stalled past the ttl)", "child_leases_lost_before_kill", 0),
     ("runs taken over by a worker before the kill", "leases_lost_before_kill", 0),
+    ("children: GC pauses over 0.5 s", "child_gc_pauses_over_half_s", 0),
+    ("children: longest GC pause (s)", "child_gc_pause_max_s", 2),
     ("all checks pass", "correct", 0),
 )  # fmt: skip
 
