@@ -538,9 +538,12 @@ def orphans_table(section: dict[str, Any]) -> list[str]:
               "at the kill, and COMPLETED checkpoints per run. Times are the COMPLETED checkpoints' own timestamps "
               "against the kill; a claim's time is the first node the worker ran for the run. Workers started after "
               "the kill import Dynamiq first (seconds), so the lease ttl has run out before they look; started before "
-              "the runs, they are ready at the kill and wait out the ttl. The children start their runs 8 at a "
-              "time (hundreds of runnable threads at once starve a process's heartbeat of the GIL for longer than a "
-              "3 s lease ttl, and the runs lose their leases before the kill)."]
+              "the runs, they are ready at the kill and wait out the ttl. The children warm Dynamiq up with one run "
+              "of their own, freeze their heap (as the worker does) and start their runs 8 at a time: without the "
+              "freeze, full collections of Dynamiq's heap stopped a child for up to 3.3 s, past the 3 s ttl, and "
+              "~110 of 1,000 leases were lost before the kill (an earlier try that started all 250 runs of a child at "
+              "once, with neither warm-up nor freeze, lost most of them). Throughput here is bound by the 2 shared "
+              "cores (Dynamiq's own cost per resumed run), so 4 workers are no faster than 2."]
     return lines
 
 
