@@ -94,6 +94,7 @@ class HeldLease:
     on_first_save: Callable[[], None] | None = None  # a worker's claim: called once its resumed run's save lands
     saves: int = 0  # confirmed saves under it: a renewal sent before the latest one answers for an older state
     announced: bool = False  # its flow was announced to workers by a renewal (see LeaseRegistry._renew)
+    ended: bool = False  # the run saved a final status: the lease was handed back for good
     home: str = ""  # where the run's keys live (keys.flow_homes): its flow, or one of the flow's buckets
 
     @property
@@ -213,6 +214,8 @@ class LeaseRegistry:
                 self._leases[save.key] = held
             if status in TERMINAL:
                 del self._leases[save.key]  # the save script handed the lease back for good
+                held.saves += 1  # a renewal under way answers for the lease before it was handed back
+                held.ended = True
                 wake = False
             else:
                 held.token = token
@@ -385,9 +388,10 @@ class LeaseRegistry:
             return
         with self._lock:
             for held, verdict, (_, before) in zip(leases, verdicts, sent):
-                if held.paused or held.saves != before:
-                    # a save (a pause, or a pause and a resume) landed while this renewal was under way: its
-                    # confirmed state is newer than this answer
+                if held.paused or held.ended or held.saves != before:
+                    # a save (a pause, an end, or a pause and a resume) landed while this renewal was under way:
+                    # its confirmed state is newer than this answer (an ended run's lease is not lost, it was
+                    # handed back)
                     continue
                 if isinstance(verdict, WrongKeyTypeError):
                     logger.warning("lease renewal of run %s failed: %s", held.run, verdict, extra=ids(held.flow, held.run))
