@@ -1,6 +1,6 @@
 """The fleet benchmark: one process holding the leases of many live runs, and many runs orphaned at once.
 
-``python3 -m dynamiq_redis_ckpt.bench.fleet [--runs 1000] [--workers 2,4] [--parts leases,orphans] [--quick]``
+``python3 -m dynamiq_redis_ckpt.bench fleet [--runs 1000] [--workers 2,4] [--parts leases,orphans,million] [--quick]``
 
 * ``leases``: ONE process runs N runs at once, each saving an APPEND chain of realistic checkpoints (built before
   anything is timed) through one shared backend with leases on, inside :func:`~dynamiq_redis_ckpt.as_running_flow`
@@ -469,13 +469,20 @@ def render_markdown(sections: dict[str, dict[str, Any]], renderers: dict[str, Ca
     return "\n".join(out)
 
 
+def _million_lines(section: dict[str, Any]) -> list[str]:
+    from dynamiq_redis_ckpt.bench import million
+
+    lines = million.render(section).splitlines()
+    return lines[1:] if lines and lines[0].startswith("## ") else lines  # its own heading: the report gives one
+
+
 def write_report(sections: dict[str, dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``fleet.json`` and ``fleet.md`` into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "fleet.json", out / "fleet.md"
     json_path.write_text(json.dumps(sections, indent=2, default=str) + "\n")
-    md_path.write_text(render_markdown(sections))
+    md_path.write_text(render_markdown(sections, {"million": ("One Redis, N snapshots", _million_lines)}))
     return json_path, md_path
 
 
@@ -504,7 +511,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m dynamiq_redis_ckpt.bench fleet", description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=None, help="runs (default 1000, --quick 40)")
     p.add_argument("--workers", default="2,4", help="recovery worker processes, one orphans round per value")
-    p.add_argument("--parts", default="leases,orphans", help="leases, orphans, or both")
+    p.add_argument("--parts", default="leases,orphans,million", help="any of leases, orphans, million")
+    p.add_argument("--snapshots", type=int, default=None,
+                   help="million: snapshots in one Redis (default 1,000,000; --quick 2,000)")
     p.add_argument("--quick", action="store_true", help=f"small N ({QUICK_RUNS}) for a check that it works")
     p.add_argument("--redis-url", help="a Redis to use (its db 0 and 1; default: a private redis-server)")
     p.add_argument("--out", default=DEFAULT_OUT, help="directory for fleet.md and fleet.json")
@@ -519,7 +528,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.runs = QUICK_RUNS if args.quick else 1000
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     args.workers = [int(x) for x in str(args.workers).split(",") if x.strip()]
-    unknown = set(args.parts) - {"leases", "orphans"}
+    if args.snapshots is None:
+        args.snapshots = 2_000 if args.quick else 1_000_000
+    unknown = set(args.parts) - {"leases", "orphans", "million"}
     if unknown:
         p.error(f"unknown parts: {', '.join(sorted(unknown))}")
     return args
@@ -539,6 +550,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sections["orphans"] = run_orphans(url, args.runs, args.workers, args.children, args.concurrency,
                                               args.lease_ttl, args.workers_early)  # fmt: skip
             print("\n".join(orphans_table(sections["orphans"])), flush=True)
+    if "million" in args.parts:  # on a Redis of its own: its memory is what it measures
+        from dynamiq_redis_ckpt.bench import million
+
+        sections["million"] = million.run_million(None, args.snapshots, lambda line: print(line, flush=True))
+        print(million.render(sections["million"]), flush=True)
     sections["_meta"] = {"runs": args.runs, "quick": args.quick, "wall_s": round(time.time() - started, 1),
                          "python": sys.version.split()[0], "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     return sections
