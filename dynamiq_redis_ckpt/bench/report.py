@@ -289,7 +289,7 @@ def chart(results: dict[str, Any], path: str) -> None:
             if y is not None and y > 0:
                 xs.append(j + (i - (len(series) - 1) / 2) * width)
                 ys.append(y)
-        ax.bar(xs, ys, width, label=name, color=colors.get(name))
+        ax.bar(xs, ys, width, label="raw SET / GET (floor)" if name == "raw SET" else name, color=colors.get(name))
     ax.set_yscale("log")
     ax.set_ylabel("p50 latency, ms (log scale)")
     ax.set_xticks(range(len(entries)))
