@@ -95,6 +95,7 @@ class HeldLease:
     saves: int = 0  # confirmed saves under it: a renewal sent before the latest one answers for an older state
     announced: bool = False  # its flow was announced to workers by a renewal (see LeaseRegistry._renew)
     ended: bool = False  # the run saved a final status: the lease was handed back for good
+    ending: bool = False  # a save of a final status is on its way (it may land before a renewal sent earlier)
     home: str = ""  # where the run's keys live (keys.flow_homes): its flow, or one of the flow's buckets
 
     @property
@@ -186,6 +187,8 @@ class LeaseRegistry:
             if held.lost is not None:
                 raise LeaseLostError(held.run, held.lost)
             held.run_id = run_id
+            if status_of(checkpoint) in TERMINAL:
+                held.ending = True  # the save hands the lease back: a renewal it crosses is answered FENCED
             mode = "resume" if held.paused else "held"
             return FencedSave(key, run_id, LeaseTicket(mode, held.owner, held.token, int(ttl * 1000)), held)
 
@@ -219,6 +222,7 @@ class LeaseRegistry:
                 wake = False
             else:
                 held.token = token
+                held.ending = False
                 held.paused = status != ACTIVE  # a pause (maybe mid-run): handed back, token kept, no heartbeat
                 held.saves += 1
                 held.confirmed(sent_at)
@@ -402,6 +406,10 @@ class LeaseRegistry:
                     held.announced = True
                     if held.lost is None:
                         held.confirmed(sent_at)
+                elif held.ending:
+                    # the run's final save may have handed the lease back before this renewal arrived: that save's
+                    # own answer says whether the lease was still ours (it is refused, and the lease lost, if not)
+                    continue
                 elif held.lost is None:
                     _count_renewals([held], "lost")
                     kind, reason = _LOSS_REASONS.get(verdict, ("taken_over", "the lease was taken over by another holder"))
