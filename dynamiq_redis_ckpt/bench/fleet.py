@@ -476,13 +476,58 @@ def _million_lines(section: dict[str, Any]) -> list[str]:
     return lines[1:] if lines and lines[0].startswith("## ") else lines  # its own heading: the report gives one
 
 
+def chart(sections: dict[str, Any], path: str | Path) -> bool:
+    """``fleet.png``: save latency of one process's live runs, time until every orphan was completed, and Redis
+    memory by key kind at N snapshots, as far as the sections hold them; False when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [name for name in ("leases", "orphans", "million") if sections.get(name)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        section = sections[name]
+        if name == "leases":
+            modes = list(section.values())
+            xs = range(len(modes))
+            ax.bar([x - 0.2 for x in xs], [m["save_p50_ms"] for m in modes], 0.4, label="p50", color="#d62728")
+            ax.bar([x + 0.2 for x in xs], [m["save_p99_ms"] for m in modes], 0.4, label="p99", color="#ff9896")
+            ax.set_xticks(list(xs), [f"{m['mode']}\n{m['saves_per_s']:,.0f} saves/s" for m in modes])
+            ax.set_ylabel("save latency, ms")
+            ax.set_title(f"{modes[0]['runs']:,} live runs in one process")
+            ax.legend()
+        elif name == "orphans":
+            rounds = section["rounds"]
+            xs = range(len(rounds))
+            ax.bar(xs, [r["kill_to_all_completed_s"] for r in rounds], 0.5, color="#1f77b4")
+            ax.set_xticks(list(xs), [f"{r['workers']} workers\n{r['claims_per_s']:.0f} claims/s" for r in rounds])
+            ax.set_ylabel("SIGKILL -> every run completed, s")
+            ax.set_title(f"{rounds[0]['runs']:,} runs orphaned at once")
+        else:
+            kinds = sorted(section["kinds"].items(), key=lambda kv: -kv[1]["bytes"])
+            ax.barh([k for k, _ in kinds][::-1], [v["bytes"] / 2**20 for _, v in kinds][::-1], color="#2ca02c")
+            ax.set_xlabel("Redis memory, MiB")
+            ax.set_title(f"{section['stored']:,} snapshots: {section['memory']['bytes_per_snapshot']:,.0f} B each")
+        ax.grid(axis="y" if name != "million" else "x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(sections: dict[str, dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``fleet.json`` and ``fleet.md`` into ``out_dir``; returns their paths."""
+    """Write ``fleet.json``, ``fleet.md`` and ``fleet.png`` into ``out_dir``; returns the first two paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "fleet.json", out / "fleet.md"
     json_path.write_text(json.dumps(sections, indent=2, default=str) + "\n")
-    md_path.write_text(render_markdown(sections, {"million": ("One Redis, N snapshots", _million_lines)}))
+    text = render_markdown(sections, {"million": ("One Redis, N snapshots", _million_lines)})
+    if chart(sections, out / "fleet.png"):
+        text += "\n![fleet chart](fleet.png)\n"
+    md_path.write_text(text)
     return json_path, md_path
 
 
