@@ -330,9 +330,9 @@ class StoreCore:
 
     def _discover(self, flow: str, packs: list[str]) -> Op:
         """Learn the chains below ``packs`` as far as this process does not know them: plain single-key reads of the
-        pack heads (GETRANGE declares its key), nothing when every link is known. A format-5 head names the packs
-        below its base too, so a chain is learnt in two round trips (the second reads where the named ones end);
-        older heads name only their base, one round trip per level."""
+        pack heads (GETRANGE declares its key), nothing when every link is known. Every other format-5 head names
+        the packs below its base too, so a chain is learnt in two or three round trips; older heads name only their
+        base, one round trip per level."""
         frontier = self.cache.unknown_links(flow, packs)
         for _ in range(_DISCOVER_LEVELS):
             if not frontier:
@@ -558,7 +558,7 @@ class StoreCore:
     def _load_rest(self, flow: str, checkpoint_id: str, reply: list, pinned: dict) -> Op:
         """A load script's reply made whole. When it names packs it was not given (a cold process does not know the
         packs a checkpoint names, nor their chains), the hash it read is completed with plain reads of the packs
-        down those chains (a format-5 pack's head names the chain below it: mostly one round trip). Packs
+        down those chains (every other format-5 pack's head names the chain below it: one or two round trips). Packs
         never change, so the hash and those packs are the checkpoint as it was when the script read it, even if a
         writer has overwritten it since; only when one of them is gone (released by such an overwrite, or damaged)
         is the script sent again for a fresh read. (Sending the script again with more keys instead could chase a
@@ -573,9 +573,9 @@ class StoreCore:
             if len(reply) < 4 or not reply[3]:
                 break
             self._learned(flow, reply[2], reply[3])
-            # A format-5 pack names the chain below its base, so the packs the script sent mostly tell the whole
-            # chain; what is missing is read whole (its head tells the links below it): a cold load of a format-5
-            # chain takes one more round trip, of a format-4 one a round trip a level, as before.
+            # Every other format-5 pack names the chain below its base, so the pack the script sent, or its base,
+            # tells the whole chain; what is missing is read whole (its head tells the links below it): a cold load
+            # of a format-5 chain takes one or two more round trips, of a format-4 one a round trip a level.
             for _ in range(_DISCOVER_LEVELS):
                 chain = self.cache.chains(flow, Record(flow, checkpoint_id, _fields(pairs(reply[0]))).packs)
                 absent = [p for p in chain if (flow, p) not in pinned and (flow, p) not in blobs
